@@ -1,0 +1,27 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+# Each creates .venv on first use (torch pinned first: an unpinned torch pulls a multi-GB CUDA build).
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.ffnfusion-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast clean
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ffnfusion demo
+
+test: $(STAMP)
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# Skips the real-model tests (they export SmolLM2: a few minutes).
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,94 @@
+"""Torch-side rewrites of a Hugging Face Llama-style model.
+
+* :func:`drop_attention` turns decoder layers into attention-free layers (Puzzle/DeciLM
+  ``attention: no_op``): ``y = x + mlp(post_attention_layernorm(x))``. The attention branch is
+  gone from the module, so it is gone from the exported graph too.
+* :func:`parallelize_groups` builds the *reference* for fusion: each group of consecutive
+  attention-free layers computed in parallel form ``y = x + Σ_i mlp_i(norm_i(x))``. The fused ONNX
+  model must match this to float32 round-off.
+
+Both keep the ``model.layers.N.mlp.*`` parameter names, so exported initializers stay readable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ffnfusion.errors import FFNFusionError
+
+
+class AttentionFreeDecoderLayer(nn.Module):
+    """A decoder layer whose attention residual branch is skipped entirely."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.mlp = layer.mlp
+
+    def ffn_update(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(hidden_states))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states + self.ffn_update(hidden_states)
+
+
+class ParallelFFNGroup(nn.Module):
+    """Members of a fused group all read the same input: ``x + Σ_i ffn_i(x)``."""
+
+    def __init__(self, members: Sequence[AttentionFreeDecoderLayer]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        update = sum(member.ffn_update(hidden_states) for member in self.members)
+        return hidden_states + update
+
+
+class _PassThrough(nn.Module):
+    """Stands in for group members after the first: their work is done by the group."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``model.layers`` list of a ``*ForCausalLM`` (Llama, Mistral, Qwen2, SmolLM...)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise FFNFusionError(
+            f"{type(model).__name__} has no model.layers list; expected a Llama-style causal LM"
+        )
+    return layers
+
+
+def drop_attention(model: nn.Module, layer_indices: Iterable[int]) -> list[int]:
+    """Replace the listed decoder layers with attention-free ones, in place; returns them sorted."""
+    layers = decoder_layers(model)
+    dropped = sorted(set(layer_indices))
+    for index in dropped:
+        if not 0 <= index < len(layers):
+            raise FFNFusionError(f"layer {index} out of range: the model has {len(layers)} layers")
+        layer = layers[index]
+        if isinstance(layer, AttentionFreeDecoderLayer):
+            continue
+        for name in ("mlp", "post_attention_layernorm"):
+            if not hasattr(layer, name):
+                raise FFNFusionError(f"layer {index} ({type(layer).__name__}) has no {name}")
+        layers[index] = AttentionFreeDecoderLayer(layer)
+    return dropped
+
+
+def parallelize_groups(model: nn.Module, groups: Iterable[Sequence[int]]) -> None:
+    """Compute each group of attention-free layers in parallel form, in place (reference model)."""
+    layers = decoder_layers(model)
+    for group in groups:
+        members = [layers[i] for i in group]
+        if not all(isinstance(m, AttentionFreeDecoderLayer) for m in members):
+            raise FFNFusionError(f"group {list(group)} contains a layer that still has attention")
+        layers[group[0]] = ParallelFFNGroup(members)
+        for index in group[1:]:
+            layers[index] = _PassThrough()

@@ -1,0 +1,253 @@
+"""PyTorch / Hugging Face -> ONNX with ``torch.onnx.export``.
+
+The default is the dynamo exporter at opset 20, which emits RMSNorm decomposed into
+Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul and SwiGLU as MatMul/Sigmoid/Mul. ``dynamo=False`` selects the
+legacy TorchScript exporter (tests use it to check that block recognition is exporter-agnostic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from ffnfusion.errors import FFNFusionError
+from ffnfusion.exporters import llama_surgery
+from ffnfusion.exporters.sources import ModelSource, load_causal_lm
+
+METADATA_FILE = "ffnfusion.json"
+MODEL_FILE = "model.onnx"
+SUPPORTED_OPSETS = range(18, 24)
+EXTERNAL_DATA_THRESHOLD = 256 * 2**20  # bytes of weights above which they go beside the graph
+
+
+@dataclasses.dataclass
+class ExportOptions:
+    opset: int = 20
+    dtype: str = "float32"
+    drop_attention: list[int] = dataclasses.field(default_factory=list)
+    kv_cache: bool = False
+    dynamo: bool = True
+
+
+class _LogitsOnly(nn.Module):
+    """``(input_ids, attention_mask) -> logits``: the graph signature runtimes expect."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class _WithKVCache(nn.Module):
+    """Flat KV-cache signature: ``past_key_values.{i}.key/value`` in, ``present.{i}.*`` out.
+
+    Only layers that still have attention carry a cache; attention-free layers have none.
+    """
+
+    def __init__(self, model: nn.Module, attention_layers: list[int]):
+        super().__init__()
+        self.model = model
+        self.attention_layers = attention_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for slot, layer in enumerate(self.attention_layers):
+            cache.update(past[2 * slot], past[2 * slot + 1], layer)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
+        present = []
+        for layer in self.attention_layers:
+            present += [cache.layers[layer].keys, cache.layers[layer].values]
+        return (out.logits, *present)
+
+
+def _kv_shape(config) -> tuple[int, int]:
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return heads, head_dim
+
+
+def export_model(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    options: ExportOptions,
+    *,
+    tokenizer=None,
+    source: str = "",
+    log=print,
+) -> pathlib.Path:
+    """Export a Hugging Face causal LM (already loaded) to ``out_dir/model.onnx``.
+
+    Layers in ``options.drop_attention`` are made attention-free first. Returns the model path.
+    """
+    if options.opset not in SUPPORTED_OPSETS:
+        raise FFNFusionError(f"opset {options.opset} not supported: use 18-23 (default 20)")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    num_layers = config.num_hidden_layers
+    dropped = llama_surgery.drop_attention(model, options.drop_attention)
+    model = model.to(getattr(torch, options.dtype)).eval()
+
+    batch, seq = 2, 5
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq))
+    attention_mask = torch.ones(batch, seq, dtype=torch.int64)
+    batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    if options.kv_cache:
+        attention_layers = [i for i in range(num_layers) if i not in dropped]
+        heads, head_dim = _kv_shape(config)
+        past_len = 3
+        wrapper = _WithKVCache(model, attention_layers)
+        past = [
+            torch.zeros(batch, heads, past_len, head_dim, dtype=getattr(torch, options.dtype))
+            for _ in range(2 * len(attention_layers))
+        ]
+        attention_mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+        position_ids = torch.arange(past_len, past_len + seq).expand(batch, seq)
+        args = (input_ids, attention_mask, position_ids, tuple(past))
+        past_names = [f"past_key_values.{i}.{kind}" for i in attention_layers for kind in ("key", "value")]
+        input_names = ["input_ids", "attention_mask", "position_ids", *past_names]
+        output_names = ["logits", *(n.replace("past_key_values", "present") for n in past_names)]
+        total_dim = "total_sequence"
+        dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: total_dim},
+                   "position_ids": {0: "batch", 1: "sequence"}}
+        dynamic.update({n: {0: "batch", 2: "past_sequence"} for n in past_names})
+    else:
+        wrapper = _LogitsOnly(model)
+        args = (input_ids, attention_mask)
+        input_names, output_names = ["input_ids", "attention_mask"], ["logits"]
+        dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+
+    path = out_dir / MODEL_FILE
+    tmp_path = out_dir / f".{MODEL_FILE}.tmp"
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    log(f"export: torch.onnx.export(dynamo={options.dynamo}, opset {options.opset}, {options.dtype}), "
+        f"{num_layers} layers, attention dropped in {_format_layers(dropped) or 'none'}")
+    start = time.perf_counter()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if options.dynamo:
+            shapes = _dynamo_shapes(dynamic, input_names, batch_dim, seq_dim)
+            if options.kv_cache:  # the past tensors travel as one tuple argument
+                shapes = (*shapes[:3], tuple(shapes[3:]))
+            program = torch.onnx.export(
+                wrapper, args, dynamo=True, opset_version=options.opset, input_names=input_names,
+                output_names=output_names, dynamic_shapes=shapes, optimize=True, verbose=False,
+            )
+            program.model.ir_version = min(program.model.ir_version, 10)
+            _save_atomically(lambda p: program.save(p, external_data=external), tmp_path, path, external)
+        else:
+            _save_atomically(
+                lambda p: _legacy_export(wrapper, args, p, options.opset, input_names, output_names,
+                                         dynamic, external),
+                tmp_path, path, external,
+            )
+    log(f"export: wrote {path} in {time.perf_counter() - start:.1f} s"
+        + (f" (weights in {path.name}.data)" if external else ""))
+
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)
+    metadata = {
+        "source": source,
+        "exporter": "dynamo" if options.dynamo else "torchscript",
+        "opset": options.opset,
+        "dtype": options.dtype,
+        "kv_cache": options.kv_cache,
+        "num_layers": num_layers,
+        "dropped_attention": dropped,
+        "config": config_dict,
+    }
+    write_json_atomically(out_dir / METADATA_FILE, metadata)
+    return path
+
+
+def _dynamo_shapes(dynamic, input_names, batch_dim, seq_dim):
+    dims = {"batch": batch_dim, "sequence": seq_dim}
+    shapes = []
+    for name in input_names:
+        axes = dynamic[name]
+        shapes.append({axis: dims.get(label, torch.export.Dim.DYNAMIC) for axis, label in axes.items()})
+    return tuple(shapes)
+
+
+def _legacy_export(wrapper, args, path, opset, input_names, output_names, dynamic, external):
+    dynamic_axes = {**dynamic, "logits": {0: "batch", 1: "sequence"}}
+    torch.onnx.export(
+        wrapper, args, str(path), dynamo=False, opset_version=opset, input_names=input_names,
+        output_names=output_names, dynamic_axes=dynamic_axes, external_data=external,
+    )
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    model.ir_version = min(model.ir_version, 10)
+    onnx.save(model, str(path))
+
+
+def _save_atomically(save, tmp_path: pathlib.Path, path: pathlib.Path, external: bool) -> None:
+    """Save to a temporary name, then rename graph (and its data file) into place."""
+    import onnx
+
+    try:
+        save(tmp_path)
+        tmp_data = tmp_path.with_name(tmp_path.name + ".data")
+        if external:
+            # The exporter names the data file after the temporary graph; point it at the final name.
+            model = onnx.load(str(tmp_path), load_external_data=False)
+            for tensor in _external_tensors(model):
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = path.name + ".data"
+            onnx.save(model, str(tmp_path))
+            os.replace(tmp_data, path.with_name(path.name + ".data"))
+        os.replace(tmp_path, path)
+    finally:
+        for leftover in (tmp_path, tmp_path.with_name(tmp_path.name + ".data")):
+            leftover.unlink(missing_ok=True)
+
+
+def _external_tensors(model):
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return [t for t in _get_all_tensors(model) if uses_external_data(t)]
+
+
+def write_json_atomically(path: pathlib.Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _format_layers(layers: list[int]) -> str:
+    from ffnfusion.passes.layer_ranges import format_ranges
+
+    return format_ranges(layers)
+
+
+def export_source(source: ModelSource, out_dir, options: ExportOptions, log=print) -> pathlib.Path:
+    """Load ``source`` with transformers and export it (see :func:`export_model`)."""
+    log(f"load: {source.describe()}")
+    start = time.perf_counter()
+    model, tokenizer = load_causal_lm(source, "float32")
+    log(f"load: {type(model).__name__}, {model.config.num_hidden_layers} layers, "
+        f"hidden {model.config.hidden_size}, FFN {model.config.intermediate_size} "
+        f"({time.perf_counter() - start:.1f} s)")
+    return export_model(model, out_dir, options, tokenizer=tokenizer, source=source.spec, log=log)

@@ -1,0 +1,184 @@
+"""``ffnfusion`` command line: a registry of subcommands over a thin argparse front.
+
+Errors from bad input print one line (``ffnfusion: error: ...``) and exit 1 (2 for usage errors);
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+
+from ffnfusion.errors import FFNFusionError, UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, description: str = ""):
+    """Register ``run`` (decorated) with the arguments function it names as ``arguments``."""
+    def register(run):
+        COMMANDS[name] = Command(name, help, description or help, run.arguments, run)
+        return run
+    return register
+
+
+def arguments(add: Callable[[argparse.ArgumentParser], None]):
+    def attach(run):
+        run.arguments = add
+        return run
+    return attach
+
+
+def _layers(text: str) -> list[int]:
+    from ffnfusion.passes.layer_ranges import parse_layers
+
+    try:
+        return parse_layers(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+# --- export -------------------------------------------------------------------------------------
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="'smollm2' (embedded default), a .gguf file, or a Hugging Face folder")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--opset", type=int, default=20, help="ONNX opset, 18-23 (default 20)")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--drop-attention", type=_layers, default=[], metavar="LAYERS",
+                        help="decoder layers exported without attention, e.g. 10-17 or 3,5-7")
+    parser.add_argument("--kv-cache", action="store_true",
+                        help="add position_ids and past_key_values.N.key/value inputs, present.N.* outputs")
+    parser.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                        help="torch.onnx exporter (default dynamo)")
+
+
+@command("export", "export a Hugging Face / GGUF model to ONNX",
+         "Export a Llama-style causal LM with torch.onnx (dynamo, opset 20 by default): dynamic batch "
+         "and sequence axes, inputs input_ids/attention_mask, output logits. Writes DIR/model.onnx, "
+         "the tokenizer and DIR/ffnfusion.json.")
+@arguments(_export_arguments)
+def run_export(args) -> None:
+    from ffnfusion import commands
+    from ffnfusion.exporters.onnx_export import ExportOptions
+
+    options = ExportOptions(opset=args.opset, dtype=args.dtype, drop_attention=args.drop_attention,
+                            kv_cache=args.kv_cache, dynamo=args.exporter == "dynamo")
+    commands.export(args.source, args.output, options)
+
+
+# --- inspect ------------------------------------------------------------------------------------
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="ONNX model (file, or a directory holding model.onnx)")
+    parser.add_argument("--json", action="store_true", help="print the BlockMap as JSON")
+
+
+@command("inspect", "list decoder blocks and attention-free runs",
+         "Walk the residual stream and print one row per decoder layer (attention yes/no, FFN width, "
+         "norm kind, epsilon, run) and the attention-free runs that can be fused.")
+@arguments(_inspect_arguments)
+def run_inspect(args) -> None:
+    from ffnfusion import commands
+
+    print(commands.inspect(args.model, args.json))
+
+
+# --- fuse ---------------------------------------------------------------------------------------
+
+def _fuse_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="ONNX model (file, or a directory holding model.onnx)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="fused model path")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--groups", metavar="A-B,C-D",
+                       help="inclusive decoder-layer ranges, 0-based as in model.layers.N, e.g. 10-13,14-16")
+    which.add_argument("--plan", metavar="PLAN.json", help='a FusionPlan file: {"groups": [[10,11,12,13], ...]}')
+    parser.add_argument("--no-validate", action="store_true",
+                        help="skip onnx.checker and the ONNX Runtime load of the output")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+@command("fuse", "fuse groups of attention-free FFN layers into wide FFNs",
+         "Rewrite each group of consecutive attention-free layers into one wide SwiGLU FFN "
+         "(norm gains folded into gate/up, weights concatenated) with one residual Add. This computes "
+         "x + sum_i FFN_i(norm_i(x)) exactly: the parallel form that FFN Fusion substitutes for the "
+         "sequential run.")
+@arguments(_fuse_arguments)
+def run_fuse(args) -> None:
+    from ffnfusion import commands
+    from ffnfusion.passes.plan import FusionPlan
+
+    plan = FusionPlan.load(args.plan) if args.plan else FusionPlan.parse(args.groups)
+    summary = commands.fuse(args.model, args.output, plan, validate=not args.no_validate)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+
+
+# --- demo ---------------------------------------------------------------------------------------
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default="out/demo", help="where models are written (default out/demo)")
+    parser.add_argument("--source", default="smollm2", help="model source (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--drop-attention", type=_layers, default=list(range(10, 18)), metavar="LAYERS",
+                        help="layers without attention (default 10-17)")
+    parser.add_argument("--groups", default="10-13,14-16", help="groups to fuse (default 10-13,14-16)")
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens of Python docs for the checks")
+
+
+@command("demo", "the main job on the embedded default model",
+         "Export SmolLM2-135M with attention dropped, inspect it, fuse, check the fused model against a "
+         "torch reference of the parallel form and report quality on real text.")
+@arguments(_demo_arguments)
+def run_demo(args) -> None:
+    from ffnfusion import demo
+    from ffnfusion.passes.plan import FusionPlan
+
+    demo.run(args.workdir, args.source, args.drop_attention, FusionPlan.parse(args.groups), args.tokens)
+
+
+# --- front --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ffnfusion",
+        description="FFN Fusion for ONNX: find runs of attention-free SwiGLU layers in an exported "
+                    "LLM and fuse them into wide FFNs (arXiv 2503.18908).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        cmd.add_arguments(sub.add_parser(cmd.name, help=cmd.help, description=cmd.description))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        COMMANDS[args.command].run(args)
+    except FFNFusionError as err:
+        if args.debug:
+            raise
+        print(f"ffnfusion: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
+    except KeyboardInterrupt:
+        print("ffnfusion: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Load and save ONNX models safely: clear errors, atomic writes, external data beside the graph."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+
+import onnx_ir as ir
+
+from ffnfusion.errors import FFNFusionError, UsageError
+
+EXTERNAL_DATA_THRESHOLD = 256 * 2**20  # bytes of initializers above which weights go to a .data file
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """``onnx_ir.load`` (external tensors stay memory-mapped) with one-line errors."""
+    path = pathlib.Path(path)
+    if path.is_dir() and (path / "model.onnx").is_file():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise FFNFusionError(f"model {path} not found")
+    try:
+        return ir.load(path)
+    except Exception as err:  # protobuf's DecodeError and friends
+        raise FFNFusionError(f"{path} is not a readable ONNX model: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+
+
+def external_data_files(model: ir.Model, base_dir: pathlib.Path) -> set[pathlib.Path]:
+    files = set()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            files.add((base_dir / tensor.location).resolve())
+    return files
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_model(model: ir.Model, out_path: str | os.PathLike, *, input_path: str | os.PathLike | None = None) -> pathlib.Path:
+    """Write ``model`` to ``out_path`` atomically; weights go to ``<name>.data`` when large.
+
+    Written to a temporary folder in the target directory, then renamed into place: an
+    interrupted run never leaves a half-written model, and the input is never touched.
+    """
+    out_path = pathlib.Path(out_path)
+    if out_path.suffix != ".onnx":
+        raise UsageError(f"output {out_path} must end in .onnx")
+    data_name = out_path.name + ".data"
+    if input_path is not None:
+        input_path = pathlib.Path(input_path)
+        if out_path.resolve() == input_path.resolve():
+            raise UsageError(f"output {out_path} is the input model; choose another path")
+        inputs = external_data_files(model, input_path.parent)
+        if (out_path.parent.resolve() / data_name) in inputs:
+            raise UsageError(f"output data file {out_path.parent / data_name} is read by the input model")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_path.parent, os.W_OK):
+        raise FFNFusionError(f"output directory {out_path.parent} is not writable")
+    external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".ffnfusion-", dir=out_path.parent))
+    try:
+        ir.save(model, staging / out_path.name, external_data=data_name if external else None)
+        if external:
+            os.replace(staging / data_name, out_path.parent / data_name)
+        elif (out_path.parent / data_name).exists():
+            (out_path.parent / data_name).unlink()  # a stale data file from an earlier run
+        os.replace(staging / out_path.name, out_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_path
+
+
+def validate_model(path: str | os.PathLike, *, run_ort: bool = True) -> None:
+    """``onnx.checker`` (full check, with external data) and, optionally, an ORT session load."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as err:
+        raise FFNFusionError(f"{path} fails onnx.checker: {str(err).splitlines()[0]}") from err
+    if run_ort:
+        from ffnfusion.runtime.onnxruntime import create_session
+
+        create_session(path)

@@ -1,0 +1,324 @@
+"""Find the decoder blocks of a Llama-style ONNX graph: ``find_blocks(model) -> BlockMap``.
+
+A pre-norm decoder is a *residual stream*: the token embedding ``x0`` followed by residual Adds
+``x_{k+1} = x_k + branch_k(x_k)``. We walk that chain from the embedding Gather and classify each
+branch (the nodes that depend on ``x_k`` and feed the Add):
+
+* attention: contains a Softmax or an attention op;
+* gated FFN: ``down(silu(gate(n(x))) * up(n(x)))`` with ``n`` an RMSNorm, and nothing else;
+* unknown: anything else (reported with what was found).
+
+Decoder-layer indices come from the order along the stream: a layer is an optional attention branch
+followed by an FFN branch. Names are never consulted, so every exporter's encoding works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import onnx_ir as ir
+
+from ffnfusion.errors import FFNFusionError
+from ffnfusion.passes import patterns
+
+ATTENTION_OP_TYPES = {
+    "Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+    "PagedAttention", "SparseAttention", "DecoderMaskedMultiHeadAttention",
+}
+# ORT's transformer optimizer folds residual Adds into these; the stream is no longer explicit.
+ORT_SKIP_NORM_OP_TYPES = {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
+
+
+class BlockRecognitionError(FFNFusionError):
+    """The graph is not a decoder we can read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNBlock:
+    """One gated FFN residual branch ``y = x + down(silu(gate(n(x))) * up(n(x)))``."""
+
+    layer: int
+    input: ir.Value  # residual stream value x
+    output: ir.Value  # y, the residual Add's output
+    residual_add: ir.Node
+    norm: patterns.Norm
+    gate: patterns.Weight
+    up: patterns.Weight
+    down: patterns.Weight
+    activation: str  # "silu"
+    nodes: tuple[ir.Node, ...]  # every node of the branch, residual Add included
+
+    @property
+    def width(self) -> int:
+        return self.gate.shape_in_out[1]
+
+    @property
+    def hidden(self) -> int:
+        return self.gate.shape_in_out[0]
+
+    @property
+    def dtype(self) -> ir.DataType:
+        return self.gate.value.const_value.dtype
+
+    def to_dict(self) -> dict:
+        return {
+            "width": self.width,
+            "hidden": self.hidden,
+            "norm": self.norm.kind,
+            "epsilon": self.norm.epsilon,
+            "activation": self.activation,
+            "dtype": self.dtype.name.lower(),
+            "weights": {
+                "gain": self.norm.gain.name if self.norm.gain is not None else None,
+                "gate": self.gate.name, "up": self.up.name, "down": self.down.name,
+                "layout": "[out,in]" if self.gate.transposed else "[in,out]",
+            },
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderLayer:
+    index: int
+    attention: bool
+    ffn: FFNBlock | None
+    unknown: str | None = None  # why a branch was not recognised
+
+    def to_dict(self) -> dict:
+        entry = {"layer": self.index, "attention": self.attention,
+                 "ffn": self.ffn.to_dict() if self.ffn else None}
+        if self.unknown:
+            entry["unknown"] = self.unknown
+        return entry
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockMap:
+    """What the graph contains: decoder layers in stream order and the attention-free runs."""
+
+    layers: tuple[DecoderLayer, ...]
+
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """Maximal ranges ``(first, last)`` of consecutive layers that have an FFN and no attention."""
+        runs: list[tuple[int, int]] = []
+        for layer in self.layers:
+            if layer.attention or layer.ffn is None:
+                continue
+            if runs and runs[-1][1] == layer.index - 1:
+                runs[-1] = (runs[-1][0], layer.index)
+            else:
+                runs.append((layer.index, layer.index))
+        return runs
+
+    def run_of(self, index: int) -> tuple[int, int] | None:
+        return next((run for run in self.runs if run[0] <= index <= run[1]), None)
+
+    def ffn(self, index: int) -> FFNBlock:
+        if not 0 <= index < len(self.layers):
+            raise FFNFusionError(f"layer {index} does not exist: the model has {len(self.layers)} decoder layers")
+        layer = self.layers[index]
+        if layer.ffn is None:
+            raise FFNFusionError(f"layer {index} has no recognised FFN ({layer.unknown or 'none found'})")
+        return layer.ffn
+
+    def to_dict(self) -> dict:
+        return {"blocks": [layer.to_dict() for layer in self.layers],
+                "runs": [list(run) for run in self.runs]}
+
+
+def find_embedding_output(graph: ir.Graph) -> ir.Value:
+    """``x0``: the output of a Gather from a 2-D constant table indexed by a graph input."""
+    inputs = set(graph.inputs)
+    for node in graph:
+        if node.op_type != "Gather" or len(node.inputs) != 2:
+            continue
+        table, indices = node.inputs
+        if table.const_value is not None and table.const_value.shape.rank() == 2 \
+                and patterns.skip_casts(indices) in inputs:
+            return node.outputs[0]
+    raise BlockRecognitionError(
+        "no token embedding found: expected a Gather from a 2-D weight table indexed by a graph "
+        "input (input_ids); is this a decoder-only language model?"
+    )
+
+
+def _branch_nodes(branch_output: ir.Value, stream_value: ir.Value, stops: set[ir.Value]) -> list[ir.Node] | None:
+    """Nodes that depend on ``stream_value`` and feed ``branch_output``; None if it does not depend."""
+    ancestors: dict[ir.Node, None] = {}
+    pending = [branch_output]
+    seen_values: set[ir.Value] = set()
+    while pending:
+        value = pending.pop()
+        if value in seen_values or value in stops or value is stream_value:
+            continue
+        seen_values.add(value)
+        node = value.producer()
+        if node is None or node in ancestors:
+            continue
+        ancestors[node] = None
+        pending.extend(v for v in node.inputs if v is not None)
+    # Which ancestors depend on the stream value: memoised post-order DFS over the ancestor set.
+    depends: dict[ir.Value, bool] = {stream_value: True}
+    for root in ancestors:
+        stack = [(root, False)]
+        while stack:
+            node, inputs_done = stack.pop()
+            if node.outputs[0] in depends:
+                continue
+            inputs = [v for v in node.inputs if v is not None and v not in depends]
+            producers = [v.producer() for v in inputs]
+            if not inputs_done and any(p in ancestors for p in producers):
+                stack.append((node, True))
+                stack.extend((p, False) for p in producers if p in ancestors)
+                continue
+            result = any(depends.get(v, False) for v in node.inputs if v is not None)
+            for out in node.outputs:
+                depends[out] = result
+    branch = [node for node in ancestors if depends.get(node.outputs[0], False)]
+    return branch if depends.get(branch_output, False) else None
+
+
+def _stream_aliases(x: ir.Value) -> list[ir.Value]:
+    """``x`` and no-op Casts/Identities of it (the TorchScript exporter reuses the norm's
+    float32 Cast of ``x`` as the residual)."""
+    aliases = [x]
+    for use in list(x.uses()):
+        node = use.node
+        # Without type information (legacy exports) a Cast that feeds a residual Add can only be
+        # a no-op: a real cast would change the stream's dtype.
+        to = node.attributes.get("to")
+        if node.op_type == "Identity" or (
+            node.op_type == "Cast" and (x.dtype is None or (to is not None and to.value == x.dtype))
+        ):
+            aliases.append(node.outputs[0])
+    return aliases
+
+
+def _next_residual_add(x: ir.Value, stops: set[ir.Value]) -> tuple[ir.Value, ir.Node, ir.Value, list[ir.Node]] | None:
+    """The Add consuming ``x`` (or a no-op cast of it) whose other operand is computed from it."""
+    for alias in _stream_aliases(x):
+        found = _residual_add_on(alias, stops)
+        if found is not None:
+            return (alias, *found)
+    return None
+
+
+def _residual_add_on(x: ir.Value, stops: set[ir.Value]) -> tuple[ir.Node, ir.Value, list[ir.Node]] | None:
+    for use in list(x.uses()):
+        node = use.node
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        other = node.inputs[1 - use.idx]
+        if other is x or other is None:
+            continue
+        branch = _branch_nodes(other, x, stops)
+        if branch:
+            return node, other, branch
+    return None
+
+
+def _classify(branch: list[ir.Node], branch_output: ir.Value, x: ir.Value, add: ir.Node):
+    """Returns ``("attention", None)``, ``("ffn", parts)`` or ``("unknown", reason)``."""
+    ops = {node.op_type for node in branch}
+    if ops & ATTENTION_OP_TYPES:
+        return "attention", None
+    parts = match_gated_ffn(branch_output, x)
+    if isinstance(parts, str):
+        return "unknown", parts
+    matched = set(parts["nodes"])
+    extra = [node for node in branch if node not in matched]
+    if extra:
+        kinds = ", ".join(sorted({node.op_type for node in extra}))
+        return "unknown", f"gated FFN with extra nodes ({kinds}) that ffnfusion cannot fold"
+    parts["nodes"] = (*parts["nodes"], add)
+    return "ffn", parts
+
+
+def match_gated_ffn(output: ir.Value, x: ir.Value) -> dict | str:
+    """Match ``output = down(act(gate(n(x))) * up(n(x)))``; a string says what did not fit."""
+    down = patterns.match_linear(patterns.skip_casts(output))
+    if down is None:
+        return "branch output is not a MatMul/Gemm with a constant weight (down projection)"
+    product = patterns.producer(down.input, "Mul")
+    if product is None:
+        return f"down projection input comes from {_op_of(down.input)}, expected Mul(act(gate), up)"
+    for act_value, up_value in (product.inputs, reversed(product.inputs)):
+        silu = patterns.match_silu(act_value)
+        if silu is None:
+            continue
+        gate = patterns.match_linear(silu[0])
+        up = patterns.match_linear(up_value)
+        if gate is None or up is None:
+            continue
+        if gate.input is not up.input:
+            return "gate and up projections read different inputs"
+        norm = patterns.match_rms_norm(gate.input, x)
+        if norm is None:
+            return (f"FFN input comes from {_op_of(gate.input)}; expected an RMSNorm of the residual "
+                    "stream (decomposed, RMSNormalization or SimplifiedLayerNormalization)")
+        if gate.weight.shape_in_out != up.weight.shape_in_out or \
+                down.weight.shape_in_out[::-1] != gate.weight.shape_in_out:
+            return "gate/up/down weight shapes do not form an FFN"
+        nodes = (*norm.nodes, *gate.nodes, *silu[1], *up.nodes, product, *down.nodes)
+        return {"norm": norm, "gate": gate.weight, "up": up.weight, "down": down.weight,
+                "activation": "silu", "nodes": nodes}
+    return "no SiLU-gated product (Mul of silu(gate) and up) before the down projection"
+
+
+def _op_of(value: ir.Value) -> str:
+    node = value.producer()
+    return "a graph input or constant" if node is None else f"a {node.op_type} node"
+
+
+def iter_residual_branches(graph: ir.Graph) -> Iterator[tuple[ir.Value, ir.Node, ir.Value, list[ir.Node]]]:
+    """Yield ``(x, residual_add, branch_output, branch_nodes)`` along the stream."""
+    x = find_embedding_output(graph)
+    stops = {x}
+    while (found := _next_residual_add(x, stops)) is not None:
+        x, add, branch_output, branch = found
+        yield x, add, branch_output, branch
+        x = add.outputs[0]
+        stops.add(x)
+
+
+def find_blocks(model: ir.Model) -> BlockMap:
+    """Walk the residual stream of ``model`` and return its :class:`BlockMap`."""
+    graph = model.graph
+    skip_norms = sorted({node.op_type for node in graph if node.op_type in ORT_SKIP_NORM_OP_TYPES})
+    if skip_norms:
+        raise BlockRecognitionError(
+            f"the graph contains {', '.join(skip_norms)} (from onnxruntime.transformers.optimizer), "
+            "which hides the residual Adds; run ffnfusion on the exported model first, then ORT's optimizer"
+        )
+    layers: list[DecoderLayer] = []
+    pending_attention = False
+    count = 0
+    for x, add, branch_output, branch in iter_residual_branches(graph):
+        count += 1
+        kind, detail = _classify(branch, branch_output, x, add)
+        if kind == "attention":
+            if pending_attention:  # two attention branches in a row: a layer without FFN
+                layers.append(DecoderLayer(len(layers), True, None, "no FFN branch"))
+            pending_attention = True
+            continue
+        index = len(layers)
+        if kind == "ffn":
+            ffn = FFNBlock(layer=index, input=x, output=add.outputs[0], residual_add=add, **detail)
+            layers.append(DecoderLayer(index, pending_attention, ffn))
+        else:
+            layers.append(DecoderLayer(index, pending_attention, None, detail))
+        pending_attention = False
+    if pending_attention:
+        layers.append(DecoderLayer(len(layers), True, None, "no FFN branch"))
+    if not layers:
+        raise BlockRecognitionError(
+            f"found {count} residual branches after the embedding; expected a chain of "
+            "Add(x, branch(x)) nodes (pre-norm decoder layers)"
+        )
+    if not any(layer.ffn for layer in layers):
+        reasons = sorted({layer.unknown for layer in layers if layer.unknown})
+        raise BlockRecognitionError(
+            f"found {len(layers)} decoder layers but no gated FFN: {'; '.join(reasons) or 'none'}"
+        )
+    return BlockMap(tuple(layers))

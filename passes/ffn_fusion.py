@@ -1,0 +1,191 @@
+"""Fuse groups of consecutive attention-free SwiGLU FFN layers into one wide FFN.
+
+For a group of layers ``1..k`` reading the residual stream ``x``, the parallel form
+
+    y = x + Σ_j down_j( silu(n_j(x)·G_j) ⊙ (n_j(x)·U_j) ),    n_j(x) = x / rms(x) · s_j
+
+equals one FFN of width ``Σ_j width_j`` on the unit-gain norm ``u = x / rms(x)``:
+
+    y = x + ( silu(u·G*) ⊙ (u·U*) ) · D*,
+    G* = [diag(s_1)·G_1 | … | diag(s_k)·G_k],  U* = [diag(s_1)·U_1 | …],  D* = [D_1; …; D_k]
+
+exactly, because every member sees the same ``rms(x)`` (same epsilon). Gains are folded in
+float32 and cast back to the weights' dtype. Replacing the *sequential* run by this parallel form
+is the approximation FFN Fusion makes; this pass performs the rewrite, analysis decides where.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from ffnfusion.passes.blocks import FFNBlock, find_blocks
+from ffnfusion.passes.layer_ranges import format_ranges
+from ffnfusion.passes.plan import FusionPlan, InvalidPlanError
+
+METADATA_KEY = "ffnfusion.fused_groups"
+
+
+class FFNFusionPass(ir.passes.InPlacePass):
+    """Rewrite each group of a :class:`FusionPlan` into one wide FFN with one residual Add."""
+
+    def __init__(self, plan: FusionPlan | Sequence[Sequence[int]]):
+        super().__init__()
+        self.plan = plan if isinstance(plan, FusionPlan) else FusionPlan.from_groups(plan)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        groups = self.plan.resolve(find_blocks(model))
+        for members in groups:
+            check_fusable(members)
+        replaced: dict[ir.Value, ir.Value] = {}  # adjacent groups: one's output is the next's input
+        for members in groups:
+            replaced[members[-1].output] = fuse_group(model.graph, members, replaced)
+        RemoveUnusedNodesPass()(model)  # dead gains, weights and their Identity/Constant feeders
+        previous = model.metadata_props.get(METADATA_KEY)
+        model.metadata_props[METADATA_KEY] = ",".join(filter(None, [previous, self.plan.describe()]))
+        return ir.passes.PassResult(model, modified=True)
+
+
+def fuse_ffn_groups(model: ir.Model, groups: FusionPlan | Sequence[Sequence[int]]) -> ir.Model:
+    """Plain-function form of :class:`FFNFusionPass` (rewrites ``model`` in place and returns it)."""
+    return FFNFusionPass(groups)(model).model
+
+
+def check_fusable(members: Sequence[FFNBlock]) -> None:
+    """Members must share hidden size, dtype, activation and norm kind/epsilon."""
+    label = format_ranges(m.layer for m in members)
+    first = members[0]
+    for member in members[1:]:
+        for what, mine, theirs in (
+            ("norm epsilon", member.norm.epsilon, first.norm.epsilon),
+            ("norm kind", member.norm.kind, first.norm.kind),
+            ("activation", member.activation, first.activation),
+            ("hidden size", member.hidden, first.hidden),
+            ("weight dtype", member.dtype, first.dtype),
+        ):
+            if mine != theirs:
+                raise InvalidPlanError(
+                    f"group {label}: layer {member.layer} has {what} {mine}, layer {first.layer} has "
+                    f"{theirs}; a fused group needs one {what}"
+                )
+    for before, after in zip(members, members[1:]):
+        if before.output.is_graph_output():
+            raise InvalidPlanError(
+                f"group {label}: the hidden state after layer {before.layer} is a graph output; "
+                "fusing would remove it"
+            )
+
+
+def _intermediate_nodes(before: FFNBlock, after: FFNBlock) -> list[ir.Node]:
+    """No-op Casts between one member's output and the next member's input (legacy exports)."""
+    nodes, value = [], after.input
+    while value is not before.output:
+        node = value.producer()
+        nodes.append(node)
+        value = node.inputs[0]
+    return nodes
+
+
+def fuse_group(graph: ir.Graph, members: Sequence[FFNBlock],
+               replaced: dict[ir.Value, ir.Value] | None = None) -> ir.Value:
+    """Replace ``members`` by one wide FFN; returns the new residual output.
+
+    ``replaced`` maps stream values removed by earlier groups to their replacements.
+    """
+    first, last = members[0], members[-1]
+    stream_input = (replaced or {}).get(first.input, first.input)
+    label = format_ranges(m.layer for m in members)
+    prefix = f"ffnfusion.layers.{label}"
+    dtype = first.dtype
+
+    doomed: dict[ir.Node, None] = {}
+    for member in members:
+        doomed.update(dict.fromkeys(member.nodes))
+    for before, after in zip(members, members[1:]):
+        doomed.update(dict.fromkeys(_intermediate_nodes(before, after)))
+    for before in members[:-1]:
+        outside = [use.node for use in before.output.uses() if use.node not in doomed]
+        if outside:
+            raise InvalidPlanError(
+                f"group {label}: the hidden state after layer {before.layer} is also read by "
+                f"{outside[0].op_type} node {outside[0].name!r}; fusing would change it"
+            )
+
+    new_nodes: list[ir.Node] = []
+    unit_norm = _unit_gain_norm(first, prefix, new_nodes, graph, doomed)
+    gains = [_gain_float32(m) for m in members]
+    gate = _initializer(graph, f"{prefix}.gate_proj.weight", dtype, (first.hidden, sum(m.width for m in members)),
+                        lambda: np.concatenate([g[:, None] * m.gate.numpy_in_out() for g, m in zip(gains, members)], 1))
+    up = _initializer(graph, f"{prefix}.up_proj.weight", dtype, (first.hidden, sum(m.width for m in members)),
+                      lambda: np.concatenate([g[:, None] * m.up.numpy_in_out() for g, m in zip(gains, members)], 1))
+    down = _initializer(graph, f"{prefix}.down_proj.weight", dtype, (sum(m.width for m in members), first.hidden),
+                        lambda: np.concatenate([m.down.numpy_in_out() for m in members], 0))
+
+    def add(op_type, inputs, name):
+        node = ir.node(op_type, inputs, name=f"{prefix}/{name}")
+        node.outputs[0].name = f"{prefix}/{name}_output"
+        new_nodes.append(node)
+        return node.outputs[0]
+
+    gate_out = add("MatMul", [unit_norm, gate], "gate_proj")
+    activated = add("Mul", [gate_out, add("Sigmoid", [gate_out], "sigmoid")], "silu")
+    up_out = add("MatMul", [unit_norm, up], "up_proj")
+    down_out = add("MatMul", [add("Mul", [activated, up_out], "gated"), down], "down_proj")
+    residual = add("Add", [stream_input, down_out], "residual_add")
+    residual.type, residual.shape = last.output.type, last.output.shape
+
+    graph.insert_before(last.residual_add, new_nodes)
+    old_output = last.output
+    output_name = old_output.name if old_output.is_graph_output() else None
+    ir.convenience.replace_all_uses_with(old_output, residual, replace_graph_outputs=True)
+    graph.remove(list(doomed), safe=True)
+    if output_name is not None:
+        old_output.name = None
+        residual.name = output_name
+    return residual
+
+
+def _unit_gain_norm(first: FFNBlock, prefix: str, new_nodes: list[ir.Node], graph: ir.Graph,
+                    doomed: dict[ir.Node, None]) -> ir.Value:
+    """``x / rms(x)``: reuse the first member's decomposed norm up to its gain Mul, or emit the
+    norm op again with a ones gain."""
+    norm = first.norm
+    if norm.kind == "rms_decomposed":
+        for node in norm.nodes:
+            if node is not norm.gain_node:
+                doomed.pop(node, None)
+        return norm.unit_output
+    op_node = norm.nodes[0]
+    for node in norm.nodes[1:]:  # the Casts feeding the norm op stay
+        doomed.pop(node, None)
+    gain = norm.gain.const_value
+    ones = _initializer(graph, f"{prefix}.norm.unit_weight", gain.dtype, tuple(gain.shape),
+                        lambda: np.ones(tuple(gain.shape), np.float32))
+    node = ir.Node(op_node.domain, op_node.op_type, [op_node.inputs[0], ones],
+                   attributes=list(op_node.attributes.values()), name=f"{prefix}/norm",
+                   num_outputs=1)
+    node.outputs[0].name = f"{prefix}/norm_output"
+    new_nodes.append(node)
+    return node.outputs[0]
+
+
+def _gain_float32(member: FFNBlock) -> np.ndarray:
+    if member.norm.gain is None:
+        return np.ones(member.hidden, np.float32)
+    return member.norm.gain.const_value.numpy().astype(np.float32)
+
+
+def _initializer(graph: ir.Graph, name: str, dtype: ir.DataType, shape: tuple[int, ...], compute) -> ir.Value:
+    """A lazily computed initializer: folded in float32, cast once to ``dtype`` when saved."""
+    np_dtype = dtype.numpy()
+
+    def materialise() -> ir.Tensor:
+        return ir.tensor(np.ascontiguousarray(compute(), dtype=np.float32).astype(np_dtype, copy=False))
+
+    tensor = ir.LazyTensor(materialise, dtype=dtype, shape=ir.Shape(shape), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value

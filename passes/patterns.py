@@ -1,0 +1,271 @@
+"""Structural matchers for the pieces of a pre-norm gated FFN branch.
+
+Each matcher starts from a value and walks *producers* backwards, so it recognises the math rather
+than one exporter's node names. What the exporters we know emit:
+
+* RMSNorm ``n(x) = x / sqrt(mean(x²) + eps) * s`` as
+  - dynamo opset 18-22: ``Mul(s, Mul(x, Reciprocal(Sqrt(Add(ReduceMean(Pow(x, 2)), eps)))))``;
+  - legacy TorchScript: the same with ``Div(1, Sqrt(..))`` and Casts to/from float32;
+  - opset 23: one ``RMSNormalization(x, s)``; ORT contrib: ``SimplifiedLayerNormalization(x, s)``.
+* SiLU as ``Mul(g, Sigmoid(g))`` or a ``Silu``/``Swish`` op.
+* Linear layers as ``MatMul(a, W[in, out])``, ``MatMul(a, Transpose(W[out, in]))`` or
+  ``Gemm(a, W, transB=1)``.
+
+A matcher returns a small dataclass, or ``None`` when the structure does not fit; callers turn a
+``None`` into a message that says what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+RMS_OP_TYPES = {"RMSNormalization", "SimplifiedLayerNormalization"}
+SILU_OP_TYPES = {"Silu", "Swish"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """A constant weight and how the graph applies it."""
+
+    value: ir.Value
+    transposed: bool  # stored [out, in] (Transpose or Gemm transB=1) rather than [in, out]
+
+    @property
+    def name(self) -> str:
+        return self.value.name or "<unnamed>"
+
+    @property
+    def shape_in_out(self) -> tuple[int, int]:
+        rows, cols = (int(d) for d in self.value.const_value.shape)
+        return (cols, rows) if self.transposed else (rows, cols)
+
+    def numpy_in_out(self) -> np.ndarray:
+        """The weight as ``[in, out]`` (a view of the memory-mapped tensor when possible)."""
+        array = self.value.const_value.numpy()
+        return array.T if self.transposed else array
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    input: ir.Value
+    weight: Weight
+    nodes: tuple[ir.Node, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """An RMSNorm applied to the residual stream value ``x``."""
+
+    kind: str  # "rms_decomposed" | "RMSNormalization" | "SimplifiedLayerNormalization"
+    epsilon: float
+    gain: ir.Value | None  # 1-D initializer ``s``; None when the norm has no gain
+    output: ir.Value  # n(x), what the FFN's gate/up MatMuls read
+    # The unit-gain value x/rms(x) the gain multiplies (decomposed kind only): a fused group
+    # keeps the first member's nodes up to here and drops the gain Mul.
+    unit_output: ir.Value | None
+    nodes: tuple[ir.Node, ...]
+    gain_node: ir.Node | None = None
+
+
+def initializer_of(value: ir.Value | None) -> ir.Value | None:
+    """The initializer behind ``value``, following Identity nodes (the TorchScript exporter
+    deduplicates equal initializers through them); None if ``value`` is not constant."""
+    while value is not None and value.const_value is None:
+        node = producer(value, "Identity")
+        value = node.inputs[0] if node is not None else None
+    return value
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind an initializer or a ``Constant`` node, else None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def float32_epsilon(value: float) -> float:
+    """Epsilons live in float32 tensors/attributes: print 1e-06, not 9.999999974752427e-07."""
+    return float(str(np.float32(value)))
+
+
+def const_scalar(value: ir.Value | None) -> float | None:
+    array = const_array(value)
+    if array is None or array.size != 1:
+        return None
+    return float(array.reshape(()))
+
+
+def producer(value: ir.Value | None, op_types: set[str] | str | None = None) -> ir.Node | None:
+    """The node producing ``value``, if its op type is among ``op_types``."""
+    node = value.producer() if value is not None else None
+    if node is None:
+        return None
+    if op_types is not None:
+        wanted = {op_types} if isinstance(op_types, str) else op_types
+        if node.op_type not in wanted:
+            return None
+    return node
+
+
+def skip_casts(value: ir.Value, seen: list[ir.Node] | None = None) -> ir.Value:
+    """Walk back through Cast/Identity nodes (exporters insert them around norms)."""
+    while (node := producer(value, {"Cast", "Identity"})) is not None:
+        if seen is not None:
+            seen.append(node)
+        value = node.inputs[0]
+    return value
+
+
+def reaches(value: ir.Value, target: ir.Value, seen: list[ir.Node] | None = None) -> bool:
+    """Whether ``value`` is ``target`` or a chain of Casts/Identities of it."""
+    casts: list[ir.Node] = []
+    while value is not target:
+        node = producer(value, {"Cast", "Identity"})
+        if node is None:
+            return False
+        casts.append(node)
+        value = node.inputs[0]
+    if seen is not None:
+        seen.extend(casts)
+    return True
+
+
+def _attr(node: ir.Node, name: str, default=None):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _is_last_axis_reduction(node: ir.Node) -> bool:
+    if _attr(node, "keepdims", 1) != 1:
+        return False
+    axes = _attr(node, "axes")
+    if axes is None and len(node.inputs) > 1:
+        axes = const_array(node.inputs[1])
+        axes = None if axes is None else axes.reshape(-1).tolist()
+    if axes is None or len(axes) != 1:
+        return False
+    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+    return axes[0] == -1 or (rank is not None and axes[0] == rank - 1)
+
+
+def match_linear(value: ir.Value) -> Linear | None:
+    """``value = a @ W`` with W constant: MatMul (optionally via Transpose) or Gemm transB=1."""
+    node = producer(value, {"MatMul", "Gemm"})
+    if node is None:
+        return None
+    if node.op_type == "Gemm":
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            return None  # biased linear layers are not SwiGLU FFNs
+        if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0:
+            return None
+        weight = initializer_of(node.inputs[1])
+        if weight is None:
+            return None
+        return Linear(node.inputs[0], Weight(weight, bool(_attr(node, "transB", 0))), (node,))
+    a, b = node.inputs
+    weight = initializer_of(b)
+    if weight is not None and weight.const_value.shape.rank() == 2:
+        return Linear(a, Weight(weight, transposed=False), (node,))
+    transpose = producer(b, "Transpose")
+    weight = initializer_of(transpose.inputs[0]) if transpose is not None else None
+    if weight is not None and weight.const_value.shape.rank() == 2:
+        if list(_attr(transpose, "perm", [1, 0])) == [1, 0] and len(b.uses()) == 1:
+            return Linear(a, Weight(weight, transposed=True), (node, transpose))
+    return None
+
+
+def match_silu(value: ir.Value) -> tuple[ir.Value, tuple[ir.Node, ...]] | None:
+    """``value = silu(g)``: returns ``(g, nodes)``."""
+    node = producer(value)
+    if node is None:
+        return None
+    if node.op_type in SILU_OP_TYPES and _attr(node, "alpha", 1.0) == 1.0:
+        return node.inputs[0], (node,)
+    if node.op_type != "Mul":
+        return None
+    for gate, other in (node.inputs, reversed(node.inputs)):
+        sigmoid = producer(other, "Sigmoid")
+        if sigmoid is not None and sigmoid.inputs[0] is gate:
+            return gate, (node, sigmoid)
+    return None
+
+
+def match_rms_norm(output: ir.Value, x: ir.Value) -> Norm | None:
+    """``output = RMSNorm(x)`` in any of the encodings listed in the module docstring."""
+    node = producer(output)
+    if node is None:
+        return None
+    if node.op_type in RMS_OP_TYPES:
+        casts: list[ir.Node] = []
+        if not reaches(node.inputs[0], x, casts) or _attr(node, "axis", -1) != -1:
+            return None
+        gain = initializer_of(node.inputs[1]) if len(node.inputs) > 1 else None
+        if gain is None:
+            return None
+        return Norm(node.op_type, float32_epsilon(_attr(node, "epsilon", 1e-5)), gain, output, None,
+                    (node, *casts))
+    # Optional gain: Mul(s, y) with s a 1-D constant.
+    if node.op_type == "Mul":
+        for gain_input, unit in (node.inputs, reversed(node.inputs)):
+            gain = initializer_of(gain_input)
+            if gain is not None and gain.const_value.shape.rank() == 1:
+                core = _match_rms_core(unit, x)
+                if core is not None:
+                    epsilon, nodes = core
+                    return Norm("rms_decomposed", epsilon, gain, output, unit, (*nodes, node), node)
+    core = _match_rms_core(output, x)
+    if core is not None:
+        return Norm("rms_decomposed", core[0], None, output, output, core[1])
+    return None
+
+
+def _match_rms_core(value: ir.Value, x: ir.Value) -> tuple[float, tuple[ir.Node, ...]] | None:
+    """``value = x / sqrt(mean(x², -1) + eps)`` (through Casts): returns ``(eps, nodes)``."""
+    nodes: list[ir.Node] = []
+    scaled = producer(skip_casts(value, nodes), {"Mul", "Div"})
+    if scaled is None:
+        return None
+    nodes.append(scaled)
+    sqrt = None
+    for data, scale in (scaled.inputs, reversed(scaled.inputs)):
+        if not reaches(data, x, nodes):
+            continue
+        if scaled.op_type == "Div":
+            if data is scaled.inputs[0]:
+                sqrt = producer(scale, "Sqrt")
+            break
+        inverse = producer(scale, {"Reciprocal", "Div"})
+        if inverse is None:
+            continue
+        if inverse.op_type == "Div" and const_scalar(inverse.inputs[0]) != 1.0:
+            continue
+        nodes.append(inverse)
+        sqrt = producer(inverse.inputs[-1], "Sqrt")
+        break
+    if sqrt is None:
+        return None
+    add = producer(sqrt.inputs[0], "Add")
+    if add is None:
+        return None
+    nodes += [sqrt, add]
+    for mean_value, eps_value in (add.inputs, reversed(add.inputs)):
+        epsilon = const_scalar(eps_value)
+        mean = producer(mean_value, "ReduceMean")
+        if epsilon is None or mean is None or not _is_last_axis_reduction(mean):
+            continue
+        square = producer(mean.inputs[0], {"Pow", "Mul"})
+        if square is None:
+            return None
+        base = square.inputs[0]
+        if square.op_type == "Pow" and const_scalar(square.inputs[1]) != 2.0:
+            return None
+        if square.op_type == "Mul" and square.inputs[1] is not base:
+            return None
+        if not reaches(base, x, nodes):
+            return None
+        return float32_epsilon(epsilon), tuple(dict.fromkeys((*nodes, mean, square)))  # a shared Cast counts once
+    return None

@@ -1,0 +1,101 @@
+"""``FusionPlan``: which decoder layers to fuse, and its validation against a ``BlockMap``.
+
+A group is a list of consecutive decoder-layer indices (0-based, as in ``model.layers.N``) that lie
+inside one attention-free run. Groups must not overlap and need at least two layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+from ffnfusion.errors import FFNFusionError, UsageError
+from ffnfusion.passes.blocks import BlockMap, FFNBlock
+from ffnfusion.passes.layer_ranges import format_ranges, parse_groups
+
+
+class InvalidPlanError(FFNFusionError):
+    """The requested groups do not fit the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionPlan:
+    groups: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_groups(cls, groups) -> FusionPlan:
+        normalised = []
+        for group in groups:
+            if isinstance(group, str):
+                raise UsageError(f"group {group!r} must be a list of layer indices, not a string")
+            try:
+                layers = tuple(int(i) for i in group)
+            except (TypeError, ValueError):
+                raise UsageError(f"group {group!r} must be a list of integer layer indices") from None
+            normalised.append(layers)
+        return cls(tuple(normalised))
+
+    @classmethod
+    def parse(cls, text: str) -> FusionPlan:
+        """From the CLI syntax ``10-13,14-16``."""
+        return cls.from_groups(parse_groups(text))
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> FusionPlan:
+        try:
+            data = json.loads(pathlib.Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise UsageError(f"cannot read plan {path}: {err}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("groups"), list):
+            raise UsageError(f"plan {path}: expected a JSON object with a 'groups' list of layer lists")
+        return cls.from_groups(data["groups"])
+
+    def to_dict(self) -> dict:
+        return {"groups": [list(group) for group in self.groups]}
+
+    def describe(self) -> str:
+        return ",".join(format_ranges(group) for group in self.groups)
+
+    def resolve(self, block_map: BlockMap) -> list[list[FFNBlock]]:
+        """Check every group against ``block_map`` and return the FFN blocks to fuse."""
+        if not self.groups:
+            raise InvalidPlanError("the plan has no groups")
+        claimed: dict[int, tuple[int, ...]] = {}
+        resolved = []
+        for group in self.groups:
+            label = format_ranges(group) if list(group) == sorted(group) else str(list(group))
+            if len(group) < 2:
+                raise InvalidPlanError(f"group {label} has one layer: a group fuses at least two")
+            if list(group) != list(range(group[0], group[0] + len(group))):
+                raise InvalidPlanError(f"group {label} is not a range of consecutive layers")
+            for index in group:
+                if index in claimed:
+                    raise InvalidPlanError(
+                        f"groups {format_ranges(claimed[index])} and {label} overlap at layer {index}"
+                    )
+                claimed[index] = group
+            num_layers = len(block_map.layers)
+            missing = [i for i in group if not 0 <= i < num_layers]
+            if missing:
+                raise InvalidPlanError(
+                    f"group {label} names layer {missing[0]}, but the model has layers 0-{num_layers - 1}"
+                )
+            with_attention = [i for i in group if block_map.layers[i].attention]
+            if with_attention:
+                raise InvalidPlanError(
+                    f"group {label} includes layer {with_attention[0]}, which has attention; "
+                    f"attention-free runs: {_runs_text(block_map)}"
+                )
+            blocks = [block_map.ffn(i) for i in group]
+            run = block_map.run_of(group[0])
+            if run is None or group[-1] > run[1]:
+                raise InvalidPlanError(
+                    f"group {label} leaves its attention-free run; runs: {_runs_text(block_map)}"
+                )
+            resolved.append(blocks)
+        return resolved
+
+
+def _runs_text(block_map: BlockMap) -> str:
+    return ", ".join(f"{a}-{b}" for a, b in block_map.runs) or "none"

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random Llamas with odd sizes, exported once per session per variant."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ffnfusion.exporters.onnx_export import ExportOptions, export_model
+
+# Odd sizes on purpose: hidden 96, FFN 160, GQA 6 query heads over 2 KV heads.
+TINY_CONFIG = dict(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=8,
+                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+                   rms_norm_eps=1e-6)
+TINY_DROPPED = [2, 3, 4, 5, 6]  # one attention-free run 2-6; layers 0, 1 and 7 keep attention
+
+
+def make_tiny_llama(seed: int = 0):
+    """A random LlamaForCausalLM whose norm gains are random too (folding must matter)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_CONFIG)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def rel_err(actual, reference) -> float:
+    return float(np.linalg.norm(actual - reference) / np.linalg.norm(reference))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return make_tiny_llama()
+
+
+def _export(tmp_path_factory, tiny_llama, name, **options):
+    out = tmp_path_factory.mktemp(name)
+    opts = ExportOptions(drop_attention=list(TINY_DROPPED), **options)
+    return export_model(copy.deepcopy(tiny_llama), out, opts, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_dynamo20(tmp_path_factory, tiny_llama):
+    return _export(tmp_path_factory, tiny_llama, "dynamo20", opset=20)
+
+
+@pytest.fixture(scope="session")
+def tiny_dynamo23(tmp_path_factory, tiny_llama):
+    return _export(tmp_path_factory, tiny_llama, "dynamo23", opset=23)
+
+
+@pytest.fixture(scope="session")
+def tiny_torchscript(tmp_path_factory, tiny_llama):
+    return _export(tmp_path_factory, tiny_llama, "torchscript", opset=18, dynamo=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_kv_cache(tmp_path_factory, tiny_llama):
+    return _export(tmp_path_factory, tiny_llama, "kvcache", opset=20, kv_cache=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_variants(tiny_dynamo20, tiny_dynamo23, tiny_torchscript):
+    return {"dynamo-opset20": tiny_dynamo20, "dynamo-opset23": tiny_dynamo23,
+            "torchscript-opset18": tiny_torchscript}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_threads():
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
