@@ -7,8 +7,10 @@ legacy TorchScript exporter (tests use it to check that block recognition is exp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import time
@@ -61,7 +63,7 @@ class _WithKVCache(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        cache = _attention_layers_cache(DynamicCache)(self.model.config, self.attention_layers)
         for slot, layer in enumerate(self.attention_layers):
             cache.update(past[2 * slot], past[2 * slot + 1], layer)
         out = self.model(
@@ -75,6 +77,31 @@ class _WithKVCache(nn.Module):
         for layer in self.attention_layers:
             present += [cache.layers[layer].keys, cache.layers[layer].values]
         return (out.logits, *present)
+
+
+def _attention_layers_cache(dynamic_cache_class):
+    """A DynamicCache that answers length queries about attention-free layers (which never store
+    anything) with the first attention layer's numbers; transformers asks layer 0 by default."""
+
+    class AttentionLayersCache(dynamic_cache_class):
+        def __init__(self, config, attention_layers):
+            super().__init__(config=config)
+            self._attention_layers = set(attention_layers)
+            self._first = min(attention_layers)
+
+        def _proxy(self, layer_idx: int) -> int:
+            return layer_idx if layer_idx in self._attention_layers else self._first
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return super().get_seq_length(self._proxy(layer_idx))
+
+        def get_mask_sizes(self, query_length: int, layer_idx: int):
+            return super().get_mask_sizes(query_length, self._proxy(layer_idx))
+
+        def get_query_offset(self, layer_idx: int = 0):
+            return super().get_query_offset(self._proxy(layer_idx))
+
+    return AttentionLayersCache
 
 
 def _kv_shape(config) -> tuple[int, int]:
@@ -111,6 +138,8 @@ def export_model(
     batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("sequence")
     if options.kv_cache:
         attention_layers = [i for i in range(num_layers) if i not in dropped]
+        if not attention_layers:
+            raise FFNFusionError("--kv-cache needs at least one layer with attention; all are dropped")
         heads, head_dim = _kv_shape(config)
         past_len = 3
         wrapper = _WithKVCache(model, attention_layers)
@@ -141,7 +170,7 @@ def export_model(
     log(f"export: torch.onnx.export(dynamo={options.dynamo}, opset {options.opset}, {options.dtype}), "
         f"{num_layers} layers, attention dropped in {_format_layers(dropped) or 'none'}")
     start = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_logs():
         warnings.simplefilter("ignore")
         if options.dynamo:
             shapes = _dynamo_shapes(dynamic, input_names, batch_dim, seq_dim)
@@ -178,6 +207,18 @@ def export_model(
     }
     write_json_atomically(out_dir / METADATA_FILE, metadata)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    """torch.onnx logs one warning per torchvision op it cannot register (torchvision is absent)."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _dynamo_shapes(dynamic, input_names, batch_dim, seq_dim):

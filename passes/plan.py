@@ -81,19 +81,22 @@ class FusionPlan:
                 raise InvalidPlanError(
                     f"group {label} names layer {missing[0]}, but the model has layers 0-{num_layers - 1}"
                 )
-            with_attention = [i for i in group if block_map.layers[i].attention]
-            if with_attention:
+            run = block_map.run_of(group[0])
+            if run is None:
+                layer = block_map.layers[group[0]]
+                why = "has attention" if layer.attention else f"has no recognised FFN ({layer.unknown})"
                 raise InvalidPlanError(
-                    f"group {label} includes layer {with_attention[0]}, which has attention; "
+                    f"group {label} starts at layer {group[0]}, which {why}; "
                     f"attention-free runs: {_runs_text(block_map)}"
                 )
-            blocks = [block_map.ffn(i) for i in group]
-            run = block_map.run_of(group[0])
-            if run is None or group[-1] > run[1]:
+            if group[-1] > run[1]:
+                stop = block_map.layers[run[1] + 1]
+                why = "has attention" if stop.attention else "has no recognised FFN"
                 raise InvalidPlanError(
-                    f"group {label} leaves its attention-free run; runs: {_runs_text(block_map)}"
+                    f"group {label} leaves the attention-free run {run[0]}-{run[1]}: "
+                    f"layer {stop.index} {why}"
                 )
-            resolved.append(blocks)
+            resolved.append([block_map.ffn(i) for i in group])
         return resolved
 
 

@@ -89,8 +89,8 @@ def test_input_model_is_not_modified_on_disk(tiny_dynamo20, tmp_path):
 
 @pytest.mark.parametrize("groups, message", [
     ([[2, 3], [3, 4]], "groups 2-3 and 3-4 overlap at layer 3"),
-    ([[1, 2]], "group 1-2 includes layer 1, which has attention"),
-    ([[6, 7]], "group 6-7 includes layer 7, which has attention"),
+    ([[1, 2]], "group 1-2 starts at layer 1, which has attention; attention-free runs: 2-6"),
+    ([[6, 7]], "group 6-7 leaves the attention-free run 2-6: layer 7 has attention"),
     ([[8, 9]], "group 8-9 names layer 8, but the model has layers 0-7"),
     ([[3]], "group 3 has one layer"),
     ([[2, 4]], "not a range of consecutive layers"),

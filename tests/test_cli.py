@@ -1,0 +1,94 @@
+"""The ffnfusion command line: output formats, one-line errors, exit codes, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ffnfusion.cli import main
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_table_and_json(capsys, tiny_dynamo20):
+    code, out, _ = _run(capsys, "inspect", tiny_dynamo20)
+    assert code == 0
+    assert "attention-free runs: 2-6 (5 layers)" in out
+    assert out.splitlines()[3].split()[:3] == ["2", "no", "160"]
+    code, out, _ = _run(capsys, "inspect", tiny_dynamo20, "--json")
+    data = json.loads(out)
+    assert data["runs"] == [[2, 6]]
+    assert data["blocks"][0] == {**data["blocks"][0], "layer": 0, "attention": True}
+    assert data["blocks"][2]["ffn"]["width"] == 160
+
+
+def test_fuse_writes_a_self_contained_directory(capsys, tiny_dynamo20, tmp_path):
+    out = tmp_path / "fused" / "model.onnx"
+    code, stdout, err = _run(capsys, "fuse", tiny_dynamo20, "-o", out, "--groups", "2-4,5-6", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["nodes_after"] < json.loads(stdout)["nodes_before"]
+    meta = json.loads((out.parent / "ffnfusion.json").read_text())
+    assert meta["fused_groups"] == [[2, 3, 4], [5, 6]]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temporary files left"
+    code, stdout, _ = _run(capsys, "inspect", out, "--json")
+    assert [b["ffn"]["width"] for b in json.loads(stdout)["blocks"]] == [160, 160, 480, 320, 160]
+
+
+def test_fuse_with_plan_file(capsys, tiny_dynamo20, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"groups": [[2, 3], [4, 5, 6]]}))
+    code, _, err = _run(capsys, "fuse", tiny_dynamo20, "-o", tmp_path / "f.onnx", "--plan", plan)
+    assert code == 0, err and (tmp_path / "f.onnx").is_file()
+
+
+@pytest.mark.parametrize("groups, code, message", [
+    ("2-3,3-4", 1, "groups 2-3 and 3-4 overlap at layer 3"),
+    ("5-7", 1, "group 5-7 leaves the attention-free run 2-6: layer 7 has attention"),
+    ("0-1", 1, "group 0-1 starts at layer 0, which has attention"),
+    ("6-9", 1, "group 6-9 names layer 8, but the model has layers 0-7"),
+    ("2-x", 2, "bad layer range '2-x'"),
+])
+def test_fuse_errors_are_one_line_and_write_nothing(capsys, tiny_dynamo20, tmp_path, groups, code, message):
+    out = tmp_path / "out" / "model.onnx"
+    returned, stdout, err = _run(capsys, "fuse", tiny_dynamo20, "-o", out, "--groups", groups)
+    assert returned == code
+    lines = err.strip().splitlines()  # progress lines may precede the error
+    assert [line for line in lines if "error" in line] == [lines[-1]]
+    assert lines[-1].startswith("ffnfusion: error: ") and message in lines[-1]
+    assert "Traceback" not in err
+    assert not out.exists() and not (out.parent.exists() and list(out.parent.iterdir()))
+
+
+def test_output_equal_to_input_is_refused(capsys, tiny_dynamo20):
+    before = tiny_dynamo20.read_bytes()
+    code, _, err = _run(capsys, "fuse", tiny_dynamo20, "-o", tiny_dynamo20, "--groups", "2-3")
+    assert code == 2 and "is the input model" in err
+    assert tiny_dynamo20.read_bytes() == before
+
+
+def test_unreadable_model(capsys, tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00not a protobuf\xff" * 10)
+    code, _, err = _run(capsys, "inspect", junk)
+    assert code == 1 and err.startswith("ffnfusion: error:") and "junk.onnx" in err
+    code, _, err = _run(capsys, "inspect", tmp_path / "missing.onnx")
+    assert code == 1 and "not found" in err
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ffnfusion.cli", "--debug", "inspect", str(tmp_path / "x.onnx")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_help_lists_commands():
+    result = subprocess.run([sys.executable, "-m", "ffnfusion.cli", "--help"], capture_output=True, text=True)
+    for name in ("export", "inspect", "fuse", "demo"):
+        assert name in result.stdout
