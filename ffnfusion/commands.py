@@ -13,6 +13,7 @@ from ffnfusion.exporters.sources import resolve_source
 from ffnfusion.model_io import load_model, save_model, validate_model
 from ffnfusion.passes.blocks import BlockMap, find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
+from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan
 
 # Files a runtime needs beside model.onnx; copied so a fused model directory is self-contained.
@@ -35,7 +36,7 @@ def format_block_table(block_map: BlockMap) -> str:
         run = block_map.run_of(layer.index) if layer.ffn and not layer.attention else None
         ffn = layer.ffn
         lines.append(
-            f"{layer.index:>5}  {'yes' if layer.attention else 'no':<9}  "
+            f"{format_ranges(layer.span):>5}  {'yes' if layer.attention else 'no':<9}  "
             f"{ffn.width if ffn else '-':>9}  {ffn.norm.kind if ffn else (layer.unknown or '-'):<18}  "
             f"{f'{ffn.norm.epsilon:.0e}' if ffn else '-':>8}  {f'{run[0]}-{run[1]}' if run else ''}"
         )

@@ -12,7 +12,9 @@ import torch
 
 from ffnfusion import commands
 from ffnfusion.exporters import llama_surgery
-from ffnfusion.exporters.onnx_export import METADATA_FILE, MODEL_FILE, ExportOptions, export_model
+from ffnfusion.exporters.onnx_export import (
+    METADATA_FILE, MODEL_FILE, ExportOptions, export_model, write_json_atomically,
+)
 from ffnfusion.exporters.sources import load_causal_lm, resolve_source
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan
@@ -104,7 +106,7 @@ def run(workdir: str, source: str, dropped: list[int], plan: FusionPlan, tokens:
         f" | fused {ppl['fused']:.2f}",
         flush=True,
     )
-    (workdir / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomically(workdir / "demo.json", report)
     if not exact:
         raise SystemExit("demo: the fused model does not match the parallel-form reference")
     return report

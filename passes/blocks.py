@@ -26,6 +26,8 @@ ATTENTION_OP_TYPES = {
     "Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
     "PagedAttention", "SparseAttention", "DecoderMaskedMultiHeadAttention",
 }
+# Model metadata listing the groups ffnfusion fused, e.g. "10-13,14-16" (original layer indices).
+FUSED_GROUPS_METADATA = "ffnfusion.fused_groups"
 # ORT's transformer optimizer folds residual Adds into these; the stream is no longer explicit.
 ORT_SKIP_NORM_OP_TYPES = {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
 
@@ -79,14 +81,26 @@ class FFNBlock:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderLayer:
+    """One position on the residual stream: optional attention, then an FFN.
+
+    A wide FFN that ffnfusion made from layers ``index..last`` keeps their original numbering.
+    """
+
     index: int
     attention: bool
     ffn: FFNBlock | None
     unknown: str | None = None  # why a branch was not recognised
+    last: int | None = None  # set when this FFN is an earlier fusion of layers index..last
+
+    @property
+    def span(self) -> range:
+        return range(self.index, (self.index if self.last is None else self.last) + 1)
 
     def to_dict(self) -> dict:
         entry = {"layer": self.index, "attention": self.attention,
                  "ffn": self.ffn.to_dict() if self.ffn else None}
+        if self.last is not None:
+            entry["fused_layers"] = [self.index, self.last]
         if self.unknown:
             entry["unknown"] = self.unknown
         return entry
@@ -106,18 +120,27 @@ class BlockMap:
             if layer.attention or layer.ffn is None:
                 continue
             if runs and runs[-1][1] == layer.index - 1:
-                runs[-1] = (runs[-1][0], layer.index)
+                runs[-1] = (runs[-1][0], layer.span[-1])
             else:
-                runs.append((layer.index, layer.index))
+                runs.append((layer.index, layer.span[-1]))
         return runs
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers[-1].span[-1] + 1
 
     def run_of(self, index: int) -> tuple[int, int] | None:
         return next((run for run in self.runs if run[0] <= index <= run[1]), None)
 
+    def layer(self, index: int) -> DecoderLayer:
+        """The stream position holding decoder layer ``index`` (a fused FFN holds several)."""
+        for layer in self.layers:
+            if index in layer.span:
+                return layer
+        raise FFNFusionError(f"layer {index} does not exist: the model has layers 0-{self.num_layers - 1}")
+
     def ffn(self, index: int) -> FFNBlock:
-        if not 0 <= index < len(self.layers):
-            raise FFNFusionError(f"layer {index} does not exist: the model has {len(self.layers)} decoder layers")
-        layer = self.layers[index]
+        layer = self.layer(index)
         if layer.ffn is None:
             raise FFNFusionError(f"layer {index} has no recognised FFN ({layer.unknown or 'none found'})")
         return layer.ffn
@@ -282,6 +305,18 @@ def iter_residual_branches(graph: ir.Graph) -> Iterator[tuple[ir.Value, ir.Node,
         stops.add(x)
 
 
+def fused_spans_of(model: ir.Model) -> dict[int, int]:
+    """``{first: last}`` for FFNs that ffnfusion fused earlier (recorded in the model metadata),
+    so that a fused model keeps the original ``model.layers.N`` numbering."""
+    text = model.metadata_props.get(FUSED_GROUPS_METADATA, "")
+    spans = {}
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        if first.isdigit() and last.isdigit():
+            spans[int(first)] = int(last)
+    return spans
+
+
 def find_blocks(model: ir.Model) -> BlockMap:
     """Walk the residual stream of ``model`` and return its :class:`BlockMap`."""
     graph = model.graph
@@ -291,26 +326,30 @@ def find_blocks(model: ir.Model) -> BlockMap:
             f"the graph contains {', '.join(skip_norms)} (from onnxruntime.transformers.optimizer), "
             "which hides the residual Adds; run ffnfusion on the exported model first, then ORT's optimizer"
         )
+    fused_spans = fused_spans_of(model)
     layers: list[DecoderLayer] = []
     pending_attention = False
     count = 0
+    index = 0  # original decoder-layer index of the next stream position
     for x, add, branch_output, branch in iter_residual_branches(graph):
         count += 1
         kind, detail = _classify(branch, branch_output, x, add)
         if kind == "attention":
             if pending_attention:  # two attention branches in a row: a layer without FFN
-                layers.append(DecoderLayer(len(layers), True, None, "no FFN branch"))
+                layers.append(DecoderLayer(index, True, None, "no FFN branch"))
+                index += 1
             pending_attention = True
             continue
-        index = len(layers)
+        last = fused_spans.get(index) if kind == "ffn" else None
         if kind == "ffn":
             ffn = FFNBlock(layer=index, input=x, output=add.outputs[0], residual_add=add, **detail)
-            layers.append(DecoderLayer(index, pending_attention, ffn))
+            layers.append(DecoderLayer(index, pending_attention, ffn, last=last))
         else:
             layers.append(DecoderLayer(index, pending_attention, None, detail))
+        index = (index if last is None else last) + 1
         pending_attention = False
     if pending_attention:
-        layers.append(DecoderLayer(len(layers), True, None, "no FFN branch"))
+        layers.append(DecoderLayer(index, True, None, "no FFN branch"))
     if not layers:
         raise BlockRecognitionError(
             f"found {count} residual branches after the embedding; expected a chain of "

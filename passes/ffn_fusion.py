@@ -22,12 +22,9 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from ffnfusion.passes.blocks import FFNBlock, find_blocks
+from ffnfusion.passes.blocks import FUSED_GROUPS_METADATA, FFNBlock, find_blocks, fused_spans_of
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan, InvalidPlanError
-
-METADATA_KEY = "ffnfusion.fused_groups"
-
 
 class FFNFusionPass(ir.passes.InPlacePass):
     """Rewrite each group of a :class:`FusionPlan` into one wide FFN with one residual Add."""
@@ -38,14 +35,17 @@ class FFNFusionPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         groups = self.plan.resolve(find_blocks(model))
-        for members in groups:
-            check_fusable(members)
+        for group, members in groups:
+            check_fusable(format_ranges(group), members)
         replaced: dict[ir.Value, ir.Value] = {}  # adjacent groups: one's output is the next's input
-        for members in groups:
-            replaced[members[-1].output] = fuse_group(model.graph, members, replaced)
+        for group, members in groups:
+            replaced[members[-1].output] = fuse_group(model.graph, format_ranges(group), members, replaced)
         RemoveUnusedNodesPass()(model)  # dead gains, weights and their Identity/Constant feeders
-        previous = model.metadata_props.get(METADATA_KEY)
-        model.metadata_props[METADATA_KEY] = ",".join(filter(None, [previous, self.plan.describe()]))
+        spans = fused_spans_of(model)
+        for group in self.plan.groups:  # a group that takes in earlier fused FFNs replaces them
+            spans = {a: b for a, b in spans.items() if not group[0] <= a <= group[-1]}
+            spans[group[0]] = group[-1]
+        model.metadata_props[FUSED_GROUPS_METADATA] = ",".join(f"{a}-{b}" for a, b in sorted(spans.items()))
         return ir.passes.PassResult(model, modified=True)
 
 
@@ -54,9 +54,8 @@ def fuse_ffn_groups(model: ir.Model, groups: FusionPlan | Sequence[Sequence[int]
     return FFNFusionPass(groups)(model).model
 
 
-def check_fusable(members: Sequence[FFNBlock]) -> None:
+def check_fusable(label: str, members: Sequence[FFNBlock]) -> None:
     """Members must share hidden size, dtype, activation and norm kind/epsilon."""
-    label = format_ranges(m.layer for m in members)
     first = members[0]
     for member in members[1:]:
         for what, mine, theirs in (
@@ -89,7 +88,7 @@ def _intermediate_nodes(before: FFNBlock, after: FFNBlock) -> list[ir.Node]:
     return nodes
 
 
-def fuse_group(graph: ir.Graph, members: Sequence[FFNBlock],
+def fuse_group(graph: ir.Graph, label: str, members: Sequence[FFNBlock],
                replaced: dict[ir.Value, ir.Value] | None = None) -> ir.Value:
     """Replace ``members`` by one wide FFN; returns the new residual output.
 
@@ -97,7 +96,6 @@ def fuse_group(graph: ir.Graph, members: Sequence[FFNBlock],
     """
     first, last = members[0], members[-1]
     stream_input = (replaced or {}).get(first.input, first.input)
-    label = format_ranges(m.layer for m in members)
     prefix = f"ffnfusion.layers.{label}"
     dtype = first.dtype
 

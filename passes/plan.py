@@ -57,8 +57,11 @@ class FusionPlan:
     def describe(self) -> str:
         return ",".join(format_ranges(group) for group in self.groups)
 
-    def resolve(self, block_map: BlockMap) -> list[list[FFNBlock]]:
-        """Check every group against ``block_map`` and return the FFN blocks to fuse."""
+    def resolve(self, block_map: BlockMap) -> list[tuple[tuple[int, ...], list[FFNBlock]]]:
+        """Check every group against ``block_map``; returns ``(group, FFN blocks to fuse)`` pairs.
+
+        A group may take in FFNs fused earlier (hierarchical fusion) if it covers them whole.
+        """
         if not self.groups:
             raise InvalidPlanError("the plan has no groups")
         claimed: dict[int, tuple[int, ...]] = {}
@@ -75,7 +78,7 @@ class FusionPlan:
                         f"groups {format_ranges(claimed[index])} and {label} overlap at layer {index}"
                     )
                 claimed[index] = group
-            num_layers = len(block_map.layers)
+            num_layers = block_map.num_layers
             missing = [i for i in group if not 0 <= i < num_layers]
             if missing:
                 raise InvalidPlanError(
@@ -83,20 +86,29 @@ class FusionPlan:
                 )
             run = block_map.run_of(group[0])
             if run is None:
-                layer = block_map.layers[group[0]]
+                layer = block_map.layer(group[0])
                 why = "has attention" if layer.attention else f"has no recognised FFN ({layer.unknown})"
                 raise InvalidPlanError(
                     f"group {label} starts at layer {group[0]}, which {why}; "
                     f"attention-free runs: {_runs_text(block_map)}"
                 )
             if group[-1] > run[1]:
-                stop = block_map.layers[run[1] + 1]
+                stop = block_map.layer(run[1] + 1)
                 why = "has attention" if stop.attention else "has no recognised FFN"
                 raise InvalidPlanError(
                     f"group {label} leaves the attention-free run {run[0]}-{run[1]}: "
                     f"layer {stop.index} {why}"
                 )
-            resolved.append([block_map.ffn(i) for i in group])
+            positions = list(dict.fromkeys(block_map.layer(i) for i in group))
+            for edge, position in ((group[0], positions[0]), (group[-1], positions[-1])):
+                if position.last is not None and edge not in (position.index, position.last):
+                    raise InvalidPlanError(
+                        f"group {label} splits the FFN already fused from layers "
+                        f"{position.index}-{position.last}"
+                    )
+            if len(positions) < 2:
+                raise InvalidPlanError(f"group {label} is already one fused FFN")
+            resolved.append((group, [block_map.ffn(p.index) for p in positions]))
         return resolved
 
 

@@ -60,9 +60,26 @@ def test_group_becomes_one_wide_ffn(tiny_dynamo20, tmp_path):
     assert initializers["ffnfusion.layers.2-4.down_proj.weight"].shape == ir.Shape([480, 96])
     assert initializers["ffnfusion.layers.5-6.down_proj.weight"].shape == ir.Shape([320, 96])
     block_map = find_blocks(model)
-    # 8 layers -> 8 - 2 - 1 decoder layers as seen along the stream; the wide FFNs are recognised.
+    # 8 layers -> 5 positions on the residual stream; the wide FFNs keep the original numbering.
     assert [layer.ffn.width for layer in block_map.layers] == [160, 160, 480, 320, 160]
+    assert [list(layer.span) for layer in block_map.layers] == [[0], [1], [2, 3, 4], [5, 6], [7]]
+    assert block_map.runs == [(2, 6)] and block_map.layer(7).attention
     assert model.metadata_props["ffnfusion.fused_groups"] == "2-4,5-6"
+
+
+def test_fusing_fused_groups_again_is_exact(tiny_dynamo20, tiny_llama, tmp_path):
+    """Hierarchical fusion: 2-4 and 5-6, then 2-6, equals fusing 2-6 at once."""
+    model = ir.load(_fused_copy(tiny_dynamo20, GROUPS, tmp_path))
+    with pytest.raises(InvalidPlanError, match="group 3-6 splits the FFN already fused from layers 2-4"):
+        FFNFusionPass([[3, 4, 5, 6]])(model)
+    FFNFusionPass([[2, 3, 4, 5, 6]])(model)
+    assert model.metadata_props["ffnfusion.fused_groups"] == "2-6"
+    assert find_blocks(model).layer(4).ffn.width == 800
+    path = tmp_path / "twice.onnx"
+    ir.save(model, path)
+    ids = np.random.default_rng(3).integers(0, 128, (2, 7))
+    fused = run_logits(create_session(path), ids)
+    assert rel_err(fused, _reference_logits(tiny_llama, ids, [[2, 3, 4, 5, 6]])) <= 1e-5
 
 
 def test_old_weights_and_nodes_are_gone(tiny_dynamo20, tmp_path):
