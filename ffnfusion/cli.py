@@ -127,6 +127,31 @@ def run_fuse(args) -> None:
         print(json.dumps(summary, indent=2))
 
 
+# --- drop-attention -----------------------------------------------------------------------------
+
+def _drop_attention_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="ONNX model (file, or a directory holding model.onnx)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="output model path")
+    parser.add_argument("--layers", type=_layers, required=True, metavar="LAYERS",
+                        help="decoder layers whose attention is removed, e.g. 10-17 or 3,5-7")
+    parser.add_argument("--no-validate", action="store_true",
+                        help="skip onnx.checker and the ONNX Runtime load of the output")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+@command("drop-attention", "remove the attention branch of chosen layers",
+         "Rewrite x + attn(norm(x)) into x for the listed layers (DeciLM/Puzzle no_op attention). "
+         "In KV-cache models the layers' past_key_values.N.* inputs and present.N.* outputs are "
+         "removed too and recorded in ffnfusion.json.")
+@arguments(_drop_attention_arguments)
+def run_drop_attention(args) -> None:
+    from ffnfusion import commands
+
+    summary = commands.drop_attention(args.model, args.output, args.layers, validate=not args.no_validate)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+
+
 # --- demo ---------------------------------------------------------------------------------------
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,10 +7,14 @@ import pathlib
 import shutil
 import sys
 import time
+from collections.abc import Callable
+
+import onnx_ir as ir
 
 from ffnfusion.exporters.onnx_export import METADATA_FILE, ExportOptions, export_source, write_json_atomically
 from ffnfusion.exporters.sources import resolve_source
 from ffnfusion.model_io import load_model, save_model, validate_model
+from ffnfusion.passes.attention_removal import AttentionRemovalPass
 from ffnfusion.passes.blocks import BlockMap, find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
@@ -51,40 +55,71 @@ def inspect(model_path: str, as_json: bool) -> str:
 
 
 def fuse(model_path: str, out_path: str, plan: FusionPlan, validate: bool = True) -> dict:
-    """Load, fuse, save atomically, validate; returns a summary. Nothing is written on error."""
+    """Fuse the plan's groups into a new model; returns a summary. Nothing is written on error."""
+
+    def record(metadata: dict) -> None:
+        metadata["fused_groups"] = metadata.get("fused_groups", []) + [list(g) for g in plan.groups]
+
+    summary = rewrite_model(model_path, out_path, FFNFusionPass(plan), f"fuse groups {plan.describe()}",
+                            record, validate)
+    summary["groups"] = [list(g) for g in plan.groups]
+    return summary
+
+
+def drop_attention(model_path: str, out_path: str, layers: list[int], validate: bool = True) -> dict:
+    """Remove the attention branches of ``layers`` into a new model; returns a summary."""
+    removal = AttentionRemovalPass(layers)
+
+    def record(metadata: dict) -> None:
+        metadata["dropped_attention"] = sorted(set(metadata.get("dropped_attention", [])) | set(layers))
+        result = removal.result
+        metadata["removed_kv"] = metadata.get("removed_kv", []) + result.removed_inputs + result.removed_outputs
+
+    summary = rewrite_model(model_path, out_path, removal, f"drop attention in {format_ranges(layers)}",
+                            record, validate)
+    result = removal.result
+    summary.update(layers=layers, removed_inputs=result.removed_inputs,
+                   removed_outputs=result.removed_outputs, kept_inputs=result.kept_inputs)
+    if result.kept_inputs:
+        log(f"drop-attention: kept {', '.join(result.kept_inputs)}: still read by other nodes")
+    return summary
+
+
+def rewrite_model(model_path: str, out_path: str, rewrite: ir.passes.InPlacePass, what: str,
+                  record_metadata: Callable[[dict], None], validate: bool) -> dict:
+    """Load, rewrite, save atomically, validate, copy tokenizer and metadata beside the output."""
     model_path = pathlib.Path(model_path)
     if model_path.is_dir():
         model_path = model_path / "model.onnx"
     start = time.perf_counter()
     model = load_model(model_path)
     nodes_before = len(model.graph)
-    log(f"fuse: {model_path} ({nodes_before} nodes), groups {plan.describe()}")
-    FFNFusionPass(plan)(model)
+    log(f"{what}: {model_path} ({nodes_before} nodes)")
+    rewrite(model)
     written = save_model(model, out_path, input_path=model_path)
     try:
         if validate:
-            log("fuse: validating (onnx.checker full_check, ONNX Runtime session)")
+            log("validate: onnx.checker full_check, ONNX Runtime session")
             validate_model(written)
-        _copy_companions(model_path.parent, written.parent, plan)
+        _copy_companions(model_path.parent, written.parent, record_metadata)
     except BaseException:
         written.unlink(missing_ok=True)
         written.with_name(written.name + ".data").unlink(missing_ok=True)
         raise
-    summary = {"output": str(written), "groups": [list(g) for g in plan.groups],
-               "nodes_before": nodes_before, "nodes_after": len(model.graph),
-               "seconds": round(time.perf_counter() - start, 2)}
-    log(f"fuse: wrote {written}: {nodes_before} -> {len(model.graph)} nodes in {summary['seconds']} s")
-    return summary
+    seconds = round(time.perf_counter() - start, 2)
+    log(f"wrote {written}: {nodes_before} -> {len(model.graph)} nodes in {seconds} s")
+    return {"output": str(written), "nodes_before": nodes_before, "nodes_after": len(model.graph),
+            "seconds": seconds}
 
 
-def _copy_companions(src: pathlib.Path, dst: pathlib.Path, plan: FusionPlan) -> None:
+def _copy_companions(src: pathlib.Path, dst: pathlib.Path, record_metadata: Callable[[dict], None]) -> None:
     if src.resolve() == dst.resolve():
-        return
+        return  # never rewrite the input's own metadata
     for name in COMPANION_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
     metadata_path = src / METADATA_FILE
     metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
-    metadata["fused_groups"] = metadata.get("fused_groups", []) + [list(g) for g in plan.groups]
-    metadata["fused_from"] = str(src)
+    record_metadata(metadata)
+    metadata["derived_from"] = str(src)
     write_json_atomically(dst / METADATA_FILE, metadata)

@@ -80,6 +80,16 @@ class FFNBlock:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionBlock:
+    """One attention residual branch ``y = x + attn(n(x))`` (whatever its internals)."""
+
+    input: ir.Value
+    output: ir.Value
+    residual_add: ir.Node
+    nodes: tuple[ir.Node, ...]  # nodes that depend on x and feed the Add (not the Add itself)
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderLayer:
     """One position on the residual stream: optional attention, then an FFN.
 
@@ -91,6 +101,7 @@ class DecoderLayer:
     ffn: FFNBlock | None
     unknown: str | None = None  # why a branch was not recognised
     last: int | None = None  # set when this FFN is an earlier fusion of layers index..last
+    attention_block: AttentionBlock | None = None
 
     @property
     def span(self) -> range:
@@ -328,7 +339,7 @@ def find_blocks(model: ir.Model) -> BlockMap:
         )
     fused_spans = fused_spans_of(model)
     layers: list[DecoderLayer] = []
-    pending_attention = False
+    pending_attention: AttentionBlock | None = None
     count = 0
     index = 0  # original decoder-layer index of the next stream position
     for x, add, branch_output, branch in iter_residual_branches(graph):
@@ -336,20 +347,19 @@ def find_blocks(model: ir.Model) -> BlockMap:
         kind, detail = _classify(branch, branch_output, x, add)
         if kind == "attention":
             if pending_attention:  # two attention branches in a row: a layer without FFN
-                layers.append(DecoderLayer(index, True, None, "no FFN branch"))
+                layers.append(DecoderLayer(index, True, None, "no FFN branch", attention_block=pending_attention))
                 index += 1
-            pending_attention = True
+            pending_attention = AttentionBlock(x, add.outputs[0], add, tuple(branch))
             continue
         last = fused_spans.get(index) if kind == "ffn" else None
-        if kind == "ffn":
-            ffn = FFNBlock(layer=index, input=x, output=add.outputs[0], residual_add=add, **detail)
-            layers.append(DecoderLayer(index, pending_attention, ffn, last=last))
-        else:
-            layers.append(DecoderLayer(index, pending_attention, None, detail))
+        ffn = FFNBlock(layer=index, input=x, output=add.outputs[0], residual_add=add, **detail) \
+            if kind == "ffn" else None
+        layers.append(DecoderLayer(index, pending_attention is not None, ffn,
+                                   None if ffn else detail, last=last, attention_block=pending_attention))
         index = (index if last is None else last) + 1
-        pending_attention = False
+        pending_attention = None
     if pending_attention:
-        layers.append(DecoderLayer(index, True, None, "no FFN branch"))
+        layers.append(DecoderLayer(index, True, None, "no FFN branch", attention_block=pending_attention))
     if not layers:
         raise BlockRecognitionError(
             f"found {count} residual branches after the embedding; expected a chain of "

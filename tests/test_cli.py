@@ -92,3 +92,15 @@ def test_help_lists_commands():
     result = subprocess.run([sys.executable, "-m", "ffnfusion.cli", "--help"], capture_output=True, text=True)
     for name in ("export", "inspect", "fuse", "demo"):
         assert name in result.stdout
+
+
+def test_drop_attention_command(capsys, tiny_dynamo20, tmp_path):
+    out = tmp_path / "dropped" / "model.onnx"
+    code, stdout, err = _run(capsys, "drop-attention", tiny_dynamo20, "-o", out, "--layers", "1,7", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["layers"] == [1, 7]
+    assert json.loads((out.parent / "ffnfusion.json").read_text())["dropped_attention"] == [1, 2, 3, 4, 5, 6, 7]
+    code, stdout, _ = _run(capsys, "inspect", out, "--json")
+    assert json.loads(stdout)["runs"] == [[1, 7]]
+    code, _, err = _run(capsys, "drop-attention", tiny_dynamo20, "-o", tmp_path / "x.onnx", "--layers", "3")
+    assert code == 1 and "layer 3 has no attention to remove" in err and not (tmp_path / "x.onnx").exists()

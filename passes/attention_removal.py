@@ -1,0 +1,129 @@
+"""Remove the attention residual branch of chosen decoder layers: ``x + attn(n(x))`` becomes ``x``.
+
+This is Puzzle/DeciLM's ``attention: no_op`` as a graph rewrite. The branch's nodes disappear, the
+residual passes straight through, and in KV-cache models the layer's ``past_key_values.N.*`` inputs
+and ``present.N.*`` outputs go too (a graph output computed from the removed branch has nothing
+left to compute it from). Inputs still read elsewhere (e.g. a past tensor whose shape sizes the
+attention mask) are kept and reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from ffnfusion.passes.blocks import AttentionBlock, BlockMap, find_blocks
+from ffnfusion.passes.plan import InvalidPlanError
+
+
+@dataclasses.dataclass
+class AttentionRemovalResult:
+    layers: list[int]
+    removed_inputs: list[str]
+    removed_outputs: list[str]
+    kept_inputs: list[str]  # cache inputs of removed layers that other nodes still read
+
+
+class AttentionRemovalPass(ir.passes.InPlacePass):
+    """Drop the attention branches of ``layers`` (0-based ``model.layers.N`` indices)."""
+
+    def __init__(self, layers: Iterable[int]):
+        super().__init__()
+        self.layers = sorted(set(layers))
+        self.result: AttentionRemovalResult | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        block_map = find_blocks(model)
+        branches = [_attention_branch(block_map, index) for index in self.layers]
+        graph = model.graph
+        inputs_before = list(graph.inputs)
+        for block in branches:  # the residual passes straight through
+            ir.convenience.replace_all_uses_with(block.output, block.input)
+        doomed: set[ir.Value] = set()
+        for index, block in zip(self.layers, branches):
+            for value in _graph_outputs_fed_by(block.nodes, graph):
+                if _cache_layer(value.name) != index:
+                    raise InvalidPlanError(
+                        f"graph output {value.name!r} is computed from layer {index}'s attention and is "
+                        f"not its KV cache (present.{index}.*); cannot remove that attention"
+                    )
+                doomed.add(value)
+        removed_outputs = [v.name for v in graph.outputs if v in doomed]
+        kept = [v for v in graph.outputs if v not in doomed]
+        graph.outputs.clear()
+        graph.outputs.extend(kept)
+        RemoveUnusedNodesPass()(model)
+        _redirect_shape_reads(graph, self.layers)
+        # Drop KV-cache inputs nothing reads any more; other inputs keep the model's signature.
+        removed_inputs = []
+        for value in [v for v in graph.inputs if not v.uses() and _cache_layer(v.name) is not None]:
+            graph.inputs.remove(value)
+            removed_inputs.append(value.name)
+        kept_inputs = [v.name for v in inputs_before
+                       if v in graph.inputs and _cache_layer(v.name) in self.layers]
+        self.result = AttentionRemovalResult(self.layers, removed_inputs, removed_outputs, kept_inputs)
+        return ir.passes.PassResult(model, modified=bool(self.layers))
+
+
+def remove_attention(model: ir.Model, layers: Iterable[int]) -> AttentionRemovalResult:
+    """Plain-function form of :class:`AttentionRemovalPass`; rewrites ``model`` in place."""
+    removal = AttentionRemovalPass(layers)
+    removal(model)
+    return removal.result
+
+
+def _attention_branch(block_map: BlockMap, index: int) -> AttentionBlock:
+    layer = block_map.layer(index)
+    if layer.attention_block is None:
+        raise InvalidPlanError(f"layer {index} has no attention to remove")
+    return layer.attention_block
+
+
+def _graph_outputs_fed_by(nodes, graph: ir.Graph) -> set[ir.Value]:
+    """Graph outputs computed from ``nodes`` (forward closure), e.g. ``present.N.key``.
+
+    Call after the residual Add's output was rewired, so the closure stops at that Add.
+    """
+    outputs = set(graph.outputs)
+    found: set[ir.Value] = set()
+    seen: set[ir.Node] = set()
+    pending = list(nodes)
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for value in node.outputs:
+            if value in outputs:
+                found.add(value)
+            pending.extend(use.node for use in value.uses())
+    return found
+
+
+def _redirect_shape_reads(graph: ir.Graph, removed_layers: list[int]) -> None:
+    """Exporters size the attention mask from one layer's past tensor (``Shape(past.0.key)``).
+    Every layer's cache has the same shape in these models, so such shape-only reads of a removed
+    layer's input are pointed at a remaining layer's input of the same kind."""
+    cache_inputs = {v.name: v for v in graph.inputs if _cache_layer(v.name) is not None}
+    for name, value in cache_inputs.items():
+        if _cache_layer(name) not in removed_layers or not value.uses():
+            continue
+        if any(use.node.op_type not in ("Shape", "Size") for use in value.uses()):
+            continue
+        kind = name.rsplit(".", 1)[-1]
+        substitute = next((v for n, v in cache_inputs.items() if n.endswith("." + kind)
+                           and _cache_layer(n) not in removed_layers), None)
+        if substitute is not None:
+            ir.convenience.replace_all_uses_with(value, substitute)
+
+
+def _cache_layer(name: str | None) -> int | None:
+    """``past_key_values.12.key`` / ``present.12.value`` -> 12; None for other names."""
+    parts = (name or "").split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("past_key_values", "present") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
