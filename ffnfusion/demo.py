@@ -19,7 +19,7 @@ from ffnfusion.exporters.sources import load_causal_lm, resolve_source
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
-from ffnfusion.text_data import perplexity, python_docs_text, token_windows
+from ffnfusion.runtime.calibration import perplexity, python_docs_text, token_windows
 
 WINDOW = 256
 EXACTNESS_TOLERANCE = 1e-5

@@ -1,12 +1,24 @@
-"""ONNX Runtime helpers: sessions and logits for token windows."""
+"""ONNX Runtime helpers: sessions (from files or in-memory onnx-ir models) and default feeds."""
 
 from __future__ import annotations
 
 import os
+import pathlib
 
 import numpy as np
+import onnx_ir as ir
 
 from ffnfusion.errors import FFNFusionError
+
+
+def _options(threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
 
 
 def create_session(path: str | os.PathLike, threads: int | None = None, provider: str = "cpu"):
@@ -15,26 +27,54 @@ def create_session(path: str | os.PathLike, threads: int | None = None, provider
 
     if provider != "cpu":
         raise FFNFusionError(f"provider {provider!r} is not supported yet: use cpu")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
-    if threads:
-        options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), _options(threads), providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT raises its own exception types for invalid graphs
         raise FFNFusionError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from err
 
 
-def run_logits(session, input_ids: np.ndarray) -> np.ndarray:
-    """Logits for ``input_ids`` [batch, seq] with a full attention mask (no KV cache)."""
+def session_from_model(model: ir.Model, base_dir: str | os.PathLike, threads: int | None = None):
+    """A session for an in-memory model whose external weights live in ``base_dir`` (nothing is
+    written to disk: ORT reads the serialized graph and memory-maps the original data file)."""
+    import onnxruntime as ort
+
+    options = _options(threads)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     str(pathlib.Path(base_dir).resolve()))
+    data = ir.serde.serialize_model(model).SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def default_feeds(session, input_ids: np.ndarray, **given) -> dict[str, np.ndarray]:
+    """Feeds for a full-sequence forward pass: ``attention_mask`` of ones, ``position_ids``
+    0..S-1 and empty (length-0) KV-cache tensors, whatever subset of these the model takes."""
     input_ids = np.asarray(input_ids, dtype=np.int64)
-    feeds = {"input_ids": input_ids}
-    names = {i.name for i in session.get_inputs()}
-    if "attention_mask" in names:
-        feeds["attention_mask"] = np.ones_like(input_ids)
-    missing = names - set(feeds)
-    if missing:
-        raise FFNFusionError(
-            f"the model needs inputs {sorted(missing)}; logits checks run models without a KV cache"
-        )
-    return session.run(["logits"], feeds)[0]
+    batch, seq = input_ids.shape
+    feeds = {}
+    for spec in session.get_inputs():
+        name = spec.name
+        if name in given:
+            feeds[name] = given[name]
+        elif name == "input_ids":
+            feeds[name] = input_ids
+        elif name == "attention_mask":
+            feeds[name] = np.ones_like(input_ids)
+        elif name == "position_ids":
+            feeds[name] = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
+        elif name.startswith("past_key_values") and len(spec.shape) == 4:
+            _, heads, _, head_dim = spec.shape
+            if not (isinstance(heads, int) and isinstance(head_dim, int)):
+                raise FFNFusionError(f"input {name} has no static head sizes {spec.shape}")
+            feeds[name] = np.zeros((batch, heads, 0, head_dim), _NUMPY_TYPES.get(spec.type, np.float32))
+        else:
+            raise FFNFusionError(f"the model needs input {name!r}, which ffnfusion cannot fill in")
+    return feeds
+
+
+def run_logits(session, input_ids: np.ndarray) -> np.ndarray:
+    """Logits for ``input_ids`` [batch, seq] with a full attention mask and an empty KV cache."""
+    return session.run(["logits"], default_feeds(session, input_ids))[0]

@@ -1,0 +1,183 @@
+"""FFN Fusion's dependency analysis on real tokens: ``analyze(runner, windows) -> DependencyReport``.
+
+For each block (unit) with input ``X`` and output ``f(X)``, contribution ``h(X) = f(X) − X``:
+
+* per block (paper Fig. 6): ``cosdist(X, f(X))`` and ``‖h(X)‖/‖X‖``; for attention, importance
+  ``1 − cos(X, X + attn(n(X)))`` (Attention Drop); all per token, averaged over tokens;
+* dependency (paper Sec. 3): ``M[i, j] = cosdist(h_j(X), h̃_j^i(X))`` for i < j, where ``h̃_j^i`` is
+  block j's contribution when block i is skipped (``x̃_{i+1} = x_i``, blocks i+1..j recomputed).
+
+Cost: one ONNX Runtime pass captures the stream at every block boundary; each skipped block then
+re-runs only the blocks after it, one small session per block, on the first
+``dependency_tokens`` tokens. ``M`` is computed for every pair inside an attention-free run and for
+``j − i ≤ max_distance`` elsewhere; other entries are None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from ffnfusion.runtime.stream import StreamRunner, Unit
+
+EPS = 1e-12
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-token cosine similarity over the last axis (float64)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + EPS)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(num.astype(np.float64), axis=-1) / (np.linalg.norm(den.astype(np.float64), axis=-1) + EPS)
+
+
+@dataclasses.dataclass
+class DependencyReport:
+    """What the analysis measured; indices of ``per_block``/``dependency`` follow ``blocks``."""
+
+    blocks: list[dict]  # {"index", "layer", "kind", "width"}
+    per_block: list[dict]  # {"cosdist", "h_ratio", ["importance"], ["ffn_h_ratio"]}
+    dependency: list[list[float | None]]
+    runs: list[list[int]]  # attention-free runs as [first_layer, last_layer]
+    cost: dict = dataclasses.field(default_factory=dict)
+    plan: dict | None = None
+
+    def unit_of_layer(self, layer: int) -> int:
+        for block in self.blocks:
+            if block["layer"] <= layer <= block.get("last_layer", block["layer"]):
+                return block["index"]
+        raise KeyError(f"layer {layer} is not in the report")
+
+    def window_metrics(self, first_layer: int, last_layer: int) -> tuple[float, float]:
+        """``(M_max, M_sum)`` over all pairs i < j of the units covering the layer range."""
+        units = range(self.unit_of_layer(first_layer), self.unit_of_layer(last_layer) + 1)
+        values = [self.dependency[i][j] for i in units for j in units if i < j]
+        if any(v is None for v in values):
+            raise ValueError(f"M was not computed for every pair in layers {first_layer}-{last_layer}")
+        return (max(values), sum(values)) if values else (0.0, 0.0)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | pathlib.Path) -> None:
+        from ffnfusion.exporters.onnx_export import write_json_atomically
+
+        write_json_atomically(pathlib.Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> DependencyReport:
+        data = json.loads(pathlib.Path(path).read_text())
+        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls) if f.name in data})
+
+
+def pairs_to_compute(units: list[Unit], runs: list[tuple[int, int]], max_distance: int) -> dict[int, int]:
+    """For each skipped unit i, the last unit j whose M[i, j] is computed."""
+    run_of_unit = {}
+    for first, last in runs:
+        members = [u.index for u in units if u.kind == "ffn" and first <= u.layer <= last]
+        for index in members:
+            run_of_unit[index] = members[-1]
+    last_index = len(units) - 1
+    reach = {}
+    for unit in units[:-1]:
+        end = min(unit.index + max_distance, last_index)
+        end = max(end, run_of_unit.get(unit.index, end))
+        if end > unit.index:
+            reach[unit.index] = end
+    return reach
+
+
+def analyze(runner: StreamRunner, windows: np.ndarray, *, max_distance: int = 8,
+            dependency_tokens: int = 4096, progress=None) -> DependencyReport:
+    """Per-block metrics on all ``windows`` [n, window] and M on the first ``dependency_tokens``.
+
+    ``progress(done_windows, total_windows, tokens)`` is called after each window (default: a bar
+    on stderr).
+    """
+    progress = progress or ProgressBar("analyze")
+    units = runner.units
+    count = len(units)
+    sums = {key: np.zeros(count) for key in ("cosdist", "h_ratio", "importance", "ffn_h_ratio")}
+    dep_sum = np.zeros((count, count))
+    runs = runner.block_map.runs
+    reach = pairs_to_compute(units, runs, max_distance)
+    dep_windows = max(1, min(len(windows), -(-dependency_tokens // windows.shape[1])))
+    tokens = dep_tokens = 0
+    capture_seconds = matrix_seconds = 0.0
+    evaluations = 0
+    for w, input_ids in enumerate(windows):
+        ids = input_ids[None]
+        start = time.perf_counter()
+        stream = runner.capture(ids, with_logits=False)
+        capture_seconds += time.perf_counter() - start
+        tokens += ids.size
+        for unit in units:
+            x, out = stream[unit.input], stream[unit.output]
+            sums["cosdist"][unit.index] += (1 - _cosine(x, out)).sum()
+            sums["h_ratio"][unit.index] += _ratio(out - x, x).sum()
+            if unit.attention_output:
+                sums["importance"][unit.index] += (1 - _cosine(x, stream[unit.attention_output])).sum()
+            if unit.kind == "layer":
+                y = stream[unit.ffn_input]
+                sums["ffn_h_ratio"][unit.index] += _ratio(out - y, y).sum()
+        if w < dep_windows:
+            start = time.perf_counter()
+            for i, last in reach.items():
+                skipped = stream[units[i].input]  # x̃_{i+1} = x_i: block i contributes nothing
+                for j in range(i + 1, last + 1):
+                    recomputed = runner.run_unit(j, skipped, ids)
+                    h = stream[units[j].output] - stream[units[j].input]
+                    dep_sum[i, j] += (1 - _cosine(h, recomputed - skipped)).sum()
+                    skipped = recomputed
+                    evaluations += 1
+            matrix_seconds += time.perf_counter() - start
+            dep_tokens += ids.size
+        progress(w + 1, len(windows), tokens)
+
+    per_block = []
+    for unit in units:
+        entry = {"cosdist": sums["cosdist"][unit.index] / tokens, "h_ratio": sums["h_ratio"][unit.index] / tokens}
+        if unit.attention_output:
+            entry["importance"] = sums["importance"][unit.index] / tokens
+        if unit.kind == "layer":
+            entry["ffn_h_ratio"] = sums["ffn_h_ratio"][unit.index] / tokens
+        per_block.append({k: float(v) for k, v in entry.items()})
+    dependency = [[None] * count for _ in range(count)]
+    for i, last in reach.items():
+        for j in range(i + 1, last + 1):
+            dependency[i][j] = float(dep_sum[i, j] / dep_tokens)
+    blocks = []
+    for unit, layer in zip(units, runner.block_map.layers):
+        entry = unit.to_dict()
+        entry["width"] = layer.ffn.width if layer.ffn else 0
+        blocks.append(entry)
+    cost = {
+        "tokens": tokens, "dependency_tokens": dep_tokens, "unit_evaluations_per_token": evaluations // max(dep_windows, 1),
+        "capture_seconds": round(capture_seconds, 2), "matrix_seconds": round(matrix_seconds, 2),
+        # one capture pass over all tokens costs ~one full forward; the matrix adds this much more
+        "full_forward_equivalents": round(1 + matrix_seconds / max(capture_seconds, 1e-9), 2),
+    }
+    return DependencyReport(blocks, per_block, dependency, [list(r) for r in runs], cost)
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, ended by a newline when the last step is reported."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int, total: int, tokens: int) -> None:
+        width = 24
+        filled = width * done // total
+        elapsed = time.perf_counter() - self.start
+        print(f"\r{self.label}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total} windows, "
+              f"{tokens} tokens, {elapsed:.0f} s", end="\n" if done == total else "",
+              file=sys.stderr, flush=True)

@@ -1,0 +1,108 @@
+"""Calibration and evaluation tokens: real English text available offline, cut into windows."""
+
+from __future__ import annotations
+
+import pathlib
+import sysconfig
+
+import numpy as np
+
+from ffnfusion.errors import FFNFusionError, UsageError
+
+DEFAULT_TOKENS = 16384
+DEFAULT_WINDOW = 512
+
+
+def python_docs_text() -> str:
+    """Python's documentation topics (``pydoc_data.topics``): ships with every CPython."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def license_text() -> str:
+    """Legal English, a different domain from the docs: CPython's LICENSE plus the OS's licenses."""
+    parts = []
+    python_license = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if python_license.is_file():
+        parts.append(python_license.read_text(errors="replace"))
+    common = pathlib.Path("/usr/share/common-licenses")
+    if common.is_dir():
+        parts += [p.read_text(errors="replace") for p in sorted(common.iterdir()) if p.is_file()]
+    if not parts:
+        raise FFNFusionError("no license texts found on this system; pass --text FILE")
+    return "\n\n".join(parts)
+
+
+def load_tokenizer(model_dir: str | pathlib.Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as err:
+        raise FFNFusionError(
+            f"no tokenizer in {model_dir} ({str(err).splitlines()[0]}); export with ffnfusion, copy the "
+            "tokenizer files beside the model, or pass token ids with --calib-ids FILE.npy"
+        ) from None
+
+
+def read_texts(paths) -> str:
+    texts = []
+    for path in paths:
+        try:
+            texts.append(pathlib.Path(path).read_text(errors="replace"))
+        except OSError as err:
+            raise UsageError(f"cannot read text {path}: {err.strerror}") from None
+    return "\n\n".join(texts)
+
+
+def windows_from_ids(ids: np.ndarray, tokens: int, window: int) -> np.ndarray:
+    """Up to ``tokens`` tokens as non-overlapping full windows, shape [n, window] (no padding)."""
+    ids = np.asarray(ids).reshape(-1)
+    if window < 2 or tokens < window:
+        raise UsageError(f"need window >= 2 and tokens >= window (got window {window}, tokens {tokens})")
+    count = min(tokens, len(ids)) // window
+    if count == 0:
+        raise UsageError(f"only {len(ids)} tokens available, fewer than one window of {window}")
+    return ids[: count * window].reshape(count, window).astype(np.int64)
+
+
+def calibration_windows(model_dir, *, texts=(), ids_file=None, tokens=DEFAULT_TOKENS,
+                        window=DEFAULT_WINDOW, default=python_docs_text) -> np.ndarray:
+    """Windows from ``--calib-ids`` (npy), ``--calib`` text files, or the default text."""
+    if ids_file is not None:
+        try:
+            ids = np.load(ids_file)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot read token ids {ids_file}: {err}") from None
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise UsageError(f"{ids_file} holds {ids.dtype}, expected integer token ids")
+        return windows_from_ids(ids, tokens, window)
+    text = read_texts(texts) if texts else default()
+    ids = load_tokenizer(model_dir)(text, return_tensors="np")["input_ids"][0]
+    return windows_from_ids(ids, tokens, window)
+
+
+def token_windows(tokenizer, text: str, window: int, count: int) -> np.ndarray:
+    """``count`` consecutive non-overlapping windows of ``window`` tokens, shape [count, window]."""
+    ids = tokenizer(text, return_tensors="np")["input_ids"][0]
+    if len(ids) < window * count:
+        raise ValueError(f"text has {len(ids)} tokens, need {window * count}")
+    return windows_from_ids(ids, window * count, window)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def next_token_nll(logits: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
+    """Per-token negative log-likelihood of input_ids[:, 1:] under logits[:, :-1]."""
+    logp = log_softmax(logits[:, :-1])
+    return -np.take_along_axis(logp, input_ids[:, 1:, None], -1)[..., 0]
+
+
+def perplexity(logits: np.ndarray, input_ids: np.ndarray) -> float:
+    """exp(mean next-token cross-entropy) for logits [b, s, vocab] predicting input_ids[:, 1:]."""
+    return float(np.exp(np.mean(next_token_nll(logits, input_ids))))
