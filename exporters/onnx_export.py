@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import pathlib
@@ -19,6 +18,7 @@ import warnings
 import torch
 from torch import nn
 
+from ffnfusion.atomic import write_json_atomically
 from ffnfusion.errors import FFNFusionError
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.sources import ModelSource, load_causal_lm
@@ -269,12 +269,6 @@ def _external_tensors(model):
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     return [t for t in _get_all_tensors(model) if uses_external_data(t)]
-
-
-def write_json_atomically(path: pathlib.Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _format_layers(layers: list[int]) -> str:

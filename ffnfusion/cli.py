@@ -127,13 +127,95 @@ def run_fuse(args) -> None:
         print(json.dumps(summary, indent=2))
 
 
+# --- calibration arguments (analyze, verify, drop-attention --count) -----------------------------
+
+def _calibration_arguments(parser: argparse.ArgumentParser, flag: str, default_text: str, tokens: int) -> None:
+    from ffnfusion.runtime.calibration import DEFAULT_WINDOW
+
+    parser.add_argument(flag, nargs="+", metavar="FILE",
+                        help=f"plain-text file(s), tokenised with the tokenizer beside the model "
+                             f"(default: {default_text})")
+    parser.add_argument(f"{flag}-ids", metavar="IDS.npy", help="token ids instead of text (integer .npy)")
+    parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens to use (default {tokens})")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                        help=f"tokens per window (default {DEFAULT_WINDOW})")
+
+
+def _windows(args, model: str, flag: str, default=None):
+    from ffnfusion import commands
+
+    return commands.analysis_windows(model, getattr(args, flag), getattr(args, f"{flag}_ids"),
+                                     args.tokens, args.window, default)
+
+
+# --- analyze ------------------------------------------------------------------------------------
+
+def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    from ffnfusion.passes.planner import DEFAULT_THRESHOLD
+    from ffnfusion.runtime.calibration import DEFAULT_TOKENS
+
+    parser.add_argument("model", help="ONNX model (file, or a directory holding model.onnx)")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR",
+                        help="report directory: report.json, plan.json, dependency.png, per_layer.png, report.md")
+    _calibration_arguments(parser, "--calib", "Python's documentation topics", DEFAULT_TOKENS)
+    parser.add_argument("--max-distance", type=int, default=8,
+                        help="compute M[i,j] for j-i <= this outside attention-free runs (default 8)")
+    parser.add_argument("--dependency-tokens", type=int, default=2048,
+                        help="tokens used for the dependency matrix (default 2048)")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help=f"largest M[i,j] allowed inside a group (default {DEFAULT_THRESHOLD})")
+    parser.add_argument("--max-width", type=int, help="largest fused FFN width in columns (default: no cap)")
+    parser.add_argument("--include-last", action="store_true",
+                        help="allow the last FFN of a run into a group (the paper found it hurts)")
+
+
+@command("analyze", "measure block dependencies on real text and plan groups",
+         "One ONNX Runtime pass captures the residual stream; each block is then skipped in turn and the "
+         "following blocks recomputed, giving FFN Fusion's dependency matrix M[i,j] = cosdist(h_j, h_j "
+         "with block i skipped) and per-block metrics. Groups are chosen inside attention-free runs.")
+@arguments(_analyze_arguments)
+def run_analyze(args) -> None:
+    from ffnfusion import commands
+
+    windows = _windows(args, args.model, "calib")
+    commands.analyze(args.model, args.output, windows, max_distance=args.max_distance,
+                     dependency_tokens=args.dependency_tokens, threshold=args.threshold,
+                     max_width=args.max_width, include_last=args.include_last)
+
+
+# --- verify -------------------------------------------------------------------------------------
+
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("reference", help="reference ONNX model (e.g. before fusion)")
+    parser.add_argument("candidate", help="model to check (e.g. after fusion)")
+    _calibration_arguments(parser, "--text", "license texts shipped with Python and the OS", 8192)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@command("verify", "compare a rewritten model with its reference on real text",
+         "Perplexity of both, top-1 agreement, mean KL(ref||new) and final-hidden-state cosine, on the "
+         "same tokens (tokenised with the reference's tokenizer).")
+@arguments(_verify_arguments)
+def run_verify(args) -> None:
+    from ffnfusion import commands
+    from ffnfusion.runtime.calibration import license_text
+
+    result = commands.verify(args.reference, args.candidate, _windows(args, args.reference, "text", license_text))
+    print(json.dumps(result, indent=2) if args.json else commands.format_verification(result))
+
+
 # --- drop-attention -----------------------------------------------------------------------------
 
 def _drop_attention_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="ONNX model (file, or a directory holding model.onnx)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="output model path")
-    parser.add_argument("--layers", type=_layers, required=True, metavar="LAYERS",
-                        help="decoder layers whose attention is removed, e.g. 10-17 or 3,5-7")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--layers", type=_layers, metavar="LAYERS",
+                       help="decoder layers whose attention is removed, e.g. 10-17 or 3,5-7")
+    which.add_argument("--count", type=int, metavar="K",
+                       help="remove the K least important attention layers, importance "
+                            "1 - cos(X, X + attn(norm(X))) measured on calibration text")
+    _calibration_arguments(parser, "--calib", "Python's documentation topics", 4096)
     parser.add_argument("--no-validate", action="store_true",
                         help="skip onnx.checker and the ONNX Runtime load of the output")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -147,7 +229,12 @@ def _drop_attention_arguments(parser: argparse.ArgumentParser) -> None:
 def run_drop_attention(args) -> None:
     from ffnfusion import commands
 
-    summary = commands.drop_attention(args.model, args.output, args.layers, validate=not args.no_validate)
+    layers = args.layers
+    if args.count is not None:
+        if args.count < 1:
+            raise UsageError("--count must be at least 1")
+        layers = commands.least_important_attention(args.model, _windows(args, args.model, "calib"), args.count)
+    summary = commands.drop_attention(args.model, args.output, layers, validate=not args.no_validate)
     if args.json:
         print(json.dumps(summary, indent=2))
 

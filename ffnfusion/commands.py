@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
-from ffnfusion.exporters.onnx_export import METADATA_FILE, ExportOptions, export_source, write_json_atomically
+from ffnfusion.atomic import write_json_atomically
+from ffnfusion.errors import FFNFusionError
+from ffnfusion.exporters.onnx_export import METADATA_FILE, ExportOptions, export_source
 from ffnfusion.exporters.sources import resolve_source
 from ffnfusion.model_io import load_model, save_model, validate_model
 from ffnfusion.passes.attention_removal import AttentionRemovalPass
@@ -123,3 +125,65 @@ def _copy_companions(src: pathlib.Path, dst: pathlib.Path, record_metadata: Call
     record_metadata(metadata)
     metadata["derived_from"] = str(src)
     write_json_atomically(dst / METADATA_FILE, metadata)
+
+
+def analysis_windows(model_path: str, calib: list[str] | None, calib_ids: str | None, tokens: int,
+                     window: int, default=None):
+    """Token windows for analysis/verification, tokenised with the tokenizer beside the model."""
+    from ffnfusion.runtime import calibration
+
+    model_dir = pathlib.Path(model_path)
+    model_dir = model_dir if model_dir.is_dir() else model_dir.parent
+    return calibration.calibration_windows(model_dir, texts=calib or (), ids_file=calib_ids, tokens=tokens,
+                                           window=window, default=default or calibration.python_docs_text)
+
+
+def analyze(model_path: str, out_dir: str, windows, *, max_distance: int, dependency_tokens: int,
+            threshold: float, max_width: int | None, include_last: bool):
+    """Measure, plan and write the report directory; returns ``(report, plan)``."""
+    from ffnfusion.passes.dependency import analyze as measure
+    from ffnfusion.passes.planner import plan_groups
+    from ffnfusion.report import write_analysis
+    from ffnfusion.runtime.stream import StreamRunner
+
+    runner = StreamRunner(model_path)
+    log(f"analyze: {runner.path}: {len(runner.units)} blocks, runs "
+        f"{', '.join(f'{a}-{b}' for a, b in runner.block_map.runs) or 'none'}; "
+        f"{windows.size} tokens in {len(windows)} windows of {windows.shape[1]}")
+    report = measure(runner, windows, max_distance=max_distance, dependency_tokens=dependency_tokens)
+    plan = plan_groups(report, threshold=threshold, max_width=max_width, include_last=include_last)
+    write_analysis(report, plan, out_dir, str(runner.path))
+    log(f"analyze: plan {plan.describe() or '(no group passes the threshold)'}; cost "
+        f"{report.cost['full_forward_equivalents']} full-forward equivalents; wrote {out_dir}")
+    return report, plan
+
+
+def least_important_attention(model_path: str, windows, count: int) -> list[int]:
+    """The ``count`` attention branches with the lowest importance 1 − cos(X, X + attn(n(X)))."""
+    from ffnfusion.passes.dependency import analyze as measure
+    from ffnfusion.runtime.stream import StreamRunner
+
+    runner = StreamRunner(model_path)
+    report = measure(runner, windows, with_dependency=False)
+    scored = sorted((m["importance"], b["layer"]) for b, m in zip(report.blocks, report.per_block)
+                    if "importance" in m)
+    if count > len(scored):
+        raise FFNFusionError(f"--count {count}: the model has only {len(scored)} attention layers")
+    chosen = sorted(layer for _, layer in scored[:count])
+    log("drop-attention: least important attention: " + ", ".join(
+        f"{layer} ({score:.4f})" for score, layer in sorted(scored[:count], key=lambda item: item[1])))
+    return chosen
+
+
+def verify(reference: str, candidate: str, windows) -> dict:
+    from ffnfusion.runtime.verify import compare_models
+
+    log(f"verify: {reference} vs {candidate} on {windows.size} tokens")
+    return compare_models(reference, candidate, windows)
+
+
+def format_verification(result: dict) -> str:
+    return (f"ref  ppl {result['ref']['ppl']:.3f}  ({result['ref']['path']})\n"
+            f"new  ppl {result['new']['ppl']:.3f}  ({result['new']['path']})\n"
+            f"top-1 agreement {result['top1_agreement']:.4f}   KL(ref||new) {result['kl']:.4f}   "
+            f"final hidden cosine {result['hidden_cosine']:.4f}   ({result['tokens']} tokens)")

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from ffnfusion import commands
+from ffnfusion.atomic import write_json_atomically
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.onnx_export import (
-    METADATA_FILE, MODEL_FILE, ExportOptions, export_model, write_json_atomically,
+    METADATA_FILE, MODEL_FILE, ExportOptions, export_model, 
 )
 from ffnfusion.exporters.sources import load_causal_lm, resolve_source
 from ffnfusion.passes.layer_ranges import format_ranges

@@ -28,6 +28,11 @@ ATTENTION_OP_TYPES = {
 }
 # Model metadata listing the groups ffnfusion fused, e.g. "10-13,14-16" (original layer indices).
 FUSED_GROUPS_METADATA = "ffnfusion.fused_groups"
+# Model metadata listing decoder layers that left the stream entirely (attention-free layers
+# whose FFN was removed), e.g. "12,15", so the layers after them keep their numbers.
+EMPTY_LAYERS_METADATA = "ffnfusion.empty_layers"
+# ... and layers that kept their attention but lost their FFN.
+ATTENTION_ONLY_METADATA = "ffnfusion.attention_only_layers"
 # ORT's transformer optimizer folds residual Adds into these; the stream is no longer explicit.
 ORT_SKIP_NORM_OP_TYPES = {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
 
@@ -328,6 +333,13 @@ def fused_spans_of(model: ir.Model) -> dict[int, int]:
     return spans
 
 
+def layers_in_metadata(model: ir.Model, key: str) -> list[int]:
+    from ffnfusion.passes.layer_ranges import parse_layers
+
+    text = model.metadata_props.get(key, "")
+    return parse_layers(text) if text else []
+
+
 def find_blocks(model: ir.Model) -> BlockMap:
     """Walk the residual stream of ``model`` and return its :class:`BlockMap`."""
     graph = model.graph
@@ -338,6 +350,8 @@ def find_blocks(model: ir.Model) -> BlockMap:
             "which hides the residual Adds; run ffnfusion on the exported model first, then ORT's optimizer"
         )
     fused_spans = fused_spans_of(model)
+    empty_layers = set(layers_in_metadata(model, EMPTY_LAYERS_METADATA))
+    attention_only = set(layers_in_metadata(model, ATTENTION_ONLY_METADATA))
     layers: list[DecoderLayer] = []
     pending_attention: AttentionBlock | None = None
     count = 0
@@ -349,8 +363,16 @@ def find_blocks(model: ir.Model) -> BlockMap:
             if pending_attention:  # two attention branches in a row: a layer without FFN
                 layers.append(DecoderLayer(index, True, None, "no FFN branch", attention_block=pending_attention))
                 index += 1
+            while index in empty_layers:
+                index += 1
             pending_attention = AttentionBlock(x, add.outputs[0], add, tuple(branch))
             continue
+        if pending_attention is not None and index in attention_only:
+            layers.append(DecoderLayer(index, True, None, "FFN removed", attention_block=pending_attention))
+            index, pending_attention = index + 1, None
+        if pending_attention is None:
+            while index in empty_layers:
+                index += 1
         last = fused_spans.get(index) if kind == "ffn" else None
         ffn = FFNBlock(layer=index, input=x, output=add.outputs[0], residual_add=add, **detail) \
             if kind == "ffn" else None

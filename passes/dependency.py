@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from ffnfusion.atomic import write_json_atomically
 from ffnfusion.runtime.stream import StreamRunner, Unit
 
 EPS = 1e-12
@@ -67,8 +68,6 @@ class DependencyReport:
         return dataclasses.asdict(self)
 
     def save(self, path: str | pathlib.Path) -> None:
-        from ffnfusion.exporters.onnx_export import write_json_atomically
-
         write_json_atomically(pathlib.Path(path), self.to_dict())
 
     @classmethod
@@ -95,9 +94,10 @@ def pairs_to_compute(units: list[Unit], runs: list[tuple[int, int]], max_distanc
 
 
 def analyze(runner: StreamRunner, windows: np.ndarray, *, max_distance: int = 8,
-            dependency_tokens: int = 4096, progress=None) -> DependencyReport:
+            dependency_tokens: int = 2048, with_dependency: bool = True, progress=None) -> DependencyReport:
     """Per-block metrics on all ``windows`` [n, window] and M on the first ``dependency_tokens``.
 
+    ``with_dependency=False`` measures only the per-block metrics (one capture pass).
     ``progress(done_windows, total_windows, tokens)`` is called after each window (default: a bar
     on stderr).
     """
@@ -107,8 +107,8 @@ def analyze(runner: StreamRunner, windows: np.ndarray, *, max_distance: int = 8,
     sums = {key: np.zeros(count) for key in ("cosdist", "h_ratio", "importance", "ffn_h_ratio")}
     dep_sum = np.zeros((count, count))
     runs = runner.block_map.runs
-    reach = pairs_to_compute(units, runs, max_distance)
-    dep_windows = max(1, min(len(windows), -(-dependency_tokens // windows.shape[1])))
+    reach = pairs_to_compute(units, runs, max_distance) if with_dependency else {}
+    dep_windows = max(1, min(len(windows), -(-dependency_tokens // windows.shape[1]))) if reach else 0
     tokens = dep_tokens = 0
     capture_seconds = matrix_seconds = 0.0
     evaluations = 0
@@ -152,14 +152,14 @@ def analyze(runner: StreamRunner, windows: np.ndarray, *, max_distance: int = 8,
     dependency = [[None] * count for _ in range(count)]
     for i, last in reach.items():
         for j in range(i + 1, last + 1):
-            dependency[i][j] = float(dep_sum[i, j] / dep_tokens)
+            dependency[i][j] = float(dep_sum[i, j] / max(dep_tokens, 1))
     blocks = []
     for unit, layer in zip(units, runner.block_map.layers):
         entry = unit.to_dict()
         entry["width"] = layer.ffn.width if layer.ffn else 0
         blocks.append(entry)
     cost = {
-        "tokens": tokens, "dependency_tokens": dep_tokens, "unit_evaluations_per_token": evaluations // max(dep_windows, 1),
+        "tokens": tokens, "dependency_tokens": dep_tokens, "unit_evaluations_per_window": evaluations // max(dep_windows, 1),
         "capture_seconds": round(capture_seconds, 2), "matrix_seconds": round(matrix_seconds, 2),
         # one capture pass over all tokens costs ~one full forward; the matrix adds this much more
         "full_forward_equivalents": round(1 + matrix_seconds / max(capture_seconds, 1e-9), 2),

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import pathlib
 
+from ffnfusion.atomic import write_json_atomically
 from ffnfusion.errors import FFNFusionError, UsageError
 from ffnfusion.passes.blocks import BlockMap, FFNBlock
 from ffnfusion.passes.layer_ranges import format_ranges, parse_groups
@@ -21,7 +22,11 @@ class InvalidPlanError(FFNFusionError):
 
 @dataclasses.dataclass(frozen=True)
 class FusionPlan:
+    """Groups of decoder layers to fuse; ``reasons`` and ``settings`` explain an automatic plan."""
+
     groups: tuple[tuple[int, ...], ...]
+    reasons: tuple[dict, ...] = ()
+    settings: dict | None = None
 
     @classmethod
     def from_groups(cls, groups) -> FusionPlan:
@@ -29,10 +34,9 @@ class FusionPlan:
         for group in groups:
             if isinstance(group, str):
                 raise UsageError(f"group {group!r} must be a list of layer indices, not a string")
-            try:
-                layers = tuple(int(i) for i in group)
-            except (TypeError, ValueError):
-                raise UsageError(f"group {group!r} must be a list of integer layer indices") from None
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in group):
+                raise UsageError(f"group {group!r} must be a list of integer layer indices")
+            layers = tuple(group)
             normalised.append(layers)
         return cls(tuple(normalised))
 
@@ -49,10 +53,28 @@ class FusionPlan:
             raise UsageError(f"cannot read plan {path}: {err}") from None
         if not isinstance(data, dict) or not isinstance(data.get("groups"), list):
             raise UsageError(f"plan {path}: expected a JSON object with a 'groups' list of layer lists")
-        return cls.from_groups(data["groups"])
+        if not all(isinstance(group, list) for group in data["groups"]):
+            raise UsageError(f"plan {path}: every group must be a list of layer indices, e.g. [10, 11, 12]")
+        try:
+            return cls.from_groups(data["groups"])
+        except UsageError as err:
+            raise UsageError(f"plan {path}: {err}") from None
 
     def to_dict(self) -> dict:
-        return {"groups": [list(group) for group in self.groups]}
+        data = {"groups": [list(group) for group in self.groups]}
+        if self.reasons:
+            data["reasons"] = list(self.reasons)
+        if self.settings is not None:
+            data["settings"] = self.settings
+        return data
+
+    def save(self, path: str | pathlib.Path) -> None:
+        write_json_atomically(pathlib.Path(path), self.to_dict())
+
+    @property
+    def steps_saved(self) -> int:
+        """Sequential FFN steps removed: k layers fused into one save k - 1."""
+        return sum(len(group) - 1 for group in self.groups)
 
     def describe(self) -> str:
         return ",".join(format_ranges(group) for group in self.groups)

@@ -1,0 +1,111 @@
+"""Write an analysis to a directory: report.json, plan.json, dependency.png, per_layer.png, report.md."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from ffnfusion.atomic import atomic_path, write_text_atomically
+from ffnfusion.passes.dependency import DependencyReport
+from ffnfusion.passes.plan import FusionPlan
+
+
+def _block_label(block: dict) -> str:
+    return f"{block['layer']}{'' if block['kind'] == 'ffn' else '*'}"
+
+
+def plot_dependency(report: DependencyReport, path: pathlib.Path) -> None:
+    """Log-scale heatmap of M (paper Fig. 2); attention-free runs outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in report.dependency], dtype=float)
+    positive = matrix[np.isfinite(matrix) & (matrix > 0)]
+    n = len(report.blocks)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(matrix.T, origin="lower", cmap="viridis",
+                      norm=LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None)
+    fig.colorbar(image, ax=ax, label="M[i, j] = cosdist(h_j, h_j with block i skipped)")
+    for first, last in report.runs:
+        a, b = report.unit_of_layer(first), report.unit_of_layer(last)
+        ax.add_patch(Rectangle((a - 0.5, a - 0.5), b - a + 1, b - a + 1, fill=False, edgecolor="red", lw=1.5))
+    ticks = list(range(0, n, max(1, n // 15)))
+    ax.set_xticks(ticks, [_block_label(report.blocks[t]) for t in ticks])
+    ax.set_yticks(ticks, [_block_label(report.blocks[t]) for t in ticks])
+    ax.set_xlabel("skipped block i (decoder layer; * = with attention)")
+    ax.set_ylabel("affected block j")
+    ax.set_title("Dependency between blocks (red: attention-free runs)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_per_layer(report: DependencyReport, path: pathlib.Path) -> None:
+    """Per-block metrics (paper Fig. 6) and attention importance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [b["layer"] for b in report.blocks]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for key, label in (("cosdist", "cosdist(X, f(X))"), ("h_ratio", "‖h(X)‖ / ‖X‖"),
+                       ("importance", "attention importance 1 − cos(X, X + attn)")):
+        xs = [layer for layer, m in zip(layers, report.per_block) if key in m]
+        ax.plot(xs, [m[key] for m in report.per_block if key in m], marker="o", ms=3, label=label)
+    for first, last in report.runs:
+        ax.axvspan(first - 0.5, last + 0.5, color="red", alpha=0.08)
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder layer (shaded: attention-free runs)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_analysis(report: DependencyReport, plan: FusionPlan, out_dir: str | pathlib.Path, model: str) -> pathlib.Path:
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report.plan = plan.to_dict()
+    report.save(out / "report.json")
+    plan.save(out / "plan.json")
+    plot_dependency(report, out / "dependency.png")
+    plot_per_layer(report, out / "per_layer.png")
+    rows = "\n".join(
+        f"| {reason['layers'][0]}-{reason['layers'][1]} | {reason['width']} | {reason['m_max']:.4f} | {reason['m_sum']:.4f} |"
+        for reason in plan.reasons
+    ) or "| (none) | | | |"
+    cost = report.cost
+    text = f"""# ffnfusion analysis of `{model}`
+
+Attention-free runs: {', '.join(f'{a}-{b}' for a, b in report.runs) or 'none'}.
+Measured on {cost['tokens']} tokens (dependency matrix on {cost['dependency_tokens']}); cost
+{cost['full_forward_equivalents']} full-forward equivalents ({cost['capture_seconds']} s capture,
+{cost['matrix_seconds']} s matrix).
+
+## Plan (`plan.json`)
+
+Settings: {plan.settings}. Fusing saves {plan.steps_saved} sequential FFN steps.
+
+| layers | width | M_max | M_sum |
+|---|---|---|---|
+{rows}
+
+## Figures
+
+![dependency matrix](dependency.png)
+
+![per-block metrics](per_layer.png)
+
+`report.json` holds `blocks`, `per_block`, `dependency` (null where not computed), `runs`, `cost`
+and `plan`.
+"""
+    write_text_atomically(out / "report.md", text)
+    return out
