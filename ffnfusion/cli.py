@@ -242,23 +242,32 @@ def run_drop_attention(args) -> None:
 # --- demo ---------------------------------------------------------------------------------------
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", default="out/demo", help="where models are written (default out/demo)")
-    parser.add_argument("--source", default="smollm2", help="model source (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--drop-attention", type=_layers, default=list(range(10, 18)), metavar="LAYERS",
-                        help="layers without attention (default 10-17)")
-    parser.add_argument("--groups", default="10-13,14-16", help="groups to fuse (default 10-13,14-16)")
-    parser.add_argument("--tokens", type=int, default=1024, help="tokens of Python docs for the checks")
+    from ffnfusion.demo import DemoOptions
+
+    defaults = DemoOptions()
+    parser.add_argument("--workdir", default=defaults.workdir, help=f"where models go (default {defaults.workdir})")
+    parser.add_argument("--source", default=defaults.source, help="model source (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--count", type=int, default=defaults.drop_count, dest="drop_count",
+                        help=f"attention layers to drop, least important first (default {defaults.drop_count})")
+    parser.add_argument("--calib-tokens", type=int, default=defaults.calib_tokens,
+                        help=f"calibration tokens of Python docs (default {defaults.calib_tokens})")
+    parser.add_argument("--dependency-tokens", type=int, default=defaults.dependency_tokens,
+                        help=f"tokens for the dependency matrix (default {defaults.dependency_tokens})")
+    parser.add_argument("--verify-tokens", type=int, default=defaults.verify_tokens,
+                        help=f"held-out tokens of license text (default {defaults.verify_tokens})")
+    parser.add_argument("--threshold", type=float, help="planner threshold on M (default: the planner's)")
 
 
 @command("demo", "the main job on the embedded default model",
-         "Export SmolLM2-135M with attention dropped, inspect it, fuse, check the fused model against a "
-         "torch reference of the parallel form and report quality on real text.")
+         "Export SmolLM2-135M, drop its least important attention layers, analyze dependencies, fuse by "
+         "the automatic plan, check the fused graph against a torch reference of the parallel form, and "
+         "compare perplexity/top-1 agreement with whole-run fusion and FFN removal on held-out text.")
 @arguments(_demo_arguments)
 def run_demo(args) -> None:
     from ffnfusion import demo
-    from ffnfusion.passes.plan import FusionPlan
 
-    demo.run(args.workdir, args.source, args.drop_attention, FusionPlan.parse(args.groups), args.tokens)
+    options = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(demo.DemoOptions)}}
+    demo.run(demo.DemoOptions(**options))
 
 
 # --- front --------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def format_block_table(block_map: BlockMap) -> str:
             f"{ffn.width if ffn else '-':>9}  {ffn.norm.kind if ffn else (layer.unknown or '-'):<18}  "
             f"{f'{ffn.norm.epsilon:.0e}' if ffn else '-':>8}  {f'{run[0]}-{run[1]}' if run else ''}"
         )
-    described = [f"{a}-{b} ({b - a + 1} layers)" for a, b in runs]
+    described = [f"{format_ranges(range(a, b + 1))} ({b - a + 1} layer{'s' if b > a else ''})" for a, b in runs]
     lines.append(f"attention-free runs: {', '.join(described) or 'none'}")
     return "\n".join(lines)
 
@@ -138,8 +138,8 @@ def analysis_windows(model_path: str, calib: list[str] | None, calib_ids: str | 
                                            window=window, default=default or calibration.python_docs_text)
 
 
-def analyze(model_path: str, out_dir: str, windows, *, max_distance: int, dependency_tokens: int,
-            threshold: float, max_width: int | None, include_last: bool):
+def analyze(model_path: str, out_dir: str, windows, *, max_distance: int = 8, dependency_tokens: int = 2048,
+            threshold: float | None = None, max_width: int | None = None, include_last: bool = False):
     """Measure, plan and write the report directory; returns ``(report, plan)``."""
     from ffnfusion.passes.dependency import analyze as measure
     from ffnfusion.passes.planner import plan_groups
@@ -148,10 +148,11 @@ def analyze(model_path: str, out_dir: str, windows, *, max_distance: int, depend
 
     runner = StreamRunner(model_path)
     log(f"analyze: {runner.path}: {len(runner.units)} blocks, runs "
-        f"{', '.join(f'{a}-{b}' for a, b in runner.block_map.runs) or 'none'}; "
+        f"{', '.join(format_ranges(range(a, b + 1)) for a, b in runner.block_map.runs) or 'none'}; "
         f"{windows.size} tokens in {len(windows)} windows of {windows.shape[1]}")
     report = measure(runner, windows, max_distance=max_distance, dependency_tokens=dependency_tokens)
-    plan = plan_groups(report, threshold=threshold, max_width=max_width, include_last=include_last)
+    limits = {} if threshold is None else {"threshold": threshold}
+    plan = plan_groups(report, max_width=max_width, include_last=include_last, **limits)
     write_analysis(report, plan, out_dir, str(runner.path))
     log(f"analyze: plan {plan.describe() or '(no group passes the threshold)'}; cost "
         f"{report.cost['full_forward_equivalents']} full-forward equivalents; wrote {out_dir}")

@@ -1,11 +1,16 @@
-"""``ffnfusion demo``: export -> inspect -> fuse -> check exactness -> report quality, on SmolLM2."""
+"""``ffnfusion demo``: the whole pipeline on SmolLM2-135M, with the baselines that keep it honest.
+
+export -> drop the K least important attention layers -> analyze -> auto plan -> fuse -> check the
+fused graph against a torch reference of the parallel form -> verify every variant against the
+original on text from another domain than the calibration text.
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import pathlib
-import time
 
 import numpy as np
 import torch
@@ -13,17 +18,29 @@ import torch
 from ffnfusion import commands
 from ffnfusion.atomic import write_json_atomically
 from ffnfusion.exporters import llama_surgery
-from ffnfusion.exporters.onnx_export import (
-    METADATA_FILE, MODEL_FILE, ExportOptions, export_model, 
-)
+from ffnfusion.exporters.onnx_export import METADATA_FILE, MODEL_FILE, ExportOptions, export_model
 from ffnfusion.exporters.sources import load_causal_lm, resolve_source
+from ffnfusion.model_io import load_model, save_model
+from ffnfusion.passes.ffn_removal import FFNRemovalPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan
+from ffnfusion.runtime import calibration
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
-from ffnfusion.runtime.calibration import perplexity, python_docs_text, token_windows
+from ffnfusion.runtime.verify import compare_many
 
-WINDOW = 256
 EXACTNESS_TOLERANCE = 1e-5
+
+
+@dataclasses.dataclass
+class DemoOptions:
+    workdir: str = "out/demo"
+    source: str = "smollm2"
+    drop_count: int = 8
+    calib_tokens: int = 8192
+    dependency_tokens: int = 2048
+    verify_tokens: int = 4096
+    window: int = 512
+    threshold: float | None = None  # None: the planner's default
 
 
 def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
@@ -31,83 +48,125 @@ def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(actual - reference) / np.linalg.norm(reference))
 
 
-def _torch_logits(model, input_ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(input_ids=torch.from_numpy(input_ids), use_cache=False).logits.float().numpy()
-
-
-def _reusable_export(base: pathlib.Path, source: str, dropped: list[int]) -> bool:
+def _reusable_export(base: pathlib.Path, source: str) -> bool:
     meta_path = base / METADATA_FILE
     if not (base / MODEL_FILE).is_file() or not meta_path.is_file():
         return False
     meta = json.loads(meta_path.read_text())
-    return meta.get("source") == source and meta.get("dropped_attention") == dropped \
+    return meta.get("source") == source and meta.get("dropped_attention") == [] \
         and meta.get("exporter") == "dynamo" and not meta.get("kv_cache")
 
 
-def run(workdir: str, source: str, dropped: list[int], plan: FusionPlan, tokens: int) -> dict:
+def _exactness(model, dropped, plan: FusionPlan, fused_path: pathlib.Path, input_ids: np.ndarray) -> float:
+    """ORT fused logits vs the torch model with the same attention dropped and groups in parallel form."""
+    reference = copy.deepcopy(model)
+    llama_surgery.drop_attention(reference, dropped)
+    llama_surgery.parallelize_groups(reference, plan.groups)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(input_ids), use_cache=False).logits.float().numpy()
+    return relative_error(run_logits(create_session(fused_path), input_ids), expected)
+
+
+def _removal_baseline(report, steps: int, dropped_path: pathlib.Path, out: pathlib.Path) -> list[int]:
+    """The paper's baseline: remove as many FFN blocks as fusion saved steps, lowest ‖h‖/‖X‖ first."""
+    scored = []
+    for block, metrics in zip(report.blocks, report.per_block):
+        if block["kind"] == "ffn":
+            scored.append((metrics["h_ratio"], block["layer"]))
+        elif "ffn_h_ratio" in metrics:
+            scored.append((metrics["ffn_h_ratio"], block["layer"]))
+    removed = sorted(layer for _, layer in sorted(scored)[:steps])
+    model = load_model(dropped_path)
+    FFNRemovalPass(removed)(model)
+    save_model(model, out, input_path=dropped_path)
+    return removed
+
+
+def run(options: DemoOptions) -> dict:
     log = commands.log
-    workdir = pathlib.Path(workdir)
-    base, fused_path = workdir / "base", workdir / "fused" / MODEL_FILE
-    resolved = resolve_source(source, log=log)
+    work = pathlib.Path(options.workdir)
+    paths = {name: work / name / MODEL_FILE for name in ("base", "dropped", "fused", "naive", "removed")}
+    source = resolve_source(options.source, log=log)
 
-    log(f"[1/5] load {resolved.describe()}")
-    model, tokenizer = load_causal_lm(resolved)
-    original = copy.deepcopy(model)
+    log(f"[1/7] load {source.describe()}")
+    model, tokenizer = load_causal_lm(source)
+    calib = calibration.token_windows(tokenizer, calibration.python_docs_text(), options.window,
+                                      options.calib_tokens // options.window)
+    held_out = calibration.token_windows(tokenizer, calibration.license_text(), options.window,
+                                         options.verify_tokens // options.window)
 
-    log(f"[2/5] export with attention dropped in layers {format_ranges(dropped)}")
-    start = time.perf_counter()
-    if _reusable_export(base, source, dropped):
-        llama_surgery.drop_attention(model, dropped)
-        log(f"export: reusing {base / MODEL_FILE} (delete it to export again)")
+    log("[2/7] export (dynamo, opset 20)")
+    if _reusable_export(paths["base"].parent, options.source):
+        log(f"export: reusing {paths['base']} (delete it to export again)")
     else:
-        export_model(model, base, ExportOptions(drop_attention=dropped), tokenizer=tokenizer,
-                     source=source, log=log)
-    export_seconds = time.perf_counter() - start
+        export_model(copy.deepcopy(model), paths["base"].parent, ExportOptions(), tokenizer=tokenizer,
+                     source=options.source, log=log)
 
-    log("[3/5] inspect")
-    print(commands.inspect(str(base / MODEL_FILE), as_json=False), flush=True)
+    log(f"[3/7] drop the {options.drop_count} least important attention layers")
+    dropped = commands.least_important_attention(str(paths["base"]), calib[: max(1, 4096 // options.window)],
+                                                 options.drop_count)
+    commands.drop_attention(str(paths["base"]), str(paths["dropped"]), dropped)
+    print(commands.inspect(str(paths["dropped"]), as_json=False), flush=True)
 
-    log(f"[4/5] fuse groups {plan.describe()}")
-    summary = commands.fuse(str(base / MODEL_FILE), str(fused_path), plan)
+    log("[4/7] analyze dependencies and plan")
+    report, plan = commands.analyze(str(paths["dropped"]), str(work / "report"), calib,
+                                    dependency_tokens=options.dependency_tokens, threshold=options.threshold)
+    naive = FusionPlan.from_groups([range(a, b + 1) for a, b in report.runs if b > a])
+    if not naive.groups:
+        raise SystemExit(f"demo: the dropped layers {format_ranges(dropped)} form no run of two or more "
+                         "attention-free layers; nothing can be fused (try a larger --count)")
+    if not plan.groups:
+        log("demo: no group passes the planner's threshold (see report/report.md); only baselines follow")
 
-    log(f"[5/5] check on {tokens} tokens of Python's documentation ({tokens // WINDOW} windows of {WINDOW})")
-    input_ids = token_windows(tokenizer, python_docs_text(), WINDOW, max(1, tokens // WINDOW))
-    sequential = _torch_logits(model, input_ids)
-    llama_surgery.parallelize_groups(model, plan.groups)
-    parallel = _torch_logits(model, input_ids)
-    ort_unfused = run_logits(create_session(base / MODEL_FILE), input_ids)
-    ort_fused = run_logits(create_session(fused_path), input_ids)
-    report = {
-        "export_seconds": round(export_seconds, 1),
-        "nodes_before": summary["nodes_before"],
-        "nodes_after": summary["nodes_after"],
-        "fused_vs_torch_parallel_rel_err": relative_error(ort_fused, parallel),
-        "unfused_vs_torch_sequential_rel_err": relative_error(ort_unfused, sequential),
-        "fused_vs_unfused_rel_diff": relative_error(ort_fused, ort_unfused),
-        "perplexity": {
-            "original": perplexity(_torch_logits(original, input_ids), input_ids),
-            "attention_dropped": perplexity(ort_unfused, input_ids),
-            "fused": perplexity(ort_fused, input_ids),
-        },
+    log(f"[5/7] fuse the auto plan {plan.describe() or '(empty)'} and, for comparison, whole runs")
+    names = ["dropped"]
+    fused = None
+    if plan.groups:
+        fused = commands.fuse(str(paths["dropped"]), str(paths["fused"]), plan)
+        names.append("fused")
+    commands.fuse(str(paths["dropped"]), str(paths["naive"]), naive)
+    names.append("naive")
+    removed = []
+    if plan.steps_saved:
+        removed = _removal_baseline(report, plan.steps_saved, paths["dropped"], paths["removed"])
+        names.append("removed")
+
+    checked_plan, checked_path = (plan, paths["fused"]) if plan.groups else (naive, paths["naive"])
+    log(f"[6/7] exactness: fused ONNX ({checked_plan.describe()}) vs torch parallel form")
+    exact = _exactness(model, dropped, checked_plan, checked_path, held_out[:2])
+
+    log(f"[7/7] verify against the original on {held_out.size} tokens of license text")
+    results = dict(zip(names, compare_many(str(paths["base"]), [str(paths[n]) for n in names], held_out)))
+
+    labels = {"dropped": (f"attention dropped ({len(dropped)})", format_ranges(dropped)),
+              "fused": ("+ fused, auto plan", plan.describe()),
+              "naive": ("+ fused, whole runs", naive.describe()),
+              "removed": (f"+ {plan.steps_saved} FFNs removed instead", format_ranges(removed))}
+    rows = [("original", "", results["dropped"]["ref"]["ppl"], 1.0, 0.0)]
+    rows += [(*labels[name], *_row(results[name])) for name in names]
+    table = "\n".join(f"| {name} | {layers} | {ppl:.2f} | {top1:.3f} | {kl:.3f} |" for name, layers, ppl, top1, kl in rows)
+    summary = {
+        "dropped_attention": dropped, "runs": report.runs, "plan": plan.to_dict(), "naive_plan": naive.to_dict(),
+        "removed_ffn": removed, "fused_vs_torch_parallel_rel_err": exact,
+        "nodes": fused and {"before": fused["nodes_before"], "after": fused["nodes_after"]},
+        "analysis_cost": report.cost, "verification": results,
     }
-    exact = report["fused_vs_torch_parallel_rel_err"] <= EXACTNESS_TOLERANCE
-    ppl = report["perplexity"]
     print(
-        f"\nsummary ({resolved.describe()})\n"
-        f"  exported model         {base / MODEL_FILE}  ({report['export_seconds']} s)\n"
-        f"  fused model            {fused_path}\n"
-        f"  graph nodes            {report['nodes_before']} -> {report['nodes_after']}\n"
-        f"  fused groups           {plan.describe()}\n"
-        f"  exactness              ORT fused vs torch parallel form: rel err "
-        f"{report['fused_vs_torch_parallel_rel_err']:.2e} ({'OK' if exact else 'FAILED'}, tolerance {EXACTNESS_TOLERANCE:.0e})\n"
-        f"                         ORT unfused vs torch sequential:  rel err {report['unfused_vs_torch_sequential_rel_err']:.2e}\n"
-        f"  fusion changes logits  rel diff fused vs unfused {report['fused_vs_unfused_rel_diff']:.3f}\n"
-        f"  perplexity             original {ppl['original']:.2f} | attention dropped {ppl['attention_dropped']:.2f}"
-        f" | fused {ppl['fused']:.2f}",
+        f"\nsummary ({source.describe()}, verification on {held_out.size} tokens of license text, "
+        f"calibration on Python docs)\n"
+        f"| model | layers | perplexity | top-1 agreement | KL(orig‖model) |\n|---|---|---|---|---|\n{table}\n\n"
+        + (f"fused graph: {fused['nodes_before']} -> {fused['nodes_after']} nodes, " if fused else "")
+        + f"{plan.steps_saved} sequential FFN steps saved by the auto plan; analysis cost "
+        f"{report.cost['full_forward_equivalents']} full-forward equivalents\n"
+        f"exactness: ORT fused ({checked_plan.describe()}) vs torch parallel form rel err {exact:.2e} "
+        f"({'OK' if exact <= EXACTNESS_TOLERANCE else 'FAILED'}, tolerance {EXACTNESS_TOLERANCE:.0e})",
         flush=True,
     )
-    write_json_atomically(workdir / "demo.json", report)
-    if not exact:
+    write_json_atomically(work / "demo.json", summary)
+    if exact > EXACTNESS_TOLERANCE:
         raise SystemExit("demo: the fused model does not match the parallel-form reference")
-    return report
+    return summary
+
+
+def _row(result: dict) -> tuple[float, float, float]:
+    return result["new"]["ppl"], result["top1_agreement"], result["kl"]

@@ -87,8 +87,9 @@ def write_analysis(report: DependencyReport, plan: FusionPlan, out_dir: str | pa
 
 Attention-free runs: {', '.join(f'{a}-{b}' for a, b in report.runs) or 'none'}.
 Measured on {cost['tokens']} tokens (dependency matrix on {cost['dependency_tokens']}); cost
-{cost['full_forward_equivalents']} full-forward equivalents ({cost['capture_seconds']} s capture,
-{cost['matrix_seconds']} s matrix).
+{cost['full_forward_equivalents']} full-forward equivalents over the calibration tokens
+({cost['capture_seconds']} s capture, {cost['matrix_seconds']} s matrix; the matrix costs
+{cost.get('matrix_forwards_per_token', '?')} full forwards per token it is computed on).
 
 ## Plan (`plan.json`)
 

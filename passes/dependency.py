@@ -161,8 +161,11 @@ def analyze(runner: StreamRunner, windows: np.ndarray, *, max_distance: int = 8,
     cost = {
         "tokens": tokens, "dependency_tokens": dep_tokens, "unit_evaluations_per_window": evaluations // max(dep_windows, 1),
         "capture_seconds": round(capture_seconds, 2), "matrix_seconds": round(matrix_seconds, 2),
-        # one capture pass over all tokens costs ~one full forward; the matrix adds this much more
+        # Wall time of the whole analysis over one capture pass (~ one full forward over all tokens),
+        # and what the matrix costs per token it is computed on, in full forwards of that token.
         "full_forward_equivalents": round(1 + matrix_seconds / max(capture_seconds, 1e-9), 2),
+        "matrix_forwards_per_token": round(
+            (matrix_seconds / max(dep_tokens, 1)) / max(capture_seconds / max(tokens, 1), 1e-12), 2),
     }
     return DependencyReport(blocks, per_block, dependency, [list(r) for r in runs], cost)
 

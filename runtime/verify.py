@@ -17,32 +17,43 @@ from ffnfusion.runtime.stream import StreamRunner
 
 def compare_models(reference: str, candidate: str, windows: np.ndarray, threads: int | None = None,
                    progress=None) -> dict:
+    """Compare one candidate with the reference (see :func:`compare_many`)."""
+    return compare_many(reference, [candidate], windows, threads, progress)[0]
+
+
+def compare_many(reference: str, candidates: list[str], windows: np.ndarray, threads: int | None = None,
+                 progress=None) -> list[dict]:
+    """Compare several candidates with one reference; the reference runs once per window."""
     progress = progress or ProgressBar("verify")
-    runners = {"ref": StreamRunner(reference, threads), "new": StreamRunner(candidate, threads)}
-    nll = {"ref": 0.0, "new": 0.0}
-    predicted = agree = 0
-    tokens = 0
-    kl = cosine = 0.0
+    ref_runner = StreamRunner(reference, threads)
+    runners = [StreamRunner(path, threads) for path in candidates]
+    stats = [dict(nll=0.0, agree=0, kl=0.0, cosine=0.0) for _ in candidates]
+    ref_nll = 0.0
+    predicted = tokens = 0
     for w, input_ids in enumerate(windows):
         ids = input_ids[None]
-        outputs = {name: runner.capture(ids) for name, runner in runners.items()}
-        for name in runners:
-            nll[name] += float(next_token_nll(outputs[name]["logits"], ids).sum())
+        ref = ref_runner.capture(ids)
+        ref_nll += float(next_token_nll(ref["logits"], ids).sum())
+        logp_ref = log_softmax(ref["logits"])
+        ref_final = ref[ref_runner.units[-1].output].astype(np.float64)
+        for runner, stat in zip(runners, stats):
+            out = runner.capture(ids)
+            stat["nll"] += float(next_token_nll(out["logits"], ids).sum())
+            logp = log_softmax(out["logits"])
+            stat["kl"] += float((np.exp(logp_ref) * (logp_ref - logp)).sum())
+            stat["agree"] += int((logp_ref.argmax(-1) == logp.argmax(-1)).sum())
+            final = out[runner.units[-1].output].astype(np.float64)
+            stat["cosine"] += float(((ref_final * final).sum(-1) / (
+                np.linalg.norm(ref_final, axis=-1) * np.linalg.norm(final, axis=-1) + 1e-12)).sum())
         predicted += ids.shape[1] - 1
-        logp_ref = log_softmax(outputs["ref"]["logits"])
-        logp_new = log_softmax(outputs["new"]["logits"])
-        kl += float((np.exp(logp_ref) * (logp_ref - logp_new)).sum())
-        agree += int((logp_ref.argmax(-1) == logp_new.argmax(-1)).sum())
-        final = [outputs[name][runner.units[-1].output].astype(np.float64) for name, runner in runners.items()]
-        cosine += float(((final[0] * final[1]).sum(-1)
-                         / (np.linalg.norm(final[0], axis=-1) * np.linalg.norm(final[1], axis=-1) + 1e-12)).sum())
         tokens += ids.size
         progress(w + 1, len(windows), tokens)
-    return {
-        "ref": {"path": str(reference), "ppl": float(np.exp(nll["ref"] / predicted))},
-        "new": {"path": str(candidate), "ppl": float(np.exp(nll["new"] / predicted))},
-        "top1_agreement": agree / tokens,
-        "kl": kl / tokens,
-        "hidden_cosine": cosine / tokens,
+    ref_ppl = float(np.exp(ref_nll / predicted))
+    return [{
+        "ref": {"path": str(reference), "ppl": ref_ppl},
+        "new": {"path": str(path), "ppl": float(np.exp(stat["nll"] / predicted))},
+        "top1_agreement": stat["agree"] / tokens,
+        "kl": stat["kl"] / tokens,
+        "hidden_cosine": stat["cosine"] / tokens,
         "tokens": tokens,
-    }
+    } for path, stat in zip(candidates, stats)]

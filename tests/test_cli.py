@@ -104,3 +104,14 @@ def test_drop_attention_command(capsys, tiny_dynamo20, tmp_path):
     assert json.loads(stdout)["runs"] == [[1, 7]]
     code, _, err = _run(capsys, "drop-attention", tiny_dynamo20, "-o", tmp_path / "x.onnx", "--layers", "3")
     assert code == 1 and "layer 3 has no attention to remove" in err and not (tmp_path / "x.onnx").exists()
+
+
+def test_hand_edited_bad_plan_is_one_line(capsys, tiny_dynamo20, tmp_path):
+    plan = tmp_path / "plan.json"
+    for text, code, message in (('{"groups": [[2, "3"]]}', 2, "integer layer indices"),
+                                ('{"groups": [[6, 7]]}', 1, "leaves the attention-free run 2-6"),
+                                ("[", 2, "cannot read plan")):
+        plan.write_text(text)
+        returned, _, err = _run(capsys, "fuse", tiny_dynamo20, "-o", tmp_path / "o.onnx", "--plan", plan)
+        assert returned == code and message in err and err.strip().splitlines()[-1].startswith("ffnfusion: error:")
+        assert not (tmp_path / "o.onnx").exists()

@@ -1,44 +1,84 @@
-"""The real model: SmolLM2-135M-Instruct with attention dropped in layers 10-17 (slow: ~2 min)."""
+"""The real model end to end (slow: ~5 min): SmolLM2-135M-Instruct, exported by ffnfusion."""
 
 from __future__ import annotations
 
 import onnx_ir as ir
 import pytest
 
-from ffnfusion import demo
+from ffnfusion import commands
+from ffnfusion.demo import DemoOptions, relative_error, run
+from ffnfusion.exporters import llama_surgery
+from ffnfusion.exporters.onnx_export import ExportOptions, export_model
+from ffnfusion.exporters.sources import load_causal_lm, resolve_source
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.plan import FusionPlan
+from ffnfusion.runtime import calibration
+from ffnfusion.runtime.onnxruntime import create_session, run_logits
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2_demo(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("smollm2")
-    report = demo.run(str(workdir), "smollm2", list(range(10, 18)), FusionPlan.parse("10-13,14-16"), tokens=512)
-    return workdir, report
+def smollm2():
+    return load_causal_lm(resolve_source("smollm2", log=lambda *_: None))
 
 
-def test_blocks_and_runs(smollm2_demo):
-    workdir, _ = smollm2_demo
-    block_map = find_blocks(ir.load(workdir / "base" / "model.onnx"))
-    assert len(block_map.layers) == 30
-    assert block_map.runs == [(10, 17)]
+@pytest.fixture(scope="module")
+def exported(smollm2, tmp_path_factory):
+    """Exported with --drop-attention 10-17 and fused 10-13,14-16, as in the README."""
+    model, tokenizer = smollm2
+    out = tmp_path_factory.mktemp("smollm2")
+    import copy
+
+    base = export_model(copy.deepcopy(model), out / "base", ExportOptions(drop_attention=list(range(10, 18))),
+                        tokenizer=tokenizer, source="smollm2", log=lambda *_: None)
+    fused = out / "fused" / "model.onnx"
+    commands.fuse(str(base), str(fused), FusionPlan.parse("10-13,14-16"))
+    return base, fused
+
+
+def test_blocks_and_runs(exported):
+    block_map = find_blocks(ir.load(exported[0]))
+    assert len(block_map.layers) == 30 and block_map.runs == [(10, 17)]
     assert {layer.ffn.width for layer in block_map.layers} == {1536}
     assert {layer.ffn.norm.epsilon for layer in block_map.layers} == {1e-5}
+    fused = find_blocks(ir.load(exported[1]))
+    assert [layer.ffn.width for layer in fused.layers] == [1536] * 10 + [6144, 4608] + [1536] * 13
+    assert [list(layer.span) for layer in fused.layers][10:12] == [[10, 11, 12, 13], [14, 15, 16]]
 
 
-def test_fused_model_has_two_wide_ffns(smollm2_demo):
-    workdir, report = smollm2_demo
-    block_map = find_blocks(ir.load(workdir / "fused" / "model.onnx"))
-    widths = [layer.ffn.width for layer in block_map.layers]
-    assert widths == [1536] * 10 + [4 * 1536, 3 * 1536] + [1536] * 13
-    assert report["nodes_after"] < report["nodes_before"]
+def test_fused_logits_equal_the_parallel_form(exported, smollm2):
+    import copy
+
+    import torch
+
+    model, tokenizer = smollm2
+    ids = calibration.token_windows(tokenizer, calibration.python_docs_text(), 128, 2)
+    reference = copy.deepcopy(model)
+    llama_surgery.drop_attention(reference, range(10, 18))
+    with torch.no_grad():
+        sequential = reference(input_ids=torch.from_numpy(ids)).logits.numpy()
+        llama_surgery.parallelize_groups(reference, [range(10, 14), range(14, 17)])
+        parallel = reference(input_ids=torch.from_numpy(ids)).logits.numpy()
+    unfused = run_logits(create_session(exported[0]), ids)
+    fused = run_logits(create_session(exported[1]), ids)
+    assert relative_error(unfused, sequential) <= 1e-5
+    assert relative_error(fused, parallel) <= 1e-5
+    assert relative_error(fused, unfused) > 1e-2  # not a no-op
 
 
-def test_exact_parallel_form_and_not_a_no_op(smollm2_demo):
-    _, report = smollm2_demo
-    assert report["fused_vs_torch_parallel_rel_err"] <= 1e-5
-    assert report["unfused_vs_torch_sequential_rel_err"] <= 1e-5
-    assert report["fused_vs_unfused_rel_diff"] > 1e-2
-    assert 5 < report["perplexity"]["original"] < 40  # real text through the real model
+def test_demo_pipeline(tmp_path):
+    # Importance is measured on the first 4096 calibration tokens, as in the default demo.
+    summary = run(DemoOptions(workdir=str(tmp_path), calib_tokens=4096, dependency_tokens=512,
+                              verify_tokens=1024, threshold=1.0))
+    assert len(summary["dropped_attention"]) == 8
+    assert summary["fused_vs_torch_parallel_rel_err"] <= 1e-5
+    verification = summary["verification"]
+    assert 5 < verification["dropped"]["ref"]["ppl"] < 40  # the original model on real text
+    assert set(verification) == {"dropped", "fused", "naive", "removed"}
+    for name in verification:
+        assert 0 < verification[name]["top1_agreement"] <= 1
+    runs = summary["runs"]
+    assert summary["plan"]["groups"]
+    for group in summary["plan"]["groups"]:  # inside one run, never its last FFN
+        assert any(first <= group[0] and group[-1] < last for first, last in runs)
