@@ -99,16 +99,22 @@ def run_inspect(args) -> None:
 
 # --- fuse ---------------------------------------------------------------------------------------
 
-def _fuse_arguments(parser: argparse.ArgumentParser) -> None:
+def _rewrite_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of every command that writes a rewritten model."""
     parser.add_argument("model", help="ONNX model (file, or a directory holding model.onnx)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="fused model path")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx",
+                        help="output model path (tokenizer and ffnfusion.json are copied beside it)")
+    parser.add_argument("--no-validate", action="store_true",
+                        help="skip onnx.checker and the ONNX Runtime load of the output")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+def _fuse_arguments(parser: argparse.ArgumentParser) -> None:
+    _rewrite_arguments(parser)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--groups", metavar="A-B,C-D",
                        help="inclusive decoder-layer ranges, 0-based as in model.layers.N, e.g. 10-13,14-16")
     which.add_argument("--plan", metavar="PLAN.json", help='a FusionPlan file: {"groups": [[10,11,12,13], ...]}')
-    parser.add_argument("--no-validate", action="store_true",
-                        help="skip onnx.checker and the ONNX Runtime load of the output")
-    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
 
 @command("fuse", "fuse groups of attention-free FFN layers into wide FFNs",
@@ -207,8 +213,7 @@ def run_verify(args) -> None:
 # --- drop-attention -----------------------------------------------------------------------------
 
 def _drop_attention_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="ONNX model (file, or a directory holding model.onnx)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="output model path")
+    _rewrite_arguments(parser)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--layers", type=_layers, metavar="LAYERS",
                        help="decoder layers whose attention is removed, e.g. 10-17 or 3,5-7")
@@ -216,9 +221,6 @@ def _drop_attention_arguments(parser: argparse.ArgumentParser) -> None:
                        help="remove the K least important attention layers, importance "
                             "1 - cos(X, X + attn(norm(X))) measured on calibration text")
     _calibration_arguments(parser, "--calib", "Python's documentation topics", 4096)
-    parser.add_argument("--no-validate", action="store_true",
-                        help="skip onnx.checker and the ONNX Runtime load of the output")
-    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
 
 @command("drop-attention", "remove the attention branch of chosen layers",

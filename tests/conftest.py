@@ -31,6 +31,19 @@ def make_tiny_llama(seed: int = 0):
     return model
 
 
+def prefill_then_decode(session, input_ids, split: int):
+    """Run ``input_ids[:, :split]`` with an empty KV cache, then the rest with the returned cache.
+    Returns the two output lists (logits first, then present.* tensors)."""
+    from ffnfusion.runtime.onnxruntime import default_feeds
+
+    first = session.run(None, default_feeds(session, input_ids[:, :split]))
+    past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values")]
+    batch, total = input_ids.shape
+    feeds = {"input_ids": input_ids[:, split:], "attention_mask": np.ones((batch, total), np.int64),
+             "position_ids": np.tile(np.arange(split, total), (batch, 1)), **dict(zip(past_names, first[1:]))}
+    return first, session.run(None, feeds)
+
+
 def rel_err(actual, reference) -> float:
     return float(np.linalg.norm(actual - reference) / np.linalg.norm(reference))
 

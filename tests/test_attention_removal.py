@@ -10,16 +10,13 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, make_tiny_llama, rel_err
+from conftest import make_tiny_llama, prefill_then_decode, rel_err
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.onnx_export import ExportOptions, export_model
 from ffnfusion.passes.attention_removal import AttentionRemovalPass, remove_attention
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.plan import InvalidPlanError
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
-
-HEAD_DIM = TINY_CONFIG["hidden_size"] // TINY_CONFIG["num_attention_heads"]
-KV_HEADS = TINY_CONFIG["num_key_value_heads"]
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +66,7 @@ def test_kv_cache_io_removed_and_decode_matches(full_attention, tmp_path):
     assert len(past_names) == 2 * 6 and not any(".3." in n or ".4." in n for n in past_names)
 
     ids = np.random.default_rng(6).integers(0, 128, (2, 8))
-    feeds = {"input_ids": ids[:, :5], "attention_mask": np.ones((2, 5), np.int64),
-             "position_ids": np.tile(np.arange(5), (2, 1))}
-    feeds.update({n: np.zeros((2, KV_HEADS, 0, HEAD_DIM), np.float32) for n in past_names})
-    first = session.run(None, feeds)
-    feeds = {"input_ids": ids[:, 5:], "attention_mask": np.ones((2, 8), np.int64),
-             "position_ids": np.tile(np.arange(5, 8), (2, 1))}
-    feeds.update(dict(zip(past_names, first[1:])))
-    second = session.run(None, feeds)
+    first, second = prefill_then_decode(session, ids, 5)
     expected = _torch_without_attention(model, [3, 4], ids)
     assert rel_err(first[0], expected[:, :5]) <= 1e-4
     assert rel_err(second[0], expected[:, 5:]) <= 1e-4
@@ -91,16 +81,8 @@ def test_layer_zero_cache_is_removed_although_the_mask_reads_its_shape(full_atte
     path = tmp_path / "dropped.onnx"
     ir.save(onnx_model, path)
     session = create_session(path)
-    past_names = [i.name for i in session.get_inputs()][3:]
     ids = np.random.default_rng(7).integers(0, 128, (1, 6))
-    feeds = {"input_ids": ids[:, :4], "attention_mask": np.ones((1, 4), np.int64),
-             "position_ids": np.arange(4)[None]}
-    feeds.update({n: np.zeros((1, KV_HEADS, 0, HEAD_DIM), np.float32) for n in past_names})
-    first = session.run(None, feeds)
-    feeds = {"input_ids": ids[:, 4:], "attention_mask": np.ones((1, 6), np.int64),
-             "position_ids": np.arange(4, 6)[None]}
-    feeds.update(dict(zip(past_names, first[1:])))
-    second = session.run(None, feeds)
+    first, second = prefill_then_decode(session, ids, 4)
     expected = _torch_without_attention(model, [0, 1], ids)
     assert rel_err(np.concatenate([first[0], second[0]], 1), expected) <= 1e-4
 

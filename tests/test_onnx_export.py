@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, make_tiny_llama, rel_err
+from conftest import TINY_CONFIG, make_tiny_llama, prefill_then_decode, rel_err
 from ffnfusion.errors import FFNFusionError
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.onnx_export import ExportOptions, export_model
@@ -56,14 +56,7 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(tmp_path):
 
     ids = np.random.default_rng(0).integers(0, 128, (2, 9))
     kv_heads = TINY_CONFIG["num_key_value_heads"]
-    feeds = {"input_ids": ids[:, :6], "attention_mask": np.ones((2, 6), np.int64),
-             "position_ids": np.tile(np.arange(6), (2, 1))}
-    feeds.update({n: np.zeros((2, kv_heads, 0, HEAD_DIM), np.float32) for n in past_names})
-    prefill = session.run(None, feeds)
-    feeds = {"input_ids": ids[:, 6:], "attention_mask": np.ones((2, 9), np.int64),
-             "position_ids": np.tile(np.arange(6, 9), (2, 1))}
-    feeds.update(dict(zip(past_names, prefill[1:])))
-    decode = session.run(None, feeds)
+    prefill, decode = prefill_then_decode(session, ids, 6)
     with torch.no_grad():
         full = reference(input_ids=torch.from_numpy(ids)).logits.numpy()
     assert rel_err(prefill[0], full[:, :6]) <= 1e-5
