@@ -24,6 +24,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ffnfusion.passes.blocks import FUSED_GROUPS_METADATA, FFNBlock, find_blocks, fused_spans_of
 from ffnfusion.passes.layer_ranges import format_ranges
+from ffnfusion.passes.patterns import Weight
 from ffnfusion.passes.plan import FusionPlan, InvalidPlanError
 
 class FFNFusionPass(ir.passes.InPlacePass):
@@ -115,11 +116,12 @@ def fuse_group(graph: ir.Graph, label: str, members: Sequence[FFNBlock],
     new_nodes: list[ir.Node] = []
     unit_norm = _unit_gain_norm(first, prefix, new_nodes, graph, doomed)
     gains = [_gain_float32(m) for m in members]
-    gate = _initializer(graph, f"{prefix}.gate_proj.weight", dtype, (first.hidden, sum(m.width for m in members)),
-                        lambda: np.concatenate([g[:, None] * m.gate.numpy_in_out() for g, m in zip(gains, members)], 1))
-    up = _initializer(graph, f"{prefix}.up_proj.weight", dtype, (first.hidden, sum(m.width for m in members)),
-                      lambda: np.concatenate([g[:, None] * m.up.numpy_in_out() for g, m in zip(gains, members)], 1))
-    down = _initializer(graph, f"{prefix}.down_proj.weight", dtype, (sum(m.width for m in members), first.hidden),
+    width = sum(m.width for m in members)
+    gate = _initializer(graph, f"{prefix}.gate_proj.weight", dtype, (first.hidden, width),
+                        lambda: fold_norm_gains_into_columns([m.gate for m in members], gains))
+    up = _initializer(graph, f"{prefix}.up_proj.weight", dtype, (first.hidden, width),
+                      lambda: fold_norm_gains_into_columns([m.up for m in members], gains))
+    down = _initializer(graph, f"{prefix}.down_proj.weight", dtype, (width, first.hidden),
                         lambda: np.concatenate([m.down.numpy_in_out() for m in members], 0))
 
     def add(op_type, inputs, name):
@@ -168,6 +170,12 @@ def _unit_gain_norm(first: FFNBlock, prefix: str, new_nodes: list[ir.Node], grap
     node.outputs[0].name = f"{prefix}/norm_output"
     new_nodes.append(node)
     return node.outputs[0]
+
+
+def fold_norm_gains_into_columns(weights: Sequence[Weight], gains: Sequence[np.ndarray]) -> np.ndarray:
+    """``[diag(s_1)·W_1 | … | diag(s_k)·W_k]`` in float32: each member's norm gain scales the
+    input rows of its own gate/up weight, and the members' columns are concatenated."""
+    return np.concatenate([gain[:, None] * weight.numpy_in_out() for weight, gain in zip(weights, gains)], 1)
 
 
 def _gain_float32(member: FFNBlock) -> np.ndarray:
