@@ -141,7 +141,8 @@ def run(options: DemoOptions) -> dict:
     labels = {"dropped": (f"attention dropped ({len(dropped)})", format_ranges(dropped)),
               "fused": ("+ fused, auto plan", plan.describe()),
               "naive": ("+ fused, whole runs", naive.describe()),
-              "removed": (f"+ {plan.steps_saved} FFNs removed instead", format_ranges(removed))}
+              "removed": (f"+ {plan.steps_saved} FFN{'s' if plan.steps_saved > 1 else ''} removed instead",
+                          format_ranges(removed))}
     rows = [("original", "", results["dropped"]["ref"]["ppl"], 1.0, 0.0)]
     rows += [(*labels[name], *_row(results[name])) for name in names]
     table = "\n".join(f"| {name} | {layers} | {ppl:.2f} | {top1:.3f} | {kl:.3f} |" for name, layers, ppl, top1, kl in rows)

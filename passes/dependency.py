@@ -171,16 +171,21 @@ def analyze(runner: StreamRunner, windows: np.ndarray, *, max_distance: int = 8,
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr, ended by a newline when the last step is reported."""
+    """Progress on stderr: a bar redrawn in place on a terminal, a line per quarter in a log."""
 
     def __init__(self, label: str):
         self.label = label
         self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.reported_quarter = 0
 
     def __call__(self, done: int, total: int, tokens: int) -> None:
-        width = 24
-        filled = width * done // total
         elapsed = time.perf_counter() - self.start
-        print(f"\r{self.label}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total} windows, "
-              f"{tokens} tokens, {elapsed:.0f} s", end="\n" if done == total else "",
-              file=sys.stderr, flush=True)
+        text = f"{self.label}: {done}/{total} windows, {tokens} tokens, {elapsed:.0f} s"
+        if self.tty:
+            filled = 24 * done // total
+            print(f"\r{self.label}: [{'#' * filled}{'.' * (24 - filled)}] {text.split(': ', 1)[1]}",
+                  end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif 4 * done // total > self.reported_quarter:
+            self.reported_quarter = 4 * done // total
+            print(text, file=sys.stderr, flush=True)
