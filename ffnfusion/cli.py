@@ -241,6 +241,37 @@ def run_drop_attention(args) -> None:
         print(json.dumps(summary, indent=2))
 
 
+# --- generate -----------------------------------------------------------------------------------
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model directory (model.onnx + tokenizer files) or model file")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+
+
+@command("generate", "greedy text generation with ONNX Runtime",
+         "Greedy decoding with the model's KV cache when it has one (export with --kv-cache), streaming "
+         "text to stdout. Layers whose attention was removed carry no cache.")
+@arguments(_generate_arguments)
+def run_generate(args) -> None:
+    import pathlib
+
+    from ffnfusion.runtime.calibration import load_tokenizer
+    from ffnfusion.runtime.generate import generate_text
+    from ffnfusion.runtime.onnxruntime import create_session
+
+    path = pathlib.Path(args.model)
+    model_file = path / "model.onnx" if path.is_dir() else path
+    if not model_file.is_file():
+        raise FFNFusionError(f"model {model_file} not found")
+    tokenizer = load_tokenizer(model_file.parent)
+    session = create_session(model_file)
+    print(args.prompt, end="", flush=True)
+    generate_text(session, tokenizer, args.prompt, args.max_new_tokens,
+                  on_text=lambda piece: print(piece, end="", flush=True))
+    print(flush=True)
+
+
 # --- demo ---------------------------------------------------------------------------------------
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:

@@ -82,3 +82,24 @@ def test_demo_pipeline(tmp_path):
     assert summary["plan"]["groups"]
     for group in summary["plan"]["groups"]:  # inside one run, never its last FFN
         assert any(first <= group[0] and group[-1] < last for first, last in runs)
+
+
+def test_generate_equals_transformers_greedy(smollm2, tmp_path):
+    """32 new tokens through ORT with the KV cache == transformers' greedy generate."""
+    import copy
+
+    import torch
+
+    from ffnfusion.runtime.generate import generate_text
+
+    model, tokenizer = smollm2
+    path = export_model(copy.deepcopy(model), tmp_path, ExportOptions(kv_cache=True), tokenizer=tokenizer,
+                        source="smollm2", log=lambda *_: None)
+    prompt = "The Python language reference describes"
+    pieces = []
+    ours = generate_text(create_session(path), tokenizer, prompt, 32, on_text=pieces.append)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=32, do_sample=False, use_cache=True)[0, ids.shape[1]:]
+    assert ours == expected.tolist()
+    assert "".join(pieces) == tokenizer.decode(ours, skip_special_tokens=True)
