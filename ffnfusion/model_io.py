@@ -21,10 +21,43 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         path = path / "model.onnx"
     if not path.is_file():
         raise FFNFusionError(f"model {path} not found")
+    if path.stat().st_size == 0:
+        raise FFNFusionError(f"{path} is empty, not an ONNX model")
     try:
-        return ir.load(path)
+        model = ir.load(path)  # lazy: external tensors are only memory-mapped when read
     except Exception as err:  # protobuf's DecodeError and friends
-        raise FFNFusionError(f"{path} is not a readable ONNX model: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FFNFusionError(f"{path} is not a readable ONNX model: {detail}") from err
+    check_external_data(model, path.parent)
+    return model
+
+
+def check_external_data(model: ir.Model, model_dir: pathlib.Path) -> None:
+    """Refuse, before any byte is read, external data that escapes the model's directory
+    (absolute paths, ``..``, symlinks out: the path-traversal class of bugs onnx has had CVEs
+    for), and data files that are missing or shorter than a tensor declares."""
+    root = model_dir.resolve()
+    sizes: dict[pathlib.Path, int] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = pathlib.PurePath(str(tensor.location))
+        if location.is_absolute() or ".." in location.parts:
+            raise FFNFusionError(f"tensor {value.name!r}: external data location {str(location)!r} "
+                                 "is not a relative path inside the model directory; refusing to read it")
+        target = (root / location).resolve()
+        if not target.is_relative_to(root):
+            raise FFNFusionError(f"tensor {value.name!r}: external data {str(location)!r} resolves outside "
+                                 f"{root} (symlink?); refusing to read it")
+        if target not in sizes:
+            if not target.is_file():
+                raise FFNFusionError(f"tensor {value.name!r}: external data file {target} is missing")
+            sizes[target] = target.stat().st_size
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if end > sizes[target]:
+            raise FFNFusionError(f"tensor {value.name!r}: external data file {target.name} has "
+                                 f"{sizes[target]} bytes, the tensor needs bytes up to {end}")
 
 
 def external_data_files(model: ir.Model, base_dir: pathlib.Path) -> set[pathlib.Path]:
