@@ -24,7 +24,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ffnfusion.passes.blocks import FUSED_GROUPS_METADATA, FFNBlock, find_blocks, fused_spans_of
 from ffnfusion.passes.layer_ranges import format_ranges
-from ffnfusion.passes.patterns import Weight
+from ffnfusion.passes.streaming import folded_columns, stacked_rows
 from ffnfusion.passes.plan import FusionPlan, InvalidPlanError
 
 class FFNFusionPass(ir.passes.InPlacePass):
@@ -115,14 +115,11 @@ def fuse_group(graph: ir.Graph, label: str, members: Sequence[FFNBlock],
 
     new_nodes: list[ir.Node] = []
     unit_norm = _unit_gain_norm(first, prefix, new_nodes, graph, doomed)
+    # Weights are computed when saved, a block of rows at a time (models larger than RAM).
     gains = [_gain_float32(m) for m in members]
-    width = sum(m.width for m in members)
-    gate = _initializer(graph, f"{prefix}.gate_proj.weight", dtype, (first.hidden, width),
-                        lambda: fold_norm_gains_into_columns([m.gate for m in members], gains))
-    up = _initializer(graph, f"{prefix}.up_proj.weight", dtype, (first.hidden, width),
-                      lambda: fold_norm_gains_into_columns([m.up for m in members], gains))
-    down = _initializer(graph, f"{prefix}.down_proj.weight", dtype, (width, first.hidden),
-                        lambda: np.concatenate([m.down.numpy_in_out() for m in members], 0))
+    gate = _register(graph, folded_columns([m.gate for m in members], gains, dtype, f"{prefix}.gate_proj.weight"))
+    up = _register(graph, folded_columns([m.up for m in members], gains, dtype, f"{prefix}.up_proj.weight"))
+    down = _register(graph, stacked_rows([m.down for m in members], dtype, f"{prefix}.down_proj.weight"))
 
     def add(op_type, inputs, name):
         node = ir.node(op_type, inputs, name=f"{prefix}/{name}")
@@ -162,8 +159,7 @@ def _unit_gain_norm(first: FFNBlock, prefix: str, new_nodes: list[ir.Node], grap
     for node in norm.nodes[1:]:  # the Casts feeding the norm op stay
         doomed.pop(node, None)
     gain = norm.gain.const_value
-    ones = _initializer(graph, f"{prefix}.norm.unit_weight", gain.dtype, tuple(gain.shape),
-                        lambda: np.ones(tuple(gain.shape), np.float32))
+    ones = _register(graph, ir.tensor(np.ones(tuple(gain.shape), gain.dtype.numpy()), name=f"{prefix}.norm.unit_weight"))
     node = ir.Node(op_node.domain, op_node.op_type, [op_node.inputs[0], ones],
                    attributes=list(op_node.attributes.values()), name=f"{prefix}/norm",
                    num_outputs=1)
@@ -172,26 +168,13 @@ def _unit_gain_norm(first: FFNBlock, prefix: str, new_nodes: list[ir.Node], grap
     return node.outputs[0]
 
 
-def fold_norm_gains_into_columns(weights: Sequence[Weight], gains: Sequence[np.ndarray]) -> np.ndarray:
-    """``[diag(s_1)·W_1 | … | diag(s_k)·W_k]`` in float32: each member's norm gain scales the
-    input rows of its own gate/up weight, and the members' columns are concatenated."""
-    return np.concatenate([gain[:, None] * weight.numpy_in_out() for weight, gain in zip(weights, gains)], 1)
-
-
 def _gain_float32(member: FFNBlock) -> np.ndarray:
     if member.norm.gain is None:
         return np.ones(member.hidden, np.float32)
     return member.norm.gain.const_value.numpy().astype(np.float32)
 
 
-def _initializer(graph: ir.Graph, name: str, dtype: ir.DataType, shape: tuple[int, ...], compute) -> ir.Value:
-    """A lazily computed initializer: folded in float32, cast once to ``dtype`` when saved."""
-    np_dtype = dtype.numpy()
-
-    def materialise() -> ir.Tensor:
-        return ir.tensor(np.ascontiguousarray(compute(), dtype=np.float32).astype(np_dtype, copy=False))
-
-    tensor = ir.LazyTensor(materialise, dtype=dtype, shape=ir.Shape(shape), name=name)
-    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)
+def _register(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
