@@ -19,12 +19,11 @@ import torch
 from torch import nn
 
 from ffnfusion.atomic import write_json_atomically
+from ffnfusion.model_io import METADATA_FILE, MODEL_FILE
 from ffnfusion.errors import FFNFusionError
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.sources import ModelSource, load_causal_lm
 
-METADATA_FILE = "ffnfusion.json"
-MODEL_FILE = "model.onnx"
 SUPPORTED_OPSETS = range(18, 24)
 EXTERNAL_DATA_THRESHOLD = 256 * 2**20  # bytes of weights above which they go beside the graph
 

@@ -241,6 +241,30 @@ def run_drop_attention(args) -> None:
         print(json.dumps(summary, indent=2))
 
 
+# --- synth --------------------------------------------------------------------------------------
+
+def _synth_arguments(parser: argparse.ArgumentParser) -> None:
+    from ffnfusion.exporters.synthetic import PRESETS
+
+    parser.add_argument("preset", choices=sorted(PRESETS), help="model shape: " + "; ".join(
+        f"{name}: {c.layers} layers, hidden {c.hidden}, FFN {c.ffn}, {c.dtype}" for name, c in PRESETS.items()))
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--dtype", choices=["float32", "float16"], help="override the preset's dtype")
+    parser.add_argument("--drop-attention", type=_layers, metavar="LAYERS",
+                        help="attention-free layers (default: the preset's, e.g. 12-27 for llama-8b)")
+
+
+@command("synth", "write a synthetic Llama-shaped model with random weights",
+         "Random weights streamed to external data (never all in memory), for tests and benchmarks of "
+         "models larger than RAM.")
+@arguments(_synth_arguments)
+def run_synth(args) -> None:
+    from ffnfusion import commands
+    from ffnfusion.exporters.synthetic import write_synthetic
+
+    write_synthetic(args.preset, args.output, dtype=args.dtype, dropped=args.drop_attention, log=commands.log)
+
+
 # --- generate -----------------------------------------------------------------------------------
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:

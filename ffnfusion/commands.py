@@ -13,9 +13,8 @@ import onnx_ir as ir
 
 from ffnfusion.atomic import write_json_atomically
 from ffnfusion.errors import FFNFusionError
-from ffnfusion.exporters.onnx_export import METADATA_FILE, ExportOptions, export_source
 from ffnfusion.exporters.sources import resolve_source
-from ffnfusion.model_io import load_model, save_model, validate_model
+from ffnfusion.model_io import METADATA_FILE, load_model, save_model, validate_model
 from ffnfusion.passes.attention_removal import AttentionRemovalPass
 from ffnfusion.passes.blocks import BlockMap, find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
@@ -31,7 +30,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def export(source: str, out_dir: str, options: ExportOptions) -> pathlib.Path:
+def export(source: str, out_dir: str, options) -> pathlib.Path:
+    from ffnfusion.exporters.onnx_export import export_source  # imports torch: only when exporting
+
     return export_source(resolve_source(source, log=log), out_dir, options, log=log)
 
 
@@ -102,7 +103,7 @@ def rewrite_model(model_path: str, out_path: str, rewrite: ir.passes.InPlacePass
     try:
         if validate:
             log("validate: onnx.checker full_check, ONNX Runtime session")
-            validate_model(written)
+            validate_model(written, log=log)
         _copy_companions(model_path.parent, written.parent, record_metadata)
     except BaseException:
         written.unlink(missing_ok=True)

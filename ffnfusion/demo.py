@@ -13,14 +13,11 @@ import json
 import pathlib
 
 import numpy as np
-import torch
 
 from ffnfusion import commands
 from ffnfusion.atomic import write_json_atomically
-from ffnfusion.exporters import llama_surgery
-from ffnfusion.exporters.onnx_export import METADATA_FILE, MODEL_FILE, ExportOptions, export_model
 from ffnfusion.exporters.sources import load_causal_lm, resolve_source
-from ffnfusion.model_io import load_model, save_model
+from ffnfusion.model_io import METADATA_FILE, MODEL_FILE, load_model, save_model
 from ffnfusion.passes.ffn_removal import FFNRemovalPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan
@@ -59,6 +56,10 @@ def _reusable_export(base: pathlib.Path, source: str) -> bool:
 
 def _exactness(model, dropped, plan: FusionPlan, fused_path: pathlib.Path, input_ids: np.ndarray) -> float:
     """ORT fused logits vs the torch model with the same attention dropped and groups in parallel form."""
+    import torch
+
+    from ffnfusion.exporters import llama_surgery
+
     reference = copy.deepcopy(model)
     llama_surgery.drop_attention(reference, dropped)
     llama_surgery.parallelize_groups(reference, plan.groups)
@@ -94,6 +95,8 @@ def run(options: DemoOptions) -> dict:
                                       options.calib_tokens // options.window)
     held_out = calibration.token_windows(tokenizer, calibration.license_text(), options.window,
                                          options.verify_tokens // options.window)
+
+    from ffnfusion.exporters.onnx_export import ExportOptions, export_model  # torch: only for the demo itself
 
     log("[2/7] export (dynamo, opset 20)")
     if _reusable_export(paths["base"].parent, options.source):

@@ -11,14 +11,16 @@ import onnx_ir as ir
 
 from ffnfusion.errors import FFNFusionError, UsageError
 
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "ffnfusion.json"  # beside every model ffnfusion writes: source, config, rewrites
 EXTERNAL_DATA_THRESHOLD = 256 * 2**20  # bytes of initializers above which weights go to a .data file
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
     """``onnx_ir.load`` (external tensors stay memory-mapped) with one-line errors."""
     path = pathlib.Path(path)
-    if path.is_dir() and (path / "model.onnx").is_file():
-        path = path / "model.onnx"
+    if path.is_dir() and (path / MODEL_FILE).is_file():
+        path = path / MODEL_FILE
     if not path.is_file():
         raise FFNFusionError(f"model {path} not found")
     if path.stat().st_size == 0:
@@ -73,8 +75,10 @@ def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_model(model: ir.Model, out_path: str | os.PathLike, *, input_path: str | os.PathLike | None = None) -> pathlib.Path:
-    """Write ``model`` to ``out_path`` atomically; weights go to ``<name>.data`` when large.
+def save_model(model: ir.Model, out_path: str | os.PathLike, *, input_path: str | os.PathLike | None = None,
+               external: bool | None = None) -> pathlib.Path:
+    """Write ``model`` to ``out_path`` atomically; weights go to ``<name>.data`` when large
+    (or as ``external`` says).
 
     Written to a temporary folder in the target directory, then renamed into place: an
     interrupted run never leaves a half-written model, and the input is never touched.
@@ -93,7 +97,11 @@ def save_model(model: ir.Model, out_path: str | os.PathLike, *, input_path: str 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out_path.parent, os.W_OK):
         raise FFNFusionError(f"output directory {out_path.parent} is not writable")
-    external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if external is None:
+        # A model that reads external data keeps doing so: saved without external_data, onnx-ir
+        # would keep pointing at the input's data file, relative to the *output's* directory.
+        external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD or any(
+            isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".ffnfusion-", dir=out_path.parent))
     try:
         ir.save(model, staging / out_path.name, external_data=data_name if external else None)
@@ -107,15 +115,28 @@ def save_model(model: ir.Model, out_path: str | os.PathLike, *, input_path: str 
     return out_path
 
 
-def validate_model(path: str | os.PathLike, *, run_ort: bool = True) -> None:
-    """``onnx.checker`` (full check, with external data) and, optionally, an ORT session load."""
+def ort_load_limit() -> int:
+    """Largest model we load into an ORT session to validate it: a quarter of physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def validate_model(path: str | os.PathLike, *, run_ort: bool = True, log=None) -> None:
+    """``onnx.checker`` (full check) and, for models that fit comfortably in memory, an ORT
+    session load."""
     import onnx
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as err:
         raise FFNFusionError(f"{path} fails onnx.checker: {str(err).splitlines()[0]}") from err
-    if run_ort:
-        from ffnfusion.runtime.onnxruntime import create_session
+    if not run_ort:
+        return
+    weights = initializer_bytes(ir.load(path))
+    if weights > ort_load_limit():
+        if log is not None:
+            log(f"validate: skipped the ONNX Runtime load: {weights / 2**30:.1f} GiB of weights is more "
+                f"than a quarter of this machine's memory")
+        return
+    from ffnfusion.runtime.onnxruntime import create_session
 
-        create_session(path)
+    create_session(path)
