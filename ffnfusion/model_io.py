@@ -94,7 +94,10 @@ def save_model(model: ir.Model, out_path: str | os.PathLike, *, input_path: str 
         inputs = external_data_files(model, input_path.parent)
         if (out_path.parent.resolve() / data_name) in inputs:
             raise UsageError(f"output data file {out_path.parent / data_name} is read by the input model")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FFNFusionError(f"cannot create output directory {out_path.parent}: {err.strerror}") from None
     if not os.access(out_path.parent, os.W_OK):
         raise FFNFusionError(f"output directory {out_path.parent} is not writable")
     if external is None:
@@ -103,13 +106,20 @@ def save_model(model: ir.Model, out_path: str | os.PathLike, *, input_path: str 
         external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD or any(
             isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".ffnfusion-", dir=out_path.parent))
+    data_path = out_path.parent / data_name
     try:
         ir.save(model, staging / out_path.name, external_data=data_name if external else None)
-        if external:
-            os.replace(staging / data_name, out_path.parent / data_name)
-        elif (out_path.parent / data_name).exists():
-            (out_path.parent / data_name).unlink()  # a stale data file from an earlier run
-        os.replace(staging / out_path.name, out_path)
+        try:
+            if external:
+                os.replace(staging / data_name, data_path)
+            else:
+                data_path.unlink(missing_ok=True)  # a stale data file from an earlier run
+            os.replace(staging / out_path.name, out_path)
+        except BaseException:
+            data_path.unlink(missing_ok=True)  # interrupted between the renames: no orphan data
+            raise
+    except OSError as err:
+        raise FFNFusionError(f"cannot write {out_path}: {err.strerror or err}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_path

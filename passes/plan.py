@@ -116,7 +116,7 @@ class FusionPlan:
                 )
             if group[-1] > run[1]:
                 stop = block_map.layer(run[1] + 1)
-                why = "has attention" if stop.attention else "has no recognised FFN"
+                why = "has attention" if stop.attention else f"has no recognised FFN ({stop.unknown})"
                 raise InvalidPlanError(
                     f"group {label} leaves the attention-free run {run[0]}-{run[1]}: "
                     f"layer {stop.index} {why}"
