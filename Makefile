@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.ffnfusion-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-fast bench-large clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 # Skips the real-model tests (they export SmolLM2: a few minutes).
 test-fast: $(STAMP)
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Fuse the ~15 GB llama-8b preset; needs ~35 GB of free disk (all deleted afterwards).
+bench-large: $(STAMP)
+	$(PYTHON) -m ffnfusion.benchmarks.large_model
 
 clean:
 	rm -rf out .pytest_cache

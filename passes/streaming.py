@@ -7,7 +7,10 @@ memory map), so the pages read do not stay resident in the process.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
@@ -17,26 +20,81 @@ from ffnfusion.passes.patterns import Weight
 CHUNK_BYTES = 64 * 2**20
 
 
+@dataclasses.dataclass(frozen=True)
+class FileRange:
+    """Bytes to copy verbatim from another file (copied in the kernel when possible)."""
+
+    path: str
+    offset: int
+    length: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as source:
+            source.seek(self.offset)
+            return source.read(self.length)
+
+
 class ChunkedTensor(ir.LazyTensor):
-    """A lazy tensor whose bytes are produced by ``chunks()`` in row order (C layout)."""
+    """A lazy tensor whose bytes are produced by ``chunks()`` in row order (C layout): arrays
+    (cast to the tensor's dtype) or :class:`FileRange` pieces of existing data files."""
 
     __slots__ = ("_chunks",)
 
-    def __init__(self, chunks: Callable[[], Iterator[np.ndarray]], dtype: ir.DataType, shape: tuple[int, ...],
-                 name: str):
-        np_dtype = dtype.numpy()
-        super().__init__(lambda: ir.tensor(np.concatenate([c.astype(np_dtype, copy=False) for c in chunks()], 0)),
-                         dtype=dtype, shape=ir.Shape(shape), name=name)
+    def __init__(self, chunks: Callable[[], Iterator[np.ndarray | FileRange]], dtype: ir.DataType,
+                 shape: tuple[int, ...], name: str):
+        super().__init__(self._materialise, dtype=dtype, shape=ir.Shape(shape), name=name)
         self._chunks = chunks
+
+    def _materialise(self) -> ir.Tensor:
+        np_dtype = self.dtype.numpy()
+        parts = [np.frombuffer(c.read(), np_dtype) if isinstance(c, FileRange) else c.astype(np_dtype, copy=False).ravel()
+                 for c in self._chunks()]
+        return ir.tensor(np.concatenate(parts).reshape(self.shape.numpy()))
 
     def tofile(self, file) -> None:
         np_dtype = self.dtype.numpy()
         for chunk in self._chunks():
-            file.write(np.ascontiguousarray(chunk, dtype=np_dtype).tobytes())
+            if isinstance(chunk, FileRange):
+                _copy_range(chunk, file)
+            else:
+                file.write(memoryview(np.ascontiguousarray(chunk, dtype=np_dtype)).cast("B"))
+
+
+def _copy_range(piece: FileRange, file) -> None:
+    """Kernel-side copy when both ends are regular files, else read and write."""
+    try:
+        destination = file.fileno()
+    except (AttributeError, OSError):
+        file.write(piece.read())
+        return
+    file.flush()
+    position = file.tell()  # the raw descriptor is here too once the buffer is flushed
+    with open(piece.path, "rb") as source:
+        offset, left = piece.offset, piece.length
+        while left > 0:
+            try:
+                done = os.copy_file_range(source.fileno(), destination, left, offset)
+            except OSError:
+                done = 0
+            if done == 0:  # unsupported here, or end of file: finish with plain reads
+                source.seek(offset)
+                file.write(source.read(left))
+                return
+            offset, left = offset + done, left - done
+        file.seek(position + piece.length)  # tell the buffered writer where the descriptor went
 
 
 def rows_per_chunk(row_bytes: int) -> int:
     return max(1, CHUNK_BYTES // max(row_bytes, 1))
+
+
+def _row_range(weight: Weight, start: int, stop: int) -> FileRange | None:
+    """Rows ``start:stop`` as a byte range of the weight's data file, if stored that way."""
+    tensor = weight.value.const_value
+    if not isinstance(tensor, ir.ExternalTensor) or weight.transposed:
+        return None
+    row_bytes = weight.shape_in_out[1] * tensor.dtype.numpy().itemsize
+    return FileRange(str(tensor.path), (tensor.offset or 0) + start * row_bytes, (stop - start) * row_bytes)
 
 
 def read_rows(weight: Weight, start: int, stop: int) -> np.ndarray:
@@ -57,12 +115,26 @@ def folded_columns(weights: list[Weight], gains: list[np.ndarray], dtype: ir.Dat
     rows = weights[0].shape_in_out[0]
     width = sum(w.shape_in_out[1] for w in weights)
 
+    np_dtype = dtype.numpy()
+
+    columns = np.cumsum([0] + [w.shape_in_out[1] for w in weights])
+
     def chunks() -> Iterator[np.ndarray]:
         step = rows_per_chunk(width * 4)
-        for start in range(0, rows, step):
-            stop = min(rows, start + step)
-            yield np.concatenate([gain[start:stop, None] * read_rows(weight, start, stop).astype(np.float32)
-                                  for weight, gain in zip(weights, gains)], axis=1)
+        # numpy releases the GIL in ufuncs: members' slices of a block are filled in parallel
+        with ThreadPoolExecutor(max_workers=min(len(weights), os.cpu_count() or 1)) as pool:
+            for start in range(0, rows, step):
+                stop = min(rows, start + step)
+                block = np.empty((stop - start, width), np_dtype)
+
+                def fill(member: int) -> None:
+                    source = read_rows(weights[member], start, stop)
+                    # float32 product of the stored weight and its gain, cast once into the block
+                    block[:, columns[member]:columns[member + 1]] = np.multiply(
+                        source, gains[member][start:stop, None], dtype=np.float32)
+
+                list(pool.map(fill, range(len(weights))))
+                yield block
 
     return ChunkedTensor(chunks, dtype, (rows, width), name)
 
@@ -72,10 +144,14 @@ def stacked_rows(weights: list[Weight], dtype: ir.DataType, name: str) -> Chunke
     cols = weights[0].shape_in_out[1]
     total = sum(w.shape_in_out[0] for w in weights)
 
-    def chunks() -> Iterator[np.ndarray]:
+    def chunks() -> Iterator[np.ndarray | FileRange]:
         step = rows_per_chunk(cols * dtype.numpy().itemsize)
         for weight in weights:
             rows = weight.shape_in_out[0]
+            whole = _row_range(weight, 0, rows)
+            if whole is not None and weight.value.const_value.dtype == dtype:
+                yield whole  # stored [in, out] in the right dtype: copy the bytes as they are
+                continue
             for start in range(0, rows, step):
                 yield read_rows(weight, start, min(rows, start + step))
 
