@@ -1,3 +1,13 @@
-"""ffnfusion: FFN Fusion (arXiv 2503.18908) as an ONNX compiler pass."""
+"""ffnfusion: FFN Fusion (arXiv 2503.18908) as an ONNX compiler pass.
+
+    from ffnfusion import FFNFusionPass, find_blocks, fuse_ffn
+"""
+
+from ffnfusion.api import fuse_ffn
+from ffnfusion.passes.attention_removal import AttentionRemovalPass
+from ffnfusion.passes.blocks import find_blocks
+from ffnfusion.passes.ffn_fusion import FFNFusionPass
+from ffnfusion.passes.plan import FusionPlan
 
 __version__ = "0.1.0"
+__all__ = ["AttentionRemovalPass", "FFNFusionPass", "FusionPlan", "find_blocks", "fuse_ffn"]
