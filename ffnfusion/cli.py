@@ -102,8 +102,9 @@ def run_inspect(args) -> None:
 def _rewrite_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of every command that writes a rewritten model."""
     parser.add_argument("model", help="ONNX model (file, or a directory holding model.onnx)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx",
-                        help="output model path (tokenizer and ffnfusion.json are copied beside it)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="output model (.onnx) or directory (model.onnx inside); tokenizer, config.json "
+                             "and ffnfusion.json are copied beside it")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip onnx.checker and the ONNX Runtime load of the output")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -221,6 +222,9 @@ def _drop_attention_arguments(parser: argparse.ArgumentParser) -> None:
                        help="remove the K least important attention layers, importance "
                             "1 - cos(X, X + attn(norm(X))) measured on calibration text")
     _calibration_arguments(parser, "--calib", "Python's documentation topics", 4096)
+    parser.add_argument("--keep-kv-io", action="store_true",
+                        help="keep past_key_values.N.*/present.N.* of removed layers as pass-through "
+                             "(for runtimes that expect one KV pair per layer)")
 
 
 @command("drop-attention", "remove the attention branch of chosen layers",
@@ -236,7 +240,8 @@ def run_drop_attention(args) -> None:
         if args.count < 1:
             raise UsageError("--count must be at least 1")
         layers = commands.least_important_attention(args.model, _windows(args, args.model, "calib"), args.count)
-    summary = commands.drop_attention(args.model, args.output, layers, validate=not args.no_validate)
+    summary = commands.drop_attention(args.model, args.output, layers, validate=not args.no_validate,
+                                      keep_kv_io=args.keep_kv_io)
     if args.json:
         print(json.dumps(summary, indent=2))
 

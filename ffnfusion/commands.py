@@ -14,7 +14,7 @@ import onnx_ir as ir
 from ffnfusion.atomic import write_json_atomically
 from ffnfusion.errors import FFNFusionError
 from ffnfusion.exporters.sources import resolve_source
-from ffnfusion.model_io import METADATA_FILE, load_model, save_model, validate_model
+from ffnfusion.model_io import METADATA_FILE, MODEL_FILE, load_model, save_model, validate_model
 from ffnfusion.passes.attention_removal import AttentionRemovalPass
 from ffnfusion.passes.blocks import BlockMap, find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
@@ -69,9 +69,10 @@ def fuse(model_path: str, out_path: str, plan: FusionPlan, validate: bool = True
     return summary
 
 
-def drop_attention(model_path: str, out_path: str, layers: list[int], validate: bool = True) -> dict:
+def drop_attention(model_path: str, out_path: str, layers: list[int], validate: bool = True,
+                   keep_kv_io: bool = False) -> dict:
     """Remove the attention branches of ``layers`` into a new model; returns a summary."""
-    removal = AttentionRemovalPass(layers)
+    removal = AttentionRemovalPass(layers, keep_kv_io)
 
     def record(metadata: dict) -> None:
         metadata["dropped_attention"] = sorted(set(metadata.get("dropped_attention", [])) | set(layers))
@@ -93,7 +94,10 @@ def rewrite_model(model_path: str, out_path: str, rewrite: ir.passes.InPlacePass
     """Load, rewrite, save atomically, validate, copy tokenizer and metadata beside the output."""
     model_path = pathlib.Path(model_path)
     if model_path.is_dir():
-        model_path = model_path / "model.onnx"
+        model_path = model_path / MODEL_FILE
+    out_path = pathlib.Path(out_path)
+    if out_path.suffix != ".onnx":  # a directory: keep the input's layout (optimum, HF exports)
+        out_path = out_path / MODEL_FILE
     start = time.perf_counter()
     model = load_model(model_path)
     nodes_before = len(model.graph)

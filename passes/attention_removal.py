@@ -30,9 +30,12 @@ class AttentionRemovalResult:
 class AttentionRemovalPass(ir.passes.InPlacePass):
     """Drop the attention branches of ``layers`` (0-based ``model.layers.N`` indices)."""
 
-    def __init__(self, layers: Iterable[int]):
+    def __init__(self, layers: Iterable[int], keep_kv_io: bool = False):
         super().__init__()
         self.layers = sorted(set(layers))
+        # Runtimes that expect one KV pair per layer (optimum, ORT GenAI) get pass-through
+        # present.N.* = Identity(past_key_values.N.*) for the removed layers.
+        self.keep_kv_io = keep_kv_io
         self.result: AttentionRemovalResult | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -51,12 +54,16 @@ class AttentionRemovalPass(ir.passes.InPlacePass):
                         f"not its KV cache (present.{index}.*); cannot remove that attention"
                     )
                 doomed.add(value)
-        removed_outputs = [v.name for v in graph.outputs if v in doomed]
-        kept = [v for v in graph.outputs if v not in doomed]
+        outputs = list(graph.outputs)
+        removed_outputs = [v.name for v in outputs if v in doomed]
         graph.outputs.clear()
-        graph.outputs.extend(kept)
+        graph.outputs.extend(v for v in outputs if v not in doomed)
         RemoveUnusedNodesPass()(model)
-        _redirect_shape_reads(graph, self.layers)
+        if self.keep_kv_io:
+            _pass_through_caches(graph, outputs, doomed)
+            removed_outputs = []
+        else:
+            _redirect_shape_reads(graph, self.layers)
         # Drop KV-cache inputs nothing reads any more; other inputs keep the model's signature.
         removed_inputs = []
         for value in [v for v in graph.inputs if not v.uses() and _cache_layer(v.name) is not None]:
@@ -68,9 +75,9 @@ class AttentionRemovalPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(self.layers))
 
 
-def remove_attention(model: ir.Model, layers: Iterable[int]) -> AttentionRemovalResult:
+def remove_attention(model: ir.Model, layers: Iterable[int], keep_kv_io: bool = False) -> AttentionRemovalResult:
     """Plain-function form of :class:`AttentionRemovalPass`; rewrites ``model`` in place."""
-    removal = AttentionRemovalPass(layers)
+    removal = AttentionRemovalPass(layers, keep_kv_io)
     removal(model)
     return removal.result
 
@@ -101,6 +108,28 @@ def _graph_outputs_fed_by(nodes, graph: ir.Graph) -> set[ir.Value]:
                 found.add(value)
             pending.extend(use.node for use in value.uses())
     return found
+
+
+def _pass_through_caches(graph: ir.Graph, outputs: list[ir.Value], doomed: set[ir.Value]) -> None:
+    """Put back each removed ``present.N.*`` output, in its place, as Identity(past_key_values.N.*)."""
+    inputs = {v.name: v for v in graph.inputs}
+    rebuilt = []
+    for value in outputs:
+        if value not in doomed:
+            rebuilt.append(value)
+            continue
+        name = value.name
+        past = inputs.get("past_key_values" + name[len("present"):])
+        if past is None:
+            raise InvalidPlanError(f"--keep-kv-io: no input past_key_values{name[len('present'):]} for {name}")
+        node = ir.node("Identity", [past], name=f"ffnfusion/{name}/pass_through")
+        value.name = None  # the removed value gives its name to the pass-through
+        node.outputs[0].name = name
+        node.outputs[0].type, node.outputs[0].shape = past.type, past.shape
+        graph.append(node)
+        rebuilt.append(node.outputs[0])
+    graph.outputs.clear()
+    graph.outputs.extend(rebuilt)
 
 
 def _redirect_shape_reads(graph: ir.Graph, removed_layers: list[int]) -> None:

@@ -222,15 +222,17 @@ def _stream_aliases(x: ir.Value) -> list[ir.Value]:
     """``x`` and no-op Casts/Identities of it (the TorchScript exporter reuses the norm's
     float32 Cast of ``x`` as the residual)."""
     aliases = [x]
-    for use in list(x.uses()):
-        node = use.node
-        # Without type information (legacy exports) a Cast that feeds a residual Add can only be
-        # a no-op: a real cast would change the stream's dtype.
-        to = node.attributes.get("to")
-        if node.op_type == "Identity" or (
-            node.op_type == "Cast" and (x.dtype is None or (to is not None and to.value == x.dtype))
-        ):
-            aliases.append(node.outputs[0])
+    for value in aliases:  # grows while iterating: chains of casts (e.g. after a branch was removed)
+        for use in list(value.uses()):
+            node = use.node
+            # Without type information (legacy exports) a Cast that feeds a residual Add can only
+            # be a no-op: a real cast would change the stream's dtype.
+            to = node.attributes.get("to")
+            if node.op_type == "Identity" or (
+                node.op_type == "Cast" and (x.dtype is None or (to is not None and to.value == x.dtype))
+            ):
+                if node.outputs[0] not in aliases:
+                    aliases.append(node.outputs[0])
     return aliases
 
 
