@@ -10,4 +10,9 @@ from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.plan import FusionPlan
 
 __version__ = "0.1.0"
+
+import sys as _sys
+
+if "olive" in _sys.modules:  # inside an Olive workflow: register the FuseFFN surgeon
+    from ffnfusion import olive as _olive  # noqa: F401
 __all__ = ["AttentionRemovalPass", "FFNFusionPass", "FusionPlan", "find_blocks", "fuse_ffn"]

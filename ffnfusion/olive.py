@@ -1,0 +1,35 @@
+"""Olive integration: a ``FuseFFN`` surgeon for Olive's ``GraphSurgeries`` pass.
+
+Importing ``ffnfusion`` after Olive, or ``ffnfusion.olive`` at any time (e.g. from an Olive
+``user_script``), registers it: Olive's ``Surgeon`` subclasses register themselves by class name::
+
+    {"type": "GraphSurgeries", "surgeries": [{"surgeon": "FuseFFN", "groups": "10-13,14-16"}]}
+
+``plan`` (a ``plan.json`` path written by ``ffnfusion analyze``) may replace ``groups``.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from olive.passes.onnx.graph_surgeries import Surgeon
+
+from ffnfusion.passes.ffn_fusion import FFNFusionPass
+from ffnfusion.passes.plan import FusionPlan
+
+
+class FuseFFN(Surgeon):
+    """Fuse groups of attention-free SwiGLU layers into wide FFNs (see ``ffnfusion fuse``)."""
+
+    def __init__(self, groups: str | list[list[int]] | None = None, plan: str | None = None):
+        super().__init__()
+        if (groups is None) == (plan is None):
+            raise ValueError("FuseFFN needs exactly one of 'groups' (e.g. \"10-13,14-16\") or 'plan' (plan.json)")
+        if plan is not None:
+            self.plan = FusionPlan.load(plan)
+        elif isinstance(groups, str):
+            self.plan = FusionPlan.parse(groups)
+        else:
+            self.plan = FusionPlan.from_groups(groups)
+
+    def call_ir(self, model: ir.Model) -> ir.Model:
+        return FFNFusionPass(self.plan)(model).model
