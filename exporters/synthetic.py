@@ -94,7 +94,7 @@ class _Builder:
 
 
 def build_model(config: SynthConfig) -> ir.Model:
-    dtype = ir.DataType.FLOAT16 if config.dtype == "float16" else ir.DataType.FLOAT
+    dtype = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}[config.dtype]
     half = dtype != ir.DataType.FLOAT
     b = _Builder(dtype)
     h, d = config.hidden, config.head_dim
@@ -132,7 +132,7 @@ def build_model(config: SynthConfig) -> ir.Model:
     shape_merge = b.const("shape_merge", np.array([0, 0, h], np.int64))
     repeat = b.const("repeat", np.array([1, 1, config.heads // config.kv_heads, 1, 1], np.int64))
     axis2 = b.const("axis2", np.array([2], np.int64))
-    scale = b.const("scale", np.array(1 / np.sqrt(d), np.float16 if half else np.float32))
+    scale = b.const("scale", np.array(1 / np.sqrt(d), dtype.numpy()))
     for layer in range(config.layers):
         p = f"model.layers.{layer}"
         if layer not in config.dropped:

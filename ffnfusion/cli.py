@@ -254,7 +254,7 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("preset", choices=sorted(PRESETS), help="model shape: " + "; ".join(
         f"{name}: {c.layers} layers, hidden {c.hidden}, FFN {c.ffn}, {c.dtype}" for name, c in PRESETS.items()))
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--dtype", choices=["float32", "float16"], help="override the preset's dtype")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="override the preset's dtype")
     parser.add_argument("--drop-attention", type=_layers, metavar="LAYERS",
                         help="attention-free layers (default: the preset's, e.g. 12-27 for llama-8b)")
 

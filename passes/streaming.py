@@ -57,7 +57,8 @@ class ChunkedTensor(ir.LazyTensor):
             if isinstance(chunk, FileRange):
                 _copy_range(chunk, file)
             else:
-                file.write(memoryview(np.ascontiguousarray(chunk, dtype=np_dtype)).cast("B"))
+                # as bytes: buffer views of ml_dtypes (bfloat16) arrays are not supported
+                file.write(memoryview(np.ascontiguousarray(chunk, dtype=np_dtype).reshape(-1).view(np.uint8)))
 
 
 def _copy_range(piece: FileRange, file) -> None:
