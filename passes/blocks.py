@@ -53,7 +53,7 @@ class FFNBlock:
     gate: patterns.Weight
     up: patterns.Weight
     down: patterns.Weight
-    activation: str  # "silu"
+    activation: str  # "silu" | "gelu" | "gelu_tanh"
     nodes: tuple[ir.Node, ...]  # every node of the branch, residual Add included
 
     @property
@@ -175,11 +175,28 @@ def find_embedding_output(graph: ir.Graph) -> ir.Value:
         table, indices = node.inputs
         if table.const_value is not None and table.const_value.shape.rank() == 2 \
                 and patterns.skip_casts(indices) in inputs:
-            return node.outputs[0]
+            return _through_embedding_scale(node.outputs[0])
     raise BlockRecognitionError(
         "no token embedding found: expected a Gather from a 2-D weight table indexed by a graph "
         "input (input_ids); is this a decoder-only language model?"
     )
+
+
+def _through_embedding_scale(x: ir.Value) -> ir.Value:
+    """Gemma-style models scale the embedding (``x · sqrt(hidden)``) before the first layer: the
+    stream starts after such single-consumer constant scalings and casts."""
+    while len(uses := list(x.uses())) == 1:
+        node = uses[0].node
+        if node.op_type == "Cast":
+            x = node.outputs[0]
+            continue
+        if node.op_type not in ("Mul", "Div") or uses[0].idx != 0 and node.op_type == "Div":
+            break
+        other = node.inputs[1 - uses[0].idx]
+        if patterns.const_array(other) is None or patterns.const_array(other).size != 1:
+            break
+        x = node.outputs[0]
+    return x
 
 
 def _branch_nodes(branch_output: ir.Value, stream_value: ir.Value, stops: set[ir.Value]) -> list[ir.Node] | None:
@@ -285,10 +302,11 @@ def match_gated_ffn(output: ir.Value, x: ir.Value) -> dict | str:
     if product is None:
         return f"down projection input comes from {_op_of(down.input)}, expected Mul(act(gate), up)"
     for act_value, up_value in (product.inputs, reversed(product.inputs)):
-        silu = patterns.match_silu(act_value)
-        if silu is None:
+        activation = patterns.match_activation(act_value)
+        if activation is None:
             continue
-        gate = patterns.match_linear(silu[0])
+        kind, gate_input, activation_nodes = activation
+        gate = patterns.match_linear(gate_input)
         up = patterns.match_linear(up_value)
         if gate is None or up is None:
             continue
@@ -301,10 +319,10 @@ def match_gated_ffn(output: ir.Value, x: ir.Value) -> dict | str:
         if gate.weight.shape_in_out != up.weight.shape_in_out or \
                 down.weight.shape_in_out[::-1] != gate.weight.shape_in_out:
             return "gate/up/down weight shapes do not form an FFN"
-        nodes = (*norm.nodes, *gate.nodes, *silu[1], *up.nodes, product, *down.nodes)
+        nodes = (*norm.nodes, *gate.nodes, *activation_nodes, *up.nodes, product, *down.nodes)
         return {"norm": norm, "gate": gate.weight, "up": up.weight, "down": down.weight,
-                "activation": "silu", "nodes": nodes}
-    return "no SiLU-gated product (Mul of silu(gate) and up) before the down projection"
+                "activation": kind, "nodes": nodes}
+    return "no SiLU/GELU-gated product (Mul of act(gate) and up) before the down projection"
 
 
 def _op_of(value: ir.Value) -> str:

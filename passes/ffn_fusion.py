@@ -128,7 +128,14 @@ def fuse_group(graph: ir.Graph, label: str, members: Sequence[FFNBlock],
         return node.outputs[0]
 
     gate_out = add("MatMul", [unit_norm, gate], "gate_proj")
-    activated = add("Mul", [gate_out, add("Sigmoid", [gate_out], "sigmoid")], "silu")
+    if first.activation == "silu":
+        activated = add("Mul", [gate_out, add("Sigmoid", [gate_out], "sigmoid")], "silu")
+    else:  # the members' own GELU (exact or tanh), checked equal across the group
+        approximate = "tanh" if first.activation == "gelu_tanh" else "none"
+        node = ir.node("Gelu", [gate_out], {"approximate": approximate}, name=f"{prefix}/gelu")
+        node.outputs[0].name = f"{prefix}/gelu_output"
+        new_nodes.append(node)
+        activated = node.outputs[0]
     up_out = add("MatMul", [unit_norm, up], "up_proj")
     down_out = add("MatMul", [add("Mul", [activated, up_out], "gated"), down], "down_proj")
     residual = add("Add", [stream_input, down_out], "residual_add")

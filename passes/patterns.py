@@ -178,6 +178,24 @@ def match_linear(value: ir.Value) -> Linear | None:
     return None
 
 
+# Activation kinds and the ONNX op ffnfusion emits for each in a fused block.
+GELU_KINDS = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
+def match_activation(value: ir.Value) -> tuple[str, ir.Value, tuple[ir.Node, ...]] | None:
+    """``value = act(g)`` for SiLU (``g·sigmoid(g)``, ``Silu``/``Swish``) or GELU (``Gelu`` op, exact
+    or tanh): returns ``(kind, g, nodes)`` with kind ``silu`` | ``gelu`` | ``gelu_tanh``."""
+    silu = match_silu(value)
+    if silu is not None:
+        return "silu", *silu
+    node = producer(value, "Gelu")
+    if node is not None and node.domain in ("", "ai.onnx"):
+        kind = GELU_KINDS.get(_attr(node, "approximate", "none"))
+        if kind is not None:
+            return kind, node.inputs[0], (node,)
+    return None
+
+
 def match_silu(value: ir.Value) -> tuple[ir.Value, tuple[ir.Node, ...]] | None:
     """``value = silu(g)``: returns ``(g, nodes)``."""
     node = producer(value)

@@ -151,7 +151,7 @@ def _case_activation(d, synth):
         sigmoid.op_type = "Tanh"
 
     _edit(path, tanh_gate)
-    return path, "layer 3 has no recognised FFN (no SiLU-gated product"
+    return path, "layer 3 has no recognised FFN (no SiLU/GELU-gated product"
 
 
 CORPUS = {  # name: (builder, command after the model path, exit code)

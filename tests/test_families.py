@@ -1,0 +1,63 @@
+"""Model families beyond Llama: GeGLU (Gemma: gated GELU-tanh, (1 + w) norm gains, scaled embedding)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from conftest import rel_err
+from ffnfusion.exporters import llama_surgery
+from ffnfusion.exporters.onnx_export import ExportOptions, export_model
+from ffnfusion.passes.blocks import find_blocks
+from ffnfusion.passes.ffn_fusion import FFNFusionPass
+from ffnfusion.passes.plan import InvalidPlanError
+from ffnfusion.runtime.onnxruntime import create_session, run_logits
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(1)
+    config = GemmaConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=64)
+    model = GemmaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(-0.5, 0.5)
+    path = export_model(copy.deepcopy(model), tmp_path_factory.mktemp("gemma"),
+                        ExportOptions(drop_attention=[2, 3, 4]), log=lambda *_: None)
+    return model, path
+
+
+def test_geglu_recognised_and_fused_exactly(tiny_gemma, tmp_path):
+    model, path = tiny_gemma
+    onnx_model = ir.load(path)
+    block_map = find_blocks(onnx_model)
+    assert block_map.runs == [(2, 4)]
+    assert {layer.ffn.activation for layer in block_map.layers} == {"gelu_tanh"}
+    FFNFusionPass([[2, 3, 4]])(onnx_model)
+    fused = tmp_path / "fused.onnx"
+    ir.save(onnx_model, fused)
+
+    ids = np.random.default_rng(15).integers(0, 128, (2, 8))
+    reference = copy.deepcopy(model)
+    llama_surgery.drop_attention(reference, [2, 3, 4])
+    llama_surgery.parallelize_groups(reference, [[2, 3, 4]])
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert rel_err(run_logits(create_session(fused), ids), expected) <= 1e-5
+    assert find_blocks(ir.load(fused)).layer(3).ffn.activation == "gelu_tanh"
+
+
+def test_group_with_different_activations_is_refused(tiny_gemma):
+    onnx_model = ir.load(tiny_gemma[1])
+    gelu = next(n for n in find_blocks(onnx_model).ffn(3).nodes if n.op_type == "Gelu")
+    gelu.attributes["approximate"] = ir.AttrString("approximate", "none")
+    with pytest.raises(InvalidPlanError, match="layer 3 has activation gelu, layer 2 has gelu_tanh"):
+        FFNFusionPass([[2, 3]])(onnx_model)
