@@ -55,12 +55,13 @@ class _PassThrough(nn.Module):
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ``model.layers`` list of a ``*ForCausalLM`` (Llama, Mistral, Qwen2, SmolLM...)."""
-    inner = getattr(model, "model", model)
+    """The decoder layer list of a ``*ForCausalLM`` (``model.layers`` for Llama, Mistral, Qwen2,
+    Gemma, SmolLM; ``gpt_neox.layers`` for GPT-NeoX)."""
+    inner = getattr(model, "base_model", None) or getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise FFNFusionError(
-            f"{type(model).__name__} has no model.layers list; expected a Llama-style causal LM"
+            f"{type(model).__name__} has no decoder layer list; expected a Llama-style causal LM"
         )
     return layers
 

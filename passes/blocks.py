@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from ffnfusion.errors import FFNFusionError
 from ffnfusion.passes import patterns
+from ffnfusion.passes.ffn_match import match_ffn
 
 ATTENTION_OP_TYPES = {
     "Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
@@ -43,30 +44,38 @@ class BlockRecognitionError(FFNFusionError):
 
 @dataclasses.dataclass(frozen=True)
 class FFNBlock:
-    """One gated FFN residual branch ``y = x + down(silu(gate(n(x))) * up(n(x)))``."""
+    """One FFN residual branch: gated ``y = x + down(act(gate(n(x))) * up(n(x)))`` (SwiGLU,
+    GeGLU) or plain ``y = x + down(act(up(n(x))))``; every projection may carry a bias."""
 
     layer: int
     input: ir.Value  # residual stream value x
     output: ir.Value  # y, the residual Add's output
     residual_add: ir.Node
     norm: patterns.Norm
-    gate: patterns.Weight
+    gate: patterns.Weight | None  # None for a plain two-matrix MLP
     up: patterns.Weight
     down: patterns.Weight
     activation: str  # "silu" | "gelu" | "gelu_tanh"
     nodes: tuple[ir.Node, ...]  # every node of the branch, residual Add included
+    gate_bias: ir.Value | None = None
+    up_bias: ir.Value | None = None
+    down_bias: ir.Value | None = None
+
+    @property
+    def kind(self) -> str:
+        return "gated" if self.gate is not None else "plain"
 
     @property
     def width(self) -> int:
-        return self.gate.shape_in_out[1]
+        return self.up.shape_in_out[1]
 
     @property
     def hidden(self) -> int:
-        return self.gate.shape_in_out[0]
+        return self.up.shape_in_out[0]
 
     @property
     def dtype(self) -> ir.DataType:
-        return self.gate.value.const_value.dtype
+        return self.up.value.const_value.dtype
 
     def to_dict(self) -> dict:
         return {
@@ -76,10 +85,12 @@ class FFNBlock:
             "epsilon": self.norm.epsilon,
             "activation": self.activation,
             "dtype": self.dtype.name.lower(),
+            "kind": self.kind,
             "weights": {
                 "gain": self.norm.gain.name if self.norm.gain is not None else None,
-                "gate": self.gate.name, "up": self.up.name, "down": self.down.name,
-                "layout": "[out,in]" if self.gate.transposed else "[in,out]",
+                "gate": self.gate.name if self.gate is not None else None, "up": self.up.name,
+                "down": self.down.name, "layout": "[out,in]" if self.up.transposed else "[in,out]",
+                "biases": [b.name for b in (self.norm.bias, self.gate_bias, self.up_bias, self.down_bias) if b is not None],
             },
         }
 
@@ -281,7 +292,7 @@ def _classify(branch: list[ir.Node], branch_output: ir.Value, x: ir.Value, add: 
     ops = {node.op_type for node in branch}
     if ops & ATTENTION_OP_TYPES:
         return "attention", None
-    parts = match_gated_ffn(branch_output, x)
+    parts = match_ffn(branch_output, x)
     if isinstance(parts, str):
         return "unknown", parts
     matched = set(parts["nodes"])
@@ -291,43 +302,6 @@ def _classify(branch: list[ir.Node], branch_output: ir.Value, x: ir.Value, add: 
         return "unknown", f"gated FFN with extra nodes ({kinds}) that ffnfusion cannot fold"
     parts["nodes"] = (*parts["nodes"], add)
     return "ffn", parts
-
-
-def match_gated_ffn(output: ir.Value, x: ir.Value) -> dict | str:
-    """Match ``output = down(act(gate(n(x))) * up(n(x)))``; a string says what did not fit."""
-    down = patterns.match_linear(patterns.skip_casts(output))
-    if down is None:
-        return "branch output is not a MatMul/Gemm with a constant weight (down projection)"
-    product = patterns.producer(down.input, "Mul")
-    if product is None:
-        return f"down projection input comes from {_op_of(down.input)}, expected Mul(act(gate), up)"
-    for act_value, up_value in (product.inputs, reversed(product.inputs)):
-        activation = patterns.match_activation(act_value)
-        if activation is None:
-            continue
-        kind, gate_input, activation_nodes = activation
-        gate = patterns.match_linear(gate_input)
-        up = patterns.match_linear(up_value)
-        if gate is None or up is None:
-            continue
-        if gate.input is not up.input:
-            return "gate and up projections read different inputs"
-        norm = patterns.match_rms_norm(gate.input, x)
-        if norm is None:
-            return (f"FFN input comes from {_op_of(gate.input)}; expected an RMSNorm of the residual "
-                    "stream (decomposed, RMSNormalization or SimplifiedLayerNormalization)")
-        if gate.weight.shape_in_out != up.weight.shape_in_out or \
-                down.weight.shape_in_out[::-1] != gate.weight.shape_in_out:
-            return "gate/up/down weight shapes do not form an FFN"
-        nodes = (*norm.nodes, *gate.nodes, *activation_nodes, *up.nodes, product, *down.nodes)
-        return {"norm": norm, "gate": gate.weight, "up": up.weight, "down": down.weight,
-                "activation": kind, "nodes": nodes}
-    return "no SiLU/GELU-gated product (Mul of act(gate) and up) before the down projection"
-
-
-def _op_of(value: ir.Value) -> str:
-    node = value.producer()
-    return "a graph input or constant" if node is None else f"a {node.op_type} node"
 
 
 def iter_residual_branches(graph: ir.Graph) -> Iterator[tuple[ir.Value, ir.Node, ir.Value, list[ir.Node]]]:

@@ -1,4 +1,4 @@
-"""Fuse groups of consecutive attention-free SwiGLU FFN layers into one wide FFN.
+"""Fuse groups of consecutive attention-free FFN layers into one wide FFN.
 
 For a group of layers ``1..k`` reading the residual stream ``x``, the parallel form
 
@@ -10,7 +10,9 @@ equals one FFN of width ``Σ_j width_j`` on the unit-gain norm ``u = x / rms(x)`
     G* = [diag(s_1)·G_1 | … | diag(s_k)·G_k],  U* = [diag(s_1)·U_1 | …],  D* = [D_1; …; D_k]
 
 exactly, because every member sees the same ``rms(x)`` (same epsilon). Gains are folded in
-float32 and cast back to the weights' dtype. Replacing the *sequential* run by this parallel form
+float32 and cast back to the weights' dtype. The same holds for GeGLU, for plain two-matrix MLPs
+``down(act(n(x)·U + b_u)) + b_d`` (biases: ``b_u*`` concatenates, ``b_d*`` sums) and for LayerNorm
+``n(x) = unit(x)·s + β``, whose bias folds into the first projection's: ``b_u* = [β_j·U_j + b_u_j]``. Replacing the *sequential* run by this parallel form
 is the approximation FFN Fusion makes; this pass performs the rewrite, analysis decides where.
 """
 
@@ -62,6 +64,7 @@ def check_fusable(label: str, members: Sequence[FFNBlock]) -> None:
         for what, mine, theirs in (
             ("norm epsilon", member.norm.epsilon, first.norm.epsilon),
             ("norm kind", member.norm.kind, first.norm.kind),
+            ("FFN kind", member.kind, first.kind),
             ("activation", member.activation, first.activation),
             ("hidden size", member.hidden, first.hidden),
             ("weight dtype", member.dtype, first.dtype),
@@ -117,27 +120,35 @@ def fuse_group(graph: ir.Graph, label: str, members: Sequence[FFNBlock],
     unit_norm = _unit_gain_norm(first, prefix, new_nodes, graph, doomed)
     # Weights are computed when saved, a block of rows at a time (models larger than RAM).
     gains = [_gain_float32(m) for m in members]
-    gate = _register(graph, folded_columns([m.gate for m in members], gains, dtype, f"{prefix}.gate_proj.weight"))
     up = _register(graph, folded_columns([m.up for m in members], gains, dtype, f"{prefix}.up_proj.weight"))
     down = _register(graph, stacked_rows([m.down for m in members], dtype, f"{prefix}.down_proj.weight"))
+    gate = None
+    if first.kind == "gated":
+        gate = _register(graph, folded_columns([m.gate for m in members], gains, dtype, f"{prefix}.gate_proj.weight"))
 
-    def add(op_type, inputs, name):
-        node = ir.node(op_type, inputs, name=f"{prefix}/{name}")
+    def add(op_type, inputs, name, **attributes):
+        node = ir.node(op_type, inputs, attributes or None, name=f"{prefix}/{name}")
         node.outputs[0].name = f"{prefix}/{name}_output"
         new_nodes.append(node)
         return node.outputs[0]
 
-    gate_out = add("MatMul", [unit_norm, gate], "gate_proj")
-    if first.activation == "silu":
-        activated = add("Mul", [gate_out, add("Sigmoid", [gate_out], "sigmoid")], "silu")
-    else:  # the members' own GELU (exact or tanh), checked equal across the group
-        approximate = "tanh" if first.activation == "gelu_tanh" else "none"
-        node = ir.node("Gelu", [gate_out], {"approximate": approximate}, name=f"{prefix}/gelu")
-        node.outputs[0].name = f"{prefix}/gelu_output"
-        new_nodes.append(node)
-        activated = node.outputs[0]
-    up_out = add("MatMul", [unit_norm, up], "up_proj")
-    down_out = add("MatMul", [add("Mul", [activated, up_out], "gated"), down], "down_proj")
+    def linear(value, weight, bias, name):
+        out = add("MatMul", [value, weight], name)
+        return out if bias is None else add("Add", [out, _register(graph, bias)], f"{name}_bias")
+
+    def activate(value):
+        if first.activation == "silu":
+            return add("Mul", [value, add("Sigmoid", [value], "sigmoid")], "silu")
+        # the members' own GELU (exact or tanh), checked equal across the group
+        return add("Gelu", [value], "gelu", approximate="tanh" if first.activation == "gelu_tanh" else "none")
+
+    up_out = linear(unit_norm, up, folded_bias(members, "up", dtype, f"{prefix}.up_proj.bias"), "up_proj")
+    if gate is not None:
+        gate_out = linear(unit_norm, gate, folded_bias(members, "gate", dtype, f"{prefix}.gate_proj.bias"), "gate_proj")
+        hidden = add("Mul", [activate(gate_out), up_out], "gated")
+    else:
+        hidden = activate(up_out)
+    down_out = linear(hidden, down, summed_down_bias(members, dtype, f"{prefix}.down_proj.bias"), "down_proj")
     residual = add("Add", [stream_input, down_out], "residual_add")
     residual.type, residual.shape = last.output.type, last.output.shape
 
@@ -173,6 +184,29 @@ def _unit_gain_norm(first: FFNBlock, prefix: str, new_nodes: list[ir.Node], grap
     node.outputs[0].name = f"{prefix}/norm_output"
     new_nodes.append(node)
     return node.outputs[0]
+
+
+def folded_bias(members: Sequence[FFNBlock], which: str, dtype: ir.DataType, name: str) -> ir.Tensor | None:
+    """``[β_1·W_1 + b_1 | … | β_k·W_k + b_k]`` for the gate or up projection (float32, cast once):
+    each member's LayerNorm bias ``β_j`` goes through its own weight; None when nothing is biased."""
+    if all(m.norm.bias is None and getattr(m, f"{which}_bias") is None for m in members):
+        return None
+    parts = []
+    for member in members:
+        weight = getattr(member, which)
+        part = np.zeros(weight.shape_in_out[1], np.float32)
+        if member.norm.bias is not None:
+            part += member.norm.bias.const_value.numpy().astype(np.float32) @ weight.numpy_in_out().astype(np.float32)
+        if (bias := getattr(member, f"{which}_bias")) is not None:
+            part += bias.const_value.numpy().astype(np.float32)
+        parts.append(part)
+    return ir.tensor(np.concatenate(parts).astype(dtype.numpy()), name=name)
+
+
+def summed_down_bias(members: Sequence[FFNBlock], dtype: ir.DataType, name: str) -> ir.Tensor | None:
+    """``b_1 + … + b_k``: the members' down biases all add to the same residual."""
+    biases = [m.down_bias.const_value.numpy().astype(np.float32) for m in members if m.down_bias is not None]
+    return ir.tensor(np.sum(biases, axis=0).astype(dtype.numpy()), name=name) if biases else None
 
 
 def _gain_float32(member: FFNBlock) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 RMS_OP_TYPES = {"RMSNormalization", "SimplifiedLayerNormalization"}
+NORM_OP_TYPES = RMS_OP_TYPES | {"LayerNormalization"}
 SILU_OP_TYPES = {"Silu", "Swish"}
 
 
@@ -53,6 +54,7 @@ class Linear:
     input: ir.Value
     weight: Weight
     nodes: tuple[ir.Node, ...]
+    bias: ir.Value | None = None  # 1-D initializer added to the product
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +64,14 @@ class Norm:
     kind: str  # "rms_decomposed" | "RMSNormalization" | "SimplifiedLayerNormalization"
     epsilon: float
     gain: ir.Value | None  # 1-D initializer ``s``; None when the norm has no gain
+    # (LayerNorm only) 1-D initializer ``β``: n(x) = unit(x)·s + β
     output: ir.Value  # n(x), what the FFN's gate/up MatMuls read
     # The unit-gain value x/rms(x) the gain multiplies (decomposed kind only): a fused group
     # keeps the first member's nodes up to here and drops the gain Mul.
     unit_output: ir.Value | None
     nodes: tuple[ir.Node, ...]
     gain_node: ir.Node | None = None
+    bias: ir.Value | None = None
 
 
 def initializer_of(value: ir.Value | None) -> ir.Value | None:
@@ -153,19 +157,33 @@ def _is_last_axis_reduction(node: ir.Node) -> bool:
 
 
 def match_linear(value: ir.Value) -> Linear | None:
-    """``value = a @ W`` with W constant: MatMul (optionally via Transpose) or Gemm transB=1."""
+    """``value = a @ W (+ b)`` with W, b constant: MatMul (optionally via Transpose), then an
+    optional bias Add, or Gemm (transB=1, optional bias C)."""
+    add = producer(value, "Add")
+    if add is not None:
+        for product, bias in (add.inputs, reversed(add.inputs)):
+            bias_init = initializer_of(bias)
+            if bias_init is None or bias_init.const_value.shape.rank() != 1:
+                continue
+            linear = _match_unbiased_linear(product)
+            if linear is not None and len(product.uses()) == 1:
+                return dataclasses.replace(linear, nodes=(*linear.nodes, add), bias=bias_init)
+        return None
+    return _match_unbiased_linear(value)
+
+
+def _match_unbiased_linear(value: ir.Value) -> Linear | None:
     node = producer(value, {"MatMul", "Gemm"})
     if node is None:
         return None
     if node.op_type == "Gemm":
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            return None  # biased linear layers are not SwiGLU FFNs
-        if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0:
+        if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
             return None
         weight = initializer_of(node.inputs[1])
-        if weight is None:
+        bias = initializer_of(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if weight is None or (len(node.inputs) > 2 and node.inputs[2] is not None and bias is None):
             return None
-        return Linear(node.inputs[0], Weight(weight, bool(_attr(node, "transB", 0))), (node,))
+        return Linear(node.inputs[0], Weight(weight, bool(_attr(node, "transB", 0))), (node,), bias)
     a, b = node.inputs
     weight = initializer_of(b)
     if weight is not None and weight.const_value.shape.rank() == 2:
@@ -212,20 +230,23 @@ def match_silu(value: ir.Value) -> tuple[ir.Value, tuple[ir.Node, ...]] | None:
     return None
 
 
-def match_rms_norm(output: ir.Value, x: ir.Value) -> Norm | None:
-    """``output = RMSNorm(x)`` in any of the encodings listed in the module docstring."""
+def match_norm(output: ir.Value, x: ir.Value) -> Norm | None:
+    """``output = RMSNorm(x)`` in any of the encodings listed in the module docstring, or
+    ``LayerNormalization(x, s, β)``."""
     node = producer(output)
     if node is None:
         return None
-    if node.op_type in RMS_OP_TYPES:
+    if node.op_type in NORM_OP_TYPES and node.outputs[0] is output:
         casts: list[ir.Node] = []
         if not reaches(node.inputs[0], x, casts) or _attr(node, "axis", -1) != -1:
             return None
         gain = initializer_of(node.inputs[1]) if len(node.inputs) > 1 else None
-        if gain is None:
+        has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+        bias = initializer_of(node.inputs[2]) if has_bias else None
+        if gain is None or (has_bias and bias is None):
             return None
         return Norm(node.op_type, float32_epsilon(_attr(node, "epsilon", 1e-5)), gain, output, None,
-                    (node, *casts))
+                    (node, *casts), bias=bias)
     # Optional gain: Mul(s, y) with s a 1-D constant.
     if node.op_type == "Mul":
         for gain_input, unit in (node.inputs, reversed(node.inputs)):

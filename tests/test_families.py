@@ -15,6 +15,7 @@ from ffnfusion.exporters.onnx_export import ExportOptions, export_model
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.plan import InvalidPlanError
+from ffnfusion.runtime.exactness import fused_group_error
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
 
 
@@ -61,3 +62,44 @@ def test_group_with_different_activations_is_refused(tiny_gemma):
     gelu.attributes["approximate"] = ir.AttrString("approximate", "none")
     with pytest.raises(InvalidPlanError, match="layer 3 has activation gelu, layer 2 has gelu_tanh"):
         FFNFusionPass([[2, 3]])(onnx_model)
+
+
+@pytest.fixture(scope="module")
+def tiny_neox(tmp_path_factory):
+    """GPT-NeoX with sequential residuals: LayerNorm (with bias) and a biased GELU MLP."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(2)
+    config = GPTNeoXConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=6,
+                           num_attention_heads=4, max_position_embeddings=64, use_parallel_residual=False)
+    model = GPTNeoXForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" in name or name.endswith(".bias"):
+                param.uniform_(-0.5, 0.5) if name.endswith(".bias") else param.uniform_(0.5, 1.5)
+    path = export_model(copy.deepcopy(model), tmp_path_factory.mktemp("neox"),
+                        ExportOptions(drop_attention=[2, 3, 4]), log=lambda *_: None)
+    return model, path
+
+
+def test_layernorm_biased_mlp_fused_exactly(tiny_neox, tmp_path):
+    model, path = tiny_neox
+    onnx_model = ir.load(path)
+    block = find_blocks(onnx_model).ffn(3)
+    assert (block.kind, block.norm.kind, block.activation) == ("plain", "LayerNormalization", "gelu")
+    assert block.norm.bias is not None and block.up_bias is not None and block.down_bias is not None
+    FFNFusionPass([[2, 3, 4]])(onnx_model)
+    fused = tmp_path / "fused.onnx"
+    ir.save(onnx_model, fused)
+    assert find_blocks(ir.load(fused)).layer(2).ffn.width == 3 * 160
+
+    ids = np.random.default_rng(16).integers(0, 128, (2, 8))
+    reference = copy.deepcopy(model)
+    llama_surgery.drop_attention(reference, [2, 3, 4])
+    with torch.no_grad():
+        sequential = reference(input_ids=torch.from_numpy(ids)).logits.numpy()
+        llama_surgery.parallelize_groups(reference, [[2, 3, 4]])
+        parallel = reference(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert rel_err(run_logits(create_session(path), ids), sequential) <= 1e-5
+    assert rel_err(run_logits(create_session(fused), ids), parallel) <= 1e-5
+    assert fused_group_error(str(path), str(fused), [2, 3, 4])["rel_err"] <= 1e-5  # numpy, from the weights

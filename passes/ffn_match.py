@@ -1,0 +1,66 @@
+"""Match an FFN residual branch: ``match_ffn(output, x) -> dict | str`` (a string says what did not fit).
+
+* gated (SwiGLU, GeGLU): ``down(act(gate(n(x))) ⊙ up(n(x)))``;
+* plain two-matrix MLP (GPT-NeoX style): ``down(act(up(n(x))))``;
+
+with ``n`` an RMSNorm or LayerNorm of the residual stream and any projection optionally biased.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from ffnfusion.passes import patterns
+
+
+def _op_of(value: ir.Value) -> str:
+    node = value.producer()
+    return "a graph input or constant" if node is None else f"a {node.op_type} node"
+
+
+def _with_norm(x: ir.Value, first_input: ir.Value, parts: dict) -> dict | str:
+    norm = patterns.match_norm(first_input, x)
+    if norm is None:
+        return (f"FFN input comes from {_op_of(first_input)}; expected a norm of the residual stream "
+                "(RMSNorm decomposed, RMSNormalization, SimplifiedLayerNormalization or LayerNormalization)")
+    parts["norm"] = norm
+    parts["nodes"] = (*norm.nodes, *parts["nodes"])
+    return parts
+
+
+def match_ffn(output: ir.Value, x: ir.Value) -> dict | str:
+    down = patterns.match_linear(patterns.skip_casts(output))
+    if down is None:
+        return "branch output is not a MatMul/Gemm with a constant weight (down projection)"
+    common = {"down": down.weight, "down_bias": down.bias}
+    product = patterns.producer(down.input, "Mul")
+    if product is not None:
+        for act_value, up_value in (product.inputs, reversed(product.inputs)):
+            activation = patterns.match_activation(act_value)
+            if activation is None:
+                continue
+            kind, gate_input, activation_nodes = activation
+            gate, up = patterns.match_linear(gate_input), patterns.match_linear(up_value)
+            if gate is None or up is None:
+                continue
+            if gate.input is not up.input:
+                return "gate and up projections read different inputs"
+            if gate.weight.shape_in_out != up.weight.shape_in_out or \
+                    down.weight.shape_in_out[::-1] != up.weight.shape_in_out:
+                return "gate/up/down weight shapes do not form an FFN"
+            nodes = (*gate.nodes, *activation_nodes, *up.nodes, product, *down.nodes)
+            return _with_norm(x, up.input, {**common, "gate": gate.weight, "gate_bias": gate.bias, "up": up.weight,
+                                            "up_bias": up.bias, "activation": kind, "nodes": nodes})
+    activation = patterns.match_activation(down.input)
+    if activation is None:
+        return ("no SiLU/GELU-gated product (Mul of act(gate) and up) and no activation before the down "
+                f"projection (found {_op_of(down.input)})")
+    kind, up_value, activation_nodes = activation
+    up = patterns.match_linear(up_value)
+    if up is None:
+        return f"activation input comes from {_op_of(up_value)}, expected the up projection"
+    if down.weight.shape_in_out[::-1] != up.weight.shape_in_out:
+        return "up/down weight shapes do not form an MLP"
+    nodes = (*up.nodes, *activation_nodes, *down.nodes)
+    return _with_norm(x, up.input, {**common, "gate": None, "gate_bias": None, "up": up.weight, "up_bias": up.bias,
+                                    "activation": kind, "nodes": nodes})
