@@ -57,7 +57,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="'smollm2' (embedded default), a .gguf file, or a Hugging Face folder")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--opset", type=int, default=20, help="ONNX opset, 18-23 (default 20)")
-    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="weights and activations dtype (default float32; ORT CPU cannot run bfloat16)")
     parser.add_argument("--drop-attention", type=_layers, default=[], metavar="LAYERS",
                         help="decoder layers exported without attention, e.g. 10-17 or 3,5-7")
     parser.add_argument("--kv-cache", action="store_true",

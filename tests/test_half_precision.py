@@ -25,3 +25,21 @@ def test_fused_weights_keep_dtype_and_match(dtype, tmp_path, capsys):
     assert weight.dtype == {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}[dtype]
     result = fused_group_error(str(source), str(fused), [2, 3, 4], tokens=16)
     assert 0 < result["rel_err"] <= TOLERANCE[dtype]
+
+
+def test_bfloat16_export_is_recognised_and_fused(tiny_llama, tmp_path):
+    """A bfloat16 export (ORT's CPU provider cannot run it; the weights are checked in numpy)."""
+    import copy
+
+    from ffnfusion.exporters.onnx_export import ExportOptions, export_model
+    from ffnfusion.passes.blocks import find_blocks
+    from ffnfusion.passes.ffn_fusion import FFNFusionPass
+
+    path = export_model(copy.deepcopy(tiny_llama), tmp_path / "bf16", ExportOptions(dtype="bfloat16", drop_attention=[2, 3, 4]),
+                        log=lambda *_: None)
+    model = ir.load(path)
+    assert find_blocks(model).ffn(3).dtype == ir.DataType.BFLOAT16
+    FFNFusionPass([[2, 3, 4]])(model)
+    fused = tmp_path / "fused.onnx"
+    ir.save(model, fused, external_data="fused.onnx.data")
+    assert fused_group_error(str(path), str(fused), [2, 3, 4], tokens=16)["rel_err"] <= TOLERANCE["bfloat16"]
