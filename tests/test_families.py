@@ -1,4 +1,4 @@
-"""Model families beyond Llama: GeGLU (Gemma: gated GELU-tanh, (1 + w) norm gains, scaled embedding)."""
+"""Model families beyond Llama: GeGLU (Gemma) and a plain biased MLP after LayerNorm (GPT-NeoX)."""
 
 from __future__ import annotations
 
@@ -19,21 +19,31 @@ from ffnfusion.runtime.exactness import fused_group_error
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma(tmp_path_factory):
-    from transformers import GemmaConfig, GemmaForCausalLM
+DROPPED = [2, 3, 4]
 
-    torch.manual_seed(1)
-    config = GemmaConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=64)
-    model = GemmaForCausalLM(config).eval()
+
+def _random_model_and_export(model_class, config, randomize, seed, directory):
+    """A random tiny model of a family (parameters edited by ``randomize(name, param)``), exported
+    with attention dropped in layers 2-4."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(-0.5, 0.5)
-    path = export_model(copy.deepcopy(model), tmp_path_factory.mktemp("gemma"),
-                        ExportOptions(drop_attention=[2, 3, 4]), log=lambda *_: None)
+            randomize(name, param)
+    path = export_model(copy.deepcopy(model), directory, ExportOptions(drop_attention=DROPPED), log=lambda *_: None)
     return model, path
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """Gemma: gated GELU-tanh (GeGLU), (1 + w) norm gains, scaled embedding."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    config = GemmaConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=64)
+    return _random_model_and_export(
+        GemmaForCausalLM, config, lambda name, p: p.uniform_(-0.5, 0.5) if "norm" in name else None, 1,
+        tmp_path_factory.mktemp("gemma"))
 
 
 def test_geglu_recognised_and_fused_exactly(tiny_gemma, tmp_path):
@@ -69,17 +79,15 @@ def tiny_neox(tmp_path_factory):
     """GPT-NeoX with sequential residuals: LayerNorm (with bias) and a biased GELU MLP."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    torch.manual_seed(2)
+    def randomize(name, param):
+        if name.endswith(".bias"):
+            param.uniform_(-0.5, 0.5)
+        elif "layernorm" in name:
+            param.uniform_(0.5, 1.5)
+
     config = GPTNeoXConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=6,
                            num_attention_heads=4, max_position_embeddings=64, use_parallel_residual=False)
-    model = GPTNeoXForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "layernorm" in name or name.endswith(".bias"):
-                param.uniform_(-0.5, 0.5) if name.endswith(".bias") else param.uniform_(0.5, 1.5)
-    path = export_model(copy.deepcopy(model), tmp_path_factory.mktemp("neox"),
-                        ExportOptions(drop_attention=[2, 3, 4]), log=lambda *_: None)
-    return model, path
+    return _random_model_and_export(GPTNeoXForCausalLM, config, randomize, 2, tmp_path_factory.mktemp("neox"))
 
 
 def test_layernorm_biased_mlp_fused_exactly(tiny_neox, tmp_path):
