@@ -247,6 +247,44 @@ def run_drop_attention(args) -> None:
         print(json.dumps(summary, indent=2))
 
 
+# --- bench --------------------------------------------------------------------------------------
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="+", help="ONNX models; ratios are to the first")
+    parser.add_argument("--batch", type=_ints, default=[1, 8], help="batch sizes (default 1,8)")
+    parser.add_argument("--seq", type=_ints, default=[1, 128], help="sequence lengths (default 1,128)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per model and shape (default 20)")
+    parser.add_argument("--decode", action="store_true", help="also time one-token decode steps (KV-cache models)")
+    parser.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
+    parser.add_argument("--json", action="store_true", help="print rows as JSON")
+
+
+@command("bench", "time models side by side with ONNX Runtime",
+         "Warm-up, then interleaved runs of every model at every batch x sequence shape; median, "
+         "interquartile spread, tokens/s and the ratio of each median to the first model's.")
+@arguments(_bench_arguments)
+def run_bench(args) -> None:
+    from ffnfusion.runtime.bench import benchmark, format_rows
+
+    rows, peak = benchmark(args.models, args.batch, args.seq, repeats=args.repeats, decode=args.decode,
+                           threads=args.threads)
+    if args.json:
+        print(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "peak_rss_gib": peak}, indent=2))
+    else:
+        print(format_rows(rows))
+        print(f"peak RSS of this process: {peak:.2f} GiB")
+
+
 # --- synth --------------------------------------------------------------------------------------
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:
