@@ -285,6 +285,90 @@ def run_bench(args) -> None:
         print(f"peak RSS of this process: {peak:.2f} GiB")
 
 
+# --- TensorRT -----------------------------------------------------------------------------------
+
+def _check_trt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="ONNX model (file, or a directory holding model.onnx)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@command("check-trt", "static check that TensorRT's ONNX parser supports every node",
+         "Op types/domains against TensorRT's ONNX operator support table (kept as data with its "
+         "TensorRT version), opset and IR version range, no com.microsoft ops. Needs no TensorRT or GPU; "
+         "exit 1 with one line per unsupported node.")
+@arguments(_check_trt_arguments)
+def run_check_trt(args) -> None:
+    from ffnfusion.runtime.tensorrt_check import check_tensorrt
+
+    result = check_tensorrt(args.model)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result) | {"ok": result.ok}, indent=2))
+    else:
+        for problem in result.problems:
+            print(problem)
+        print(f"{'OK' if result.ok else 'FAILED'}: {result.nodes} nodes checked against TensorRT {result.tensorrt}'s "
+              f"ONNX parser table ({len(result.problems)} problems)")
+    if not result.ok:
+        raise FFNFusionError(f"{len(result.problems)} node(s) or settings TensorRT cannot parse")
+
+
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    from ffnfusion.runtime.tensorrt import DEFAULT_WORKSPACE_MIB
+
+    parser.add_argument("model", help="ONNX model (file, or a directory holding model.onnx)")
+    parser.add_argument("-o", "--output", required=True, metavar="ENGINE.plan", help="serialized engine")
+    parser.add_argument("--min-shapes", help="trtexec syntax, e.g. input_ids:1x1,attention_mask:1x1")
+    parser.add_argument("--opt-shapes", help="default: batch 1, sequence 128")
+    parser.add_argument("--max-shapes", help="default: batch 8, sequence 512")
+    parser.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MIB, help="workspace limit in MiB")
+    parser.add_argument("--timing-cache", help="timing cache file (read if present, written after the build)")
+
+
+@command("build-engine", "build a TensorRT engine (needs TensorRT and a GPU)",
+         "Strongly typed TensorRT 10/11 engine with one optimisation profile; prints the equivalent trtexec "
+         "command first. Without TensorRT: one line saying how to install it, exit code 3.")
+@arguments(_engine_arguments)
+def run_build_engine(args) -> None:
+    import pathlib
+
+    from ffnfusion.runtime import tensorrt
+
+    model = pathlib.Path(args.model)
+    model = model / "model.onnx" if model.is_dir() else model
+    profile = tensorrt.default_profile(model)
+    for field, text in (("min", args.min_shapes), ("opt", args.opt_shapes), ("max", args.max_shapes)):
+        if text:
+            getattr(profile, field).update(tensorrt.parse_shapes(text))
+    print(tensorrt.trtexec_command(str(model), args.output, profile, args.workspace, args.timing_cache), flush=True)
+    tensorrt.build_engine(str(model), args.output, profile, workspace_mib=args.workspace,
+                          timing_cache=args.timing_cache, log=lambda m: print(m, file=sys.stderr))
+
+
+def _run_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("engine", help="serialized engine (.plan)")
+    parser.add_argument("model", help="the ONNX model it was built from (ORT runs it for comparison)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=16)
+
+
+@command("run-engine", "run a TensorRT engine and compare its logits with ONNX Runtime",
+         "Feeds the same random tokens to the engine and to ORT (CPU) and prints the relative error of logits.")
+@arguments(_run_engine_arguments)
+def run_run_engine(args) -> None:
+    import numpy as np
+
+    from ffnfusion.runtime import tensorrt
+    from ffnfusion.runtime.onnxruntime import create_session, default_feeds
+
+    tensorrt.import_tensorrt()
+    session = create_session(args.model)
+    feeds = default_feeds(session, np.random.default_rng(0).integers(0, 128, (args.batch, args.seq)))
+    reference = session.run(["logits"], feeds)[0]
+    engine = tensorrt.run_engine(args.engine, feeds)
+    error = float(np.linalg.norm(engine - reference) / np.linalg.norm(reference))
+    print(f"TensorRT vs ONNX Runtime logits: relative error {error:.2e} (batch {args.batch}, seq {args.seq})")
+
+
 # --- synth --------------------------------------------------------------------------------------
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:
@@ -409,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"ffnfusion: error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, UsageError) else 1
+        return 2 if isinstance(err, UsageError) else getattr(err, "exit_code", 1)
     except KeyboardInterrupt:
         print("ffnfusion: interrupted", file=sys.stderr)
         return 130
