@@ -266,6 +266,8 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per model and shape (default 20)")
     parser.add_argument("--decode", action="store_true", help="also time one-token decode steps (KV-cache models)")
     parser.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
+    parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
+                        help="ONNX Runtime execution provider (falls back to cpu with one warning)")
     parser.add_argument("--json", action="store_true", help="print rows as JSON")
 
 
@@ -277,7 +279,7 @@ def run_bench(args) -> None:
     from ffnfusion.runtime.bench import benchmark, format_rows
 
     rows, peak = benchmark(args.models, args.batch, args.seq, repeats=args.repeats, decode=args.decode,
-                           threads=args.threads)
+                           threads=args.threads, provider=args.provider)
     if args.json:
         print(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "peak_rss_gib": peak}, indent=2))
     else:
@@ -399,6 +401,8 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory (model.onnx + tokenizer files) or model file")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
+                        help="ONNX Runtime execution provider (falls back to cpu with one warning)")
 
 
 @command("generate", "greedy text generation with ONNX Runtime",
@@ -417,7 +421,7 @@ def run_generate(args) -> None:
     if not model_file.is_file():
         raise FFNFusionError(f"model {model_file} not found")
     tokenizer = load_tokenizer(model_file.parent)
-    session = create_session(model_file)
+    session = create_session(model_file, provider=args.provider)
     print(args.prompt, end="", flush=True)
     generate_text(session, tokenizer, args.prompt, args.max_new_tokens,
                   on_text=lambda piece: print(piece, end="", flush=True))

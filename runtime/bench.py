@@ -41,9 +41,10 @@ def _decode_feeds(session, input_ids: np.ndarray, warm: list[np.ndarray]) -> dic
 
 
 def benchmark(paths: list[str], batches: list[int], seqs: list[int], *, repeats: int = 20, warmup: int = 3,
-              decode: bool = False, threads: int | None = None, vocab: int = 128) -> tuple[list[BenchRow], float]:
+              decode: bool = False, threads: int | None = None, vocab: int = 128,
+              provider: str = "cpu") -> tuple[list[BenchRow], float]:
     """Returns the rows and the process's peak RSS in GiB."""
-    sessions = [create_session(path, threads=threads) for path in paths]
+    sessions = [create_session(path, threads=threads, provider=provider) for path in paths]
     rng = np.random.default_rng(0)
     rows: list[BenchRow] = []
     for batch in batches:

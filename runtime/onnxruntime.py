@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pathlib
 
@@ -21,16 +23,38 @@ def _options(threads: int | None):
     return options
 
 
-def create_session(path: str | os.PathLike, threads: int | None = None, provider: str = "cpu"):
-    """An ``InferenceSession`` on the CPU provider (the GPU providers arrive with the runtime issue)."""
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+
+
+def create_session(path: str | os.PathLike, threads: int | None = None, provider: str = "cpu", warn=None):
+    """An ``InferenceSession`` on ``provider`` (cpu | cuda | tensorrt), falling back to the CPU with
+    one warning line when that provider does not really load (onnxruntime-gpu lists CUDA and
+    TensorRT even on machines without a GPU)."""
+    import sys
+
     import onnxruntime as ort
 
-    if provider != "cpu":
-        raise FFNFusionError(f"provider {provider!r} is not supported yet: use cpu")
+    if provider not in PROVIDERS:
+        raise FFNFusionError(f"unknown provider {provider!r}: choose from {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[provider]
+    providers = [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
+    warn = warn or (lambda message: print(message, file=sys.stderr))
+    if wanted not in ort.get_available_providers():
+        warn(f"warning: {wanted} is not in this onnxruntime build; using the CPU")
+        providers = [PROVIDERS["cpu"]]
+    # A provider that fails to load logs (and prints, for TensorRT) a wall of errors: we say it once.
+    ort.set_default_logger_severity(4)
     try:
-        return ort.InferenceSession(str(path), _options(threads), providers=["CPUExecutionProvider"])
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            session = ort.InferenceSession(str(path), _options(threads), providers=providers)
     except Exception as err:  # ORT raises its own exception types for invalid graphs
         raise FFNFusionError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from err
+    finally:
+        ort.set_default_logger_severity(3)
+    if providers[0] != PROVIDERS["cpu"] and session.get_providers()[0] != wanted:
+        warn(f"warning: {wanted} did not load (no usable GPU or libraries); running on the CPU")
+    return session
 
 
 def session_from_model(model: ir.Model, base_dir: str | os.PathLike, threads: int | None = None):

@@ -23,3 +23,21 @@ def test_cli_json(capsys, tiny_dynamo20):
                  "--repeats", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(data["rows"]) == 2 and data["peak_rss_gib"] > 0
+
+
+def test_gpu_providers_fall_back_with_one_warning(tiny_dynamo20):
+    """onnxruntime-gpu lists CUDA and TensorRT even without a GPU: one warning line, then the CPU."""
+    import pytest
+
+    from ffnfusion.errors import FFNFusionError
+    from ffnfusion.runtime.onnxruntime import PROVIDERS, create_session
+
+    for provider in ("cuda", "tensorrt"):
+        warnings = []
+        session = create_session(tiny_dynamo20, provider=provider, warn=warnings.append)
+        if session.get_providers()[0] == PROVIDERS[provider]:
+            pytest.skip(f"{provider} really loads here: nothing falls back")
+        assert session.get_providers() == ["CPUExecutionProvider"]
+        assert len(warnings) == 1 and "CPU" in warnings[0]
+    with pytest.raises(FFNFusionError, match="unknown provider 'rocm'"):
+        create_session(tiny_dynamo20, provider="rocm")
