@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 

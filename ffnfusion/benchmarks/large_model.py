@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 DEFAULT_GROUPS = {"llama-8b": "12-15,16-19,20-23,24-26", "smollm2": "10-13,14-16", "tiny": "2-3"}
 DROP = {"llama-8b": "0-1", "smollm2": "0-1", "tiny": "0"}
@@ -75,7 +73,7 @@ def main(argv=None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\n{args.preset}: {size:.1f} GiB of weights ({'kept in ' + str(work) if args.keep else 'deleted'})")
-    print(f"| step | seconds | peak RSS (GiB) |\n|---|---|---|")
+    print("| step | seconds | peak RSS (GiB) |\n|---|---|---|")
     for name, seconds, rss in rows:
         print(f"| {name} | {seconds:.1f} | {rss:.2f} |")
     print(f"\nfuse time / cp time = {fuse_seconds / cp_seconds:.2f} (target <= 2.0); "
