@@ -13,6 +13,11 @@ from ffnfusion.errors import FFNFusionError
 
 # --- bench --------------------------------------------------------------------------------------
 
+def _provider_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
+                        help="ONNX Runtime execution provider (falls back to cpu with one warning)")
+
+
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", help="ONNX models; ratios are to the first")
     parser.add_argument("--batch", type=parse_int_list, default=[1, 8], help="batch sizes (default 1,8)")
@@ -20,8 +25,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per model and shape (default 20)")
     parser.add_argument("--decode", action="store_true", help="also time one-token decode steps (KV-cache models)")
     parser.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
-    parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
-                        help="ONNX Runtime execution provider (falls back to cpu with one warning)")
+    _provider_argument(parser)
     parser.add_argument("--json", action="store_true", help="print rows as JSON")
 
 
@@ -85,12 +89,10 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
          "command first. Without TensorRT: one line saying how to install it, exit code 3.")
 @arguments(_engine_arguments)
 def run_build_engine(args) -> None:
-    import pathlib
-
+    from ffnfusion.model_io import model_file
     from ffnfusion.runtime import tensorrt
 
-    model = pathlib.Path(args.model)
-    model = model / "model.onnx" if model.is_dir() else model
+    model = model_file(args.model)
     profile = tensorrt.default_profile(model)
     for field, text in (("min", args.min_shapes), ("opt", args.opt_shapes), ("max", args.max_shapes)):
         if text:
@@ -155,8 +157,7 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory (model.onnx + tokenizer files) or model file")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
-                        help="ONNX Runtime execution provider (falls back to cpu with one warning)")
+    _provider_argument(parser)
 
 
 @command("generate", "greedy text generation with ONNX Runtime",
@@ -164,18 +165,16 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
          "text to stdout. Layers whose attention was removed carry no cache.")
 @arguments(_generate_arguments)
 def run_generate(args) -> None:
-    import pathlib
-
+    from ffnfusion.model_io import model_file
     from ffnfusion.runtime.calibration import load_tokenizer
     from ffnfusion.runtime.generate import generate_text
     from ffnfusion.runtime.onnxruntime import create_session
 
-    path = pathlib.Path(args.model)
-    model_file = path / "model.onnx" if path.is_dir() else path
-    if not model_file.is_file():
-        raise FFNFusionError(f"model {model_file} not found")
-    tokenizer = load_tokenizer(model_file.parent)
-    session = create_session(model_file, provider=args.provider)
+    path = model_file(args.model)
+    if not path.is_file():
+        raise FFNFusionError(f"model {path} not found")
+    tokenizer = load_tokenizer(path.parent)
+    session = create_session(path, provider=args.provider)
     print(args.prompt, end="", flush=True)
     generate_text(session, tokenizer, args.prompt, args.max_new_tokens,
                   on_text=lambda piece: print(piece, end="", flush=True))

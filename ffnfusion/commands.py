@@ -14,7 +14,7 @@ import onnx_ir as ir
 from ffnfusion.atomic import write_json_atomically
 from ffnfusion.errors import FFNFusionError
 from ffnfusion.exporters.sources import resolve_source
-from ffnfusion.model_io import METADATA_FILE, MODEL_FILE, load_model, save_model, validate_model
+from ffnfusion.model_io import METADATA_FILE, MODEL_FILE, load_model, model_file, save_model, validate_model
 from ffnfusion.passes.attention_removal import AttentionRemovalPass
 from ffnfusion.passes.blocks import BlockMap, find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
@@ -92,9 +92,7 @@ def drop_attention(model_path: str, out_path: str, layers: list[int], validate: 
 def rewrite_model(model_path: str, out_path: str, rewrite: ir.passes.InPlacePass, what: str,
                   record_metadata: Callable[[dict], None], validate: bool) -> dict:
     """Load, rewrite, save atomically, validate, copy tokenizer and metadata beside the output."""
-    model_path = pathlib.Path(model_path)
-    if model_path.is_dir():
-        model_path = model_path / MODEL_FILE
+    model_path = model_file(model_path)
     out_path = pathlib.Path(out_path)
     if out_path.suffix != ".onnx":  # a directory: keep the input's layout (optimum, HF exports)
         out_path = out_path / MODEL_FILE

@@ -16,11 +16,15 @@ METADATA_FILE = "ffnfusion.json"  # beside every model ffnfusion writes: source,
 EXTERNAL_DATA_THRESHOLD = 256 * 2**20  # bytes of initializers above which weights go to a .data file
 
 
+def model_file(path: str | os.PathLike) -> pathlib.Path:
+    """A model path as users give it: the ``.onnx`` file, or a directory holding ``model.onnx``."""
+    path = pathlib.Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
 def load_model(path: str | os.PathLike) -> ir.Model:
     """``onnx_ir.load`` (external tensors stay memory-mapped) with one-line errors."""
-    path = pathlib.Path(path)
-    if path.is_dir() and (path / MODEL_FILE).is_file():
-        path = path / MODEL_FILE
+    path = model_file(path)
     if not path.is_file():
         raise FFNFusionError(f"model {path} not found")
     if path.stat().st_size == 0:

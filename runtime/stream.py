@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from ffnfusion.model_io import load_model
+from ffnfusion.model_io import load_model, model_file
 from ffnfusion.passes.blocks import BlockMap, DecoderLayer, find_blocks, find_embedding_output
 from ffnfusion.runtime.onnxruntime import default_feeds, session_from_model
 
@@ -68,9 +68,7 @@ class StreamRunner:
     """Captures and recomputes the residual stream of one ONNX model."""
 
     def __init__(self, model_path: str | pathlib.Path, threads: int | None = None):
-        self.path = pathlib.Path(model_path)
-        if self.path.is_dir():
-            self.path = self.path / "model.onnx"
+        self.path = model_file(model_path)
         self.threads = threads
         model = load_model(self.path)
         self.block_map = find_blocks(model)
