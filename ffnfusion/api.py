@@ -13,8 +13,10 @@ from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.plan import FusionPlan
 
 
-def fuse_ffn(model, groups: FusionPlan | Sequence[Sequence[int]] | str, *, output: str | os.PathLike | None = None):
-    """Fuse ``groups`` (a :class:`FusionPlan`, lists of layer indices, or ``"10-13,14-16"``).
+def fuse_ffn(model, groups: FusionPlan | Sequence[Sequence[int]] | str, *, output: str | os.PathLike | None = None,
+             target: str = "gpu"):
+    """Fuse ``groups`` (a :class:`FusionPlan`, lists of layer indices, or ``"10-13,14-16"``) for
+    ``target`` ``"gpu"`` (TensorRT/CUDA) or ``"cpu"`` (ONNX Runtime CPU: width padded, same outputs).
 
     * ``onnx_ir.Model``: rewritten in place and returned;
     * ``onnx.ModelProto``: a new, fused ``ModelProto`` is returned (the input is left alone);
@@ -23,16 +25,16 @@ def fuse_ffn(model, groups: FusionPlan | Sequence[Sequence[int]] | str, *, outpu
     plan = groups if isinstance(groups, FusionPlan) else (
         FusionPlan.parse(groups) if isinstance(groups, str) else FusionPlan.from_groups(groups))
     if isinstance(model, ir.Model):
-        return FFNFusionPass(plan)(model).model
+        return FFNFusionPass(plan, target)(model).model
     if isinstance(model, (str, os.PathLike)):
         if output is None:
             raise UsageError("fuse_ffn(path, ...) needs output=PATH for the fused model")
         from ffnfusion import commands
 
-        return pathlib.Path(commands.fuse(str(model), str(output), plan)["output"])
+        return pathlib.Path(commands.fuse(str(model), str(output), plan, target=target)["output"])
     import onnx
 
     if isinstance(model, onnx.ModelProto):
-        fused = FFNFusionPass(plan)(ir.from_proto(model)).model
+        fused = FFNFusionPass(plan, target)(ir.from_proto(model)).model
         return ir.to_proto(fused)
     raise UsageError(f"fuse_ffn takes an onnx_ir.Model, an onnx.ModelProto or a path, not {type(model).__name__}")

@@ -83,6 +83,10 @@ def _fuse_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--groups", metavar="A-B,C-D",
                        help="inclusive decoder-layer ranges, 0-based as in model.layers.N, e.g. 10-13,14-16")
     which.add_argument("--plan", metavar="PLAN.json", help='a FusionPlan file: {"groups": [[10,11,12,13], ...]}')
+    parser.add_argument("--target", choices=("gpu", "cpu"), default="gpu",
+                        help="runtime the layout is tuned for: gpu (TensorRT/CUDA, default) keeps the fused "
+                             "width; cpu (ONNX Runtime CPU) pads it with zero columns to an odd multiple of 16, "
+                             "which avoids cache aliasing in the wide down projection (same outputs)")
 
 
 @command("fuse", "fuse groups of attention-free FFN layers into wide FFNs",
@@ -96,7 +100,7 @@ def run_fuse(args) -> None:
     from ffnfusion.passes.plan import FusionPlan
 
     plan = FusionPlan.load(args.plan) if args.plan else FusionPlan.parse(args.groups)
-    summary = commands.fuse(args.model, args.output, plan, validate=not args.no_validate)
+    summary = commands.fuse(args.model, args.output, plan, validate=not args.no_validate, target=args.target)
     if args.json:
         print(json.dumps(summary, indent=2))
 

@@ -57,13 +57,13 @@ def inspect(model_path: str, as_json: bool) -> str:
     return json.dumps(block_map.to_dict(), indent=2) if as_json else format_block_table(block_map)
 
 
-def fuse(model_path: str, out_path: str, plan: FusionPlan, validate: bool = True) -> dict:
+def fuse(model_path: str, out_path: str, plan: FusionPlan, validate: bool = True, target: str = "gpu") -> dict:
     """Fuse the plan's groups into a new model; returns a summary. Nothing is written on error."""
 
     def record(metadata: dict) -> None:
         metadata["fused_groups"] = metadata.get("fused_groups", []) + [list(g) for g in plan.groups]
 
-    summary = rewrite_model(model_path, out_path, FFNFusionPass(plan), f"fuse groups {plan.describe()}",
+    summary = rewrite_model(model_path, out_path, FFNFusionPass(plan, target), f"fuse groups {plan.describe()}",
                             record, validate)
     summary["groups"] = [list(g) for g in plan.groups]
     return summary

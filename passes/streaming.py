@@ -110,11 +110,12 @@ def read_rows(weight: Weight, start: int, stop: int) -> np.ndarray:
     return np.asarray(weight.numpy_in_out()[start:stop])
 
 
-def folded_columns(weights: list[Weight], gains: list[np.ndarray], dtype: ir.DataType, name: str) -> ChunkedTensor:
-    """``[diag(s_1)·W_1 | … | diag(s_k)·W_k]`` (gate/up of a fused group), folded in float32 and
-    produced a block of input rows at a time."""
+def folded_columns(weights: list[Weight], gains: list[np.ndarray], dtype: ir.DataType, name: str,
+                   pad: int = 0) -> ChunkedTensor:
+    """``[diag(s_1)·W_1 | … | diag(s_k)·W_k | 0]`` (gate/up of a fused group, ``pad`` zero columns),
+    folded in float32 and produced a block of input rows at a time."""
     rows = weights[0].shape_in_out[0]
-    width = sum(w.shape_in_out[1] for w in weights)
+    width = sum(w.shape_in_out[1] for w in weights) + pad
 
     np_dtype = dtype.numpy()
 
@@ -127,6 +128,7 @@ def folded_columns(weights: list[Weight], gains: list[np.ndarray], dtype: ir.Dat
             for start in range(0, rows, step):
                 stop = min(rows, start + step)
                 block = np.empty((stop - start, width), np_dtype)
+                block[:, columns[-1]:] = 0
 
                 def fill(member: int) -> None:
                     source = read_rows(weights[member], start, stop)
@@ -140,10 +142,11 @@ def folded_columns(weights: list[Weight], gains: list[np.ndarray], dtype: ir.Dat
     return ChunkedTensor(chunks, dtype, (rows, width), name)
 
 
-def stacked_rows(weights: list[Weight], dtype: ir.DataType, name: str) -> ChunkedTensor:
-    """``[D_1; …; D_k]`` (down of a fused group): each member's rows in turn, no arithmetic."""
+def stacked_rows(weights: list[Weight], dtype: ir.DataType, name: str, pad: int = 0) -> ChunkedTensor:
+    """``[D_1; …; D_k; 0]`` (down of a fused group, ``pad`` zero rows): each member's rows in turn,
+    no arithmetic."""
     cols = weights[0].shape_in_out[1]
-    total = sum(w.shape_in_out[0] for w in weights)
+    total = sum(w.shape_in_out[0] for w in weights) + pad
 
     def chunks() -> Iterator[np.ndarray | FileRange]:
         step = rows_per_chunk(cols * dtype.numpy().itemsize)
@@ -155,5 +158,7 @@ def stacked_rows(weights: list[Weight], dtype: ir.DataType, name: str) -> Chunke
                 continue
             for start in range(0, rows, step):
                 yield read_rows(weight, start, min(rows, start + step))
+        if pad:
+            yield np.zeros((pad, cols), dtype.numpy())
 
     return ChunkedTensor(chunks, dtype, (total, cols), name)

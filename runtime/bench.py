@@ -1,6 +1,6 @@
 """Latency of ONNX models side by side: ``benchmark(paths, shapes) -> list of rows``.
 
-Runs are interleaved (A, B, A, B, ...) after a warm-up so that the machine's drift hits every model
+Runs are interleaved (A B, B A, A B, ...: who goes first rotates) after a warm-up so that the machine's drift hits every model
 alike; each row reports the median and the interquartile spread, and the ratio of its median to the
 first model's. Prefill feeds ``batch × seq`` tokens with an empty KV cache; decode (models with a KV
 cache) times single-token steps after a prefill of ``seq`` tokens.
@@ -65,7 +65,10 @@ def benchmark(paths: list[str], batches: list[int], seqs: list[int], *, repeats:
             for phase, phase_feeds in phases:
                 times = [[] for _ in sessions]
                 for round_index in range(warmup + repeats):
-                    for index, (session, feed) in enumerate(zip(sessions, phase_feeds)):
+                    # rotate who goes first: a run can warm the caches for the next one
+                    for step in range(len(sessions)):
+                        index = (round_index + step) % len(sessions)
+                        session, feed = sessions[index], phase_feeds[index]
                         start = time.perf_counter()
                         session.run(None, feed)
                         if round_index >= warmup:

@@ -1,11 +1,16 @@
-"""Fused vs unfused latency on ONNX Runtime CPU, SmolLM2-shaped, at B in {1, 8} x S in {1, 128}.
+"""Fused vs unfused latency on ONNX Runtime CPU at B in {1, 8} x S in {1, 128}, side by side.
 
-    python -m ffnfusion.benchmarks.cpu_fusion                      # synthetic SmolLM2 shape (no download)
+    python -m ffnfusion.benchmarks.cpu_fusion                      # two synthetic cases (no download)
     python -m ffnfusion.benchmarks.cpu_fusion --model out/demo/dropped --groups 5-6
 
-Default: the ``smollm2`` synthetic preset (hidden 576, FFN 1536, 30 layers, attention removed in
-10-17), fused by the whole run minus its last FFN (10-16). Prints the bench table and the
-fused/unfused median ratio per shape (<= 1.00 means fusion is not slower), measured side by side.
+Default cases, both SmolLM2-shaped (hidden 576, FFN 1536, 30 layers, float32, random weights):
+
+* ``smollm2``: attention removed in 10-17, fused 10-16 (the run minus its last FFN);
+* ``ffn-stack``: attention removed everywhere, fused 0-7,8-15,16-23,24-28 (groups 12288 wide).
+
+Each case runs the unfused model and the fused one in both layouts (``fuse --target gpu`` and
+``--target cpu``) interleaved, and prints the median ratio to the unfused model per shape
+(<= 1.00: fusion is not slower).
 """
 
 from __future__ import annotations
@@ -16,34 +21,66 @@ import shutil
 import sys
 import tempfile
 
+CASES = {  # name: (attention-free layers, groups)
+    "smollm2": (list(range(10, 18)), "10-16"),
+    "ffn-stack": (list(range(30)), "0-7,8-15,16-23,24-28"),
+}
+TARGETS = ("gpu", "cpu")
+
+
+def run_case(unfused: pathlib.Path, groups: str, work: pathlib.Path, repeats: int, threads: int):
+    from ffnfusion import commands
+    from ffnfusion.passes.plan import FusionPlan
+    from ffnfusion.runtime.bench import benchmark
+
+    paths = [str(unfused)]
+    for target in TARGETS:
+        fused = work / f"fused-{target}" / "model.onnx"
+        commands.fuse(str(unfused), str(fused), FusionPlan.parse(groups), target=target)
+        paths.append(str(fused))
+    rows, _ = benchmark(paths, [1, 8], [1, 128], repeats=repeats, threads=threads)
+    return rows
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="unfused model (file or directory); default: synthetic smollm2 preset")
-    parser.add_argument("--groups", default="10-16", help="groups to fuse (default 10-16)")
+    parser.add_argument("--model", help="unfused model (file or directory) instead of the synthetic cases")
+    parser.add_argument("--groups", default="10-16", help="groups to fuse in --model (default 10-16)")
+    parser.add_argument("--case", choices=sorted(CASES), action="append",
+                        help="synthetic case(s) to run (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=30, help="interleaved timed runs per shape (default 30)")
     args = parser.parse_args(argv)
 
     from ffnfusion import commands
     from ffnfusion.exporters.synthetic import write_synthetic
-    from ffnfusion.passes.plan import FusionPlan
-    from ffnfusion.runtime.bench import benchmark, format_rows
+    from ffnfusion.runtime.bench import format_rows
 
+    tables = []
     work = pathlib.Path(tempfile.mkdtemp(prefix="ffnfusion-cpu-"))
     try:
-        unfused = pathlib.Path(args.model) if args.model else write_synthetic("smollm2", work / "unfused", log=commands.log)
-        if unfused.is_dir():
-            unfused = unfused / "model.onnx"
-        fused = work / "fused" / "model.onnx"
-        commands.fuse(str(unfused), str(fused), FusionPlan.parse(args.groups))
-        rows, _ = benchmark([str(unfused), str(fused)], [1, 8], [1, 128], repeats=args.repeats, threads=args.threads)
+        if args.model:
+            unfused = pathlib.Path(args.model)
+            cases = [(str(unfused), unfused / "model.onnx" if unfused.is_dir() else unfused, args.groups)]
+        else:
+            cases = []
+            for name in args.case or list(CASES):
+                dropped, groups = CASES[name]
+                path = write_synthetic("smollm2", work / name / "unfused", dropped=dropped, log=commands.log)
+                cases.append((name, path / "model.onnx" if path.is_dir() else path, groups))
+        for name, unfused, groups in cases:
+            commands.log(f"[{name}] fusing {groups} (gpu and cpu layouts), timing {args.repeats} interleaved runs")
+            rows = run_case(unfused, groups, work / name, args.repeats, args.threads)
+            print(f"\n## {name}: fused {groups}\n\n{format_rows(rows)}", flush=True)
+            tables.append((name, groups, rows))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(format_rows(rows))
-    print("\n| batch | seq | fused / unfused (median) |\n|---|---|---|")
-    for row in rows[1::2]:
-        print(f"| {row.batch} | {row.seq} | {row.ratio_to_first:.3f} |")
+    print("\n| case | B | S | fused --target gpu / unfused | fused --target cpu / unfused |\n|---|---|---|---|---|")
+    for name, groups, rows in tables:
+        for start in range(0, len(rows), 1 + len(TARGETS)):
+            unfused_row, *fused_rows = rows[start:start + 1 + len(TARGETS)]
+            ratios = " | ".join(f"{row.ratio_to_first:.3f}" for row in fused_rows)
+            print(f"| {name} ({groups}) | {unfused_row.batch} | {unfused_row.seq} | {ratios} |")
     return 0
 
 
