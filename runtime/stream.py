@@ -79,7 +79,7 @@ class StreamRunner:
             for name in (unit.input, unit.attention_output, unit.output) if name
         ))
         self._capture_session = None
-        self._unit_sessions: dict[int, object] = {}
+        self._span_sessions: dict[tuple[str, str], object] = {}
 
     def _fresh_model(self) -> tuple[ir.Model, dict[str, ir.Value]]:
         model = load_model(self.path)
@@ -99,21 +99,31 @@ class StreamRunner:
 
     def run_unit(self, index: int, stream: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
         """Unit ``index`` applied to ``stream`` (its input replaced): the stream value after it."""
-        session = self._unit_sessions.get(index)
+        unit = self.units[index]
+        return self._run_span(unit.input, unit.output, stream, input_ids)
+
+    def run_to_logits(self, start: str, stream: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
+        """The logits when the stream value named ``start`` is replaced by ``stream``."""
+        return self._run_span(start, "logits", stream, input_ids)
+
+    def _run_span(self, start: str, end: str, stream: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
+        session = self._span_sessions.get((start, end))
         if session is None:
-            session = self._unit_sessions[index] = self._build_unit_session(self.units[index])
+            session = self._span_sessions[start, end] = self._build_span_session(start, end)
         feeds = default_feeds(session, input_ids, stream_in=stream.astype(self.stream_dtype.numpy(), copy=False))
         return session.run(None, feeds)[0]
 
-    def _build_unit_session(self, unit: Unit):
+    def _build_span_session(self, start_name: str, end_name: str):
+        """A session computing ``end_name`` from a new input ``stream_in`` that replaces ``start_name``."""
         model, values = self._fresh_model()
         graph = model.graph
-        start = values.get(unit.input) or next(v for v in graph.inputs if v.name == unit.input)
+        end = values.get(end_name) or next(v for v in graph.outputs if v.name == end_name)
+        start = values.get(start_name) or next(v for v in graph.inputs if v.name == start_name)
         stream_in = ir.val("stream_in", self.stream_dtype, ["batch", "sequence", start.shape[-1] if start.shape else None])
         ir.convenience.replace_all_uses_with(start, stream_in)
         graph.inputs.append(stream_in)
         graph.outputs.clear()
-        graph.outputs.append(values[unit.output])
+        graph.outputs.append(end)
         RemoveUnusedNodesPass()(model)
         for value in [v for v in graph.inputs if not v.uses()]:
             graph.inputs.remove(value)

@@ -129,3 +129,35 @@ def test_mismatched_epsilons_are_refused(tiny_dynamo20):
     add.replace_input_with(list(add.inputs).index(eps_input), new_eps)
     with pytest.raises(InvalidPlanError, match="layer 3 has norm epsilon 1e-05, layer 2 has 1e-06; a fused group needs one norm epsilon"):
         FFNFusionPass([[2, 3]])(model)
+
+
+@pytest.mark.parametrize(("width", "padded"), [(12288, 12304), (10752, 10768), (480, 496), (496, 496), (1550, 1552)])
+def test_cpu_padding_makes_an_odd_multiple_of_16(width, padded):
+    from ffnfusion.passes.ffn_fusion import cpu_padding
+
+    assert width + cpu_padding(width) == padded
+    assert (padded // 16) % 2 == 1
+
+
+def test_cpu_target_pads_with_zeros_and_keeps_outputs(tiny_dynamo20, tmp_path):
+    input_ids = np.random.default_rng(5).integers(0, 128, (2, 9))
+    paths = {}
+    for target in ("gpu", "cpu"):
+        model = ir.load(tiny_dynamo20)
+        FFNFusionPass(GROUPS, target=target)(model)
+        paths[target] = tmp_path / f"{target}.onnx"
+        ir.save(model, paths[target])
+    padded = ir.load(paths["cpu"]).graph.initializers
+    # 3 x 160 = 480 columns -> 496; 2 x 160 = 320 -> 336
+    assert padded["ffnfusion.layers.2-4.gate_proj.weight"].shape == ir.Shape([96, 496])
+    assert padded["ffnfusion.layers.5-6.down_proj.weight"].shape == ir.Shape([336, 96])
+    assert not padded["ffnfusion.layers.2-4.down_proj.weight"].const_value.numpy()[480:].any()
+    cpu = run_logits(create_session(paths["cpu"]), input_ids)
+    gpu = run_logits(create_session(paths["gpu"]), input_ids)
+    assert rel_err(cpu, gpu) <= 1e-6
+    assert find_blocks(ir.load(paths["cpu"])).layer(2).ffn.width == 496  # still one wide FFN
+
+
+def test_unknown_target_is_refused():
+    with pytest.raises(ValueError, match="target must be one of gpu, cpu"):
+        FFNFusionPass(GROUPS, target="tpu")

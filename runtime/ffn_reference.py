@@ -1,0 +1,70 @@
+"""FFN blocks evaluated in numpy straight from their stored weights (float32).
+
+No runtime session: the exactness check and the repair's least-squares fit read only the weights of
+the blocks they look at. ``hidden`` is the activation the down projection reads, ``update`` the
+block's residual update ``ffn(n(x))``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ffnfusion.passes.blocks import FFNBlock
+
+
+def activation(kind: str, value: np.ndarray) -> np.ndarray:
+    if kind == "silu":
+        return value / (1 + np.exp(-value))
+    if kind == "gelu_tanh":
+        return 0.5 * value * (1 + np.tanh(np.sqrt(2 / np.pi) * (value + 0.044715 * value ** 3)))
+    return 0.5 * value * (1 + np.vectorize(math.erf)(value / np.sqrt(2)))
+
+
+def _const(value) -> np.ndarray | float:
+    return 0.0 if value is None else value.const_value.numpy().astype(np.float32)
+
+
+def normed(block: FFNBlock, x: np.ndarray) -> np.ndarray:
+    """``n(x)``: the block's RMSNorm or LayerNorm, gain and bias included."""
+    if block.norm.kind == "LayerNormalization":
+        x = x - x.mean(-1, keepdims=True)
+    unit = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + block.norm.epsilon)
+    gain = 1.0 if block.norm.gain is None else _const(block.norm.gain)
+    return unit * gain + _const(block.norm.bias)
+
+
+def hidden(block: FFNBlock, x: np.ndarray, columns: slice = slice(None)) -> np.ndarray:
+    """``act(n(x)·G + b_g) ⊙ (n(x)·U + b_u)`` (or ``act(n(x)·U + b_u)``), restricted to ``columns``."""
+    n = normed(block, x.astype(np.float32, copy=False))
+
+    def project(weight, bias):
+        out = n @ weight.numpy_in_out()[:, columns].astype(np.float32)
+        return out if bias is None else out + _const(bias)[columns]
+
+    up = project(block.up, block.up_bias)
+    if block.gate is None:
+        return activation(block.activation, up)
+    return activation(block.activation, project(block.gate, block.gate_bias)) * up
+
+
+def down_bias(block: FFNBlock) -> np.ndarray:
+    """``b_d`` (zeros when the block has none), float32."""
+    if block.down_bias is None:
+        return np.zeros(block.hidden, np.float32)
+    return block.down_bias.const_value.numpy().astype(np.float32)
+
+
+def update(block: FFNBlock, x: np.ndarray) -> np.ndarray:
+    """The block's residual update ``down(hidden(x)) + b_d`` for stream rows ``x``."""
+    return hidden(block, x) @ block.down.numpy_in_out().astype(np.float32) + _const(block.down_bias)
+
+
+def sequential_update(blocks: Sequence[FFNBlock], x: np.ndarray) -> np.ndarray:
+    """``x_k − x`` after running ``blocks`` one after another from ``x`` (the unfused run)."""
+    stream = x.astype(np.float32, copy=True)
+    for block in blocks:
+        stream += update(block, stream)
+    return stream - x

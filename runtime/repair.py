@@ -1,0 +1,303 @@
+"""Training-free repair of fused groups: refit each group's down projection on calibration tokens,
+keep a refit only where the end-to-end criterion says it helps. ``RepairPass`` -> ``RepairReport``.
+
+Groups are repaired in residual order. For group i..j of the fused model:
+
+1. ``x``: the stream at the group's input, captured from the model as fused *and repaired so far*;
+2. ``T(x)``: what the original layers i..j add when run one after another from ``x`` (numpy, from
+   the original model's weights); ``A(x)·W₀``: what the fused block adds;
+3. candidates: "no repair" and the refit (or per-channel scale, ``method="scale"``) for every λ of the
+   grid (:mod:`ffnfusion.passes.down_refit`);
+4. criterion: mean ``KL(unfused ‖ candidate)`` of the final logits on held-out tokens. With several
+   calibration sources each source is held out in turn: the candidate is fitted on the *other*
+   sources' tokens and judged on this one's (a refit that only learned one domain loses here);
+5. the chosen λ is refitted on every source's fitting tokens and kept only if it also lowers the KL
+   on the held-out tokens of all sources; otherwise the group keeps ``W₀``.
+
+Only the values of the fused ``W_down`` change: the repaired model is the same graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import resource
+import tempfile
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from ffnfusion.model_io import load_model, model_file
+from ffnfusion.passes import down_refit
+from ffnfusion.passes.blocks import FFNBlock, find_blocks
+from ffnfusion.passes.layer_ranges import format_ranges
+from ffnfusion.runtime.calibration import log_softmax
+from ffnfusion.runtime.ffn_reference import down_bias, hidden, sequential_update, update
+from ffnfusion.runtime.onnxruntime import create_session, run_logits
+from ffnfusion.runtime.stream import StreamRunner
+
+METHODS = ("refit", "scale")
+DEFAULT_REPAIR_TOKENS = 8192  # fitting tokens, split evenly over the sources
+DEFAULT_SELECT_TOKENS = 1024  # held-out tokens per source for the criterion
+COLUMN_BLOCK = 2048  # columns of A computed at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSource:
+    """One kind of text: windows to fit on and held-out windows to judge on (token ids [n, window])."""
+
+    name: str
+    fit: np.ndarray
+    select: np.ndarray
+
+    @classmethod
+    def split(cls, name: str, windows: np.ndarray, fit_windows: int, select_windows: int) -> CalibrationSource:
+        if len(windows) < fit_windows + select_windows:
+            raise ValueError(f"calibration source {name!r} has {len(windows)} windows, repair needs "
+                             f"{fit_windows} to fit and {select_windows} held out")
+        return cls(name, windows[:fit_windows], windows[len(windows) - select_windows:])
+
+
+@dataclasses.dataclass
+class GroupRepair:
+    """What the repair measured and chose for one group."""
+
+    layers: tuple[int, int]
+    method: str
+    candidates: list[dict]  # {"lambda": float | None (no repair), "kl": criterion, "kl_by_source": {...}}
+    chosen: float | None  # λ kept, None when the group keeps W₀
+    reason: str
+    kl_before: float  # mean KL on every source's held-out tokens, fused without repair
+    kl_after: float
+    fit_error_before: float  # ‖A·W − T‖ / ‖T‖ on the held-out tokens
+    fit_error_after: float
+    fit_error_refit: float | None  # the best λ fitted on all sources, kept or not
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RepairReport:
+    method: str
+    lambdas: list[float]
+    sources: list[dict]  # name, fit tokens, held-out tokens
+    groups: list[GroupRepair]
+    peak_rss_gib: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "lambdas": self.lambdas, "sources": self.sources,
+                "groups": [g.to_dict() for g in self.groups], "peak_rss_gib": self.peak_rss_gib}
+
+    def describe(self) -> str:
+        parts = []
+        for g in self.groups:
+            label = format_ranges(range(g.layers[0], g.layers[1] + 1))
+            choice = "no repair" if g.chosen is None else f"lambda {g.chosen:g}"
+            parts.append(f"{label}: {choice} (KL {g.kl_before:.4f} -> {g.kl_after:.4f})")
+        return "; ".join(parts)
+
+
+class RepairPass(ir.passes.InPlacePass):
+    """Refit the down projections of a fused model's groups (see the module docstring).
+
+    ``original``: the model the groups were fused from (their layers' weights, reference logits).
+    """
+
+    def __init__(self, original: str | pathlib.Path, groups: Sequence[Sequence[int]],
+                 sources: Sequence[CalibrationSource], *, method: str = "refit",
+                 lambdas: Sequence[float] = down_refit.DEFAULT_LAMBDAS, threads: int | None = None,
+                 log=lambda message: None):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"repair method must be one of {', '.join(METHODS)}, not {method!r}")
+        if not sources:
+            raise ValueError("repair needs at least one calibration source")
+        if any(not lam > 0 for lam in lambdas):
+            raise ValueError(f"repair lambdas must be positive, got {list(lambdas)}")
+        self.original = model_file(original)
+        self.groups = sorted((list(g) for g in groups), key=lambda g: g[0])
+        self.sources = list(sources)
+        self.method = method
+        self.lambdas = [float(lam) for lam in lambdas]
+        self.threads = threads
+        self.log = log
+        self.report: RepairReport | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        original_blocks = find_blocks(load_model(self.original))
+        reference = self._reference_log_probs()
+        groups = []
+        with tempfile.TemporaryDirectory(prefix="ffnfusion-repair-") as scratch:
+            for group in self.groups:
+                members = [original_blocks.ffn(layer) for layer in group]
+                groups.append(self._repair_group(model, group, members, reference, pathlib.Path(scratch)))
+        sources = [{"name": s.name, "fit_tokens": int(s.fit.size), "held_out_tokens": int(s.select.size)}
+                   for s in self.sources]
+        self.report = RepairReport(self.method, self.lambdas, sources, groups,
+                                   round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+        return ir.passes.PassResult(model, modified=any(g.chosen is not None for g in groups))
+
+    def _reference_log_probs(self) -> list[np.ndarray]:
+        """log-softmax of the original model on each source's held-out windows (float32)."""
+        session = create_session(self.original, threads=self.threads)
+        return [np.concatenate([log_softmax(run_logits(session, w[None]))[0].astype(np.float32)
+                                for w in source.select]) for source in self.sources]
+
+    def _repair_group(self, model: ir.Model, group: list[int], members: list[FFNBlock],
+                      reference: list[np.ndarray], scratch: pathlib.Path) -> GroupRepair:
+        start = time.perf_counter()
+        label = format_ranges(group)
+        path = scratch / f"{label}" / "model.onnx"
+        path.parent.mkdir()
+        ir.save(model, path, external_data="model.onnx.data")  # the model as fused and repaired so far
+        runner = StreamRunner(path, self.threads)
+        layer = runner.block_map.layer(group[0])
+        if list(layer.span) != list(group) or layer.ffn is None or layer.attention:
+            raise ValueError(f"repair: layer {group[0]} of the fused model is not the fused group {label}")
+        fused = layer.ffn
+        unit = next(u for u in runner.units if u.layer == group[0])
+
+        # Rows: every source's fitting windows, then every source's held-out windows.
+        windows = [s.fit for s in self.sources] + [s.select for s in self.sources]
+        x = np.concatenate([runner.capture(w[None], with_logits=False)[unit.input][0]
+                            for part in windows for w in part]).astype(np.float32)
+        window = self.sources[0].fit.shape[1]
+        fit_counts = [s.fit.size for s in self.sources]
+        n_fit = sum(fit_counts)
+        target = sequential_update(members, x)
+        self.log(f"repair {label}: width {fused.width}, {n_fit} fitting tokens, "
+                 f"{x.shape[0] - n_fit} held out, {len(self.sources)} source(s)")
+
+        fit_offsets = np.cumsum([0] + fit_counts)
+        select_offsets = n_fit + np.cumsum([0] + [s.select.size for s in self.sources])
+        source_fit = [np.arange(fit_offsets[i], fit_offsets[i + 1]) for i in range(len(self.sources))]
+        source_select = [np.arange(select_offsets[i], select_offsets[i + 1]) for i in range(len(self.sources))]
+        all_fit = np.arange(n_fit)
+        # Folds: hold each source out in turn (one source: fit on its fitting tokens, judge on its held-out).
+        folds = ([(np.concatenate([r for j, r in enumerate(source_fit) if j != i]), i) for i in range(len(self.sources))]
+                 if len(self.sources) > 1 else [(all_fit, 0)])
+        fit = (_Refit if self.method == "refit" else _Scale)(fused, x, target, all_fit)
+
+        def kl_on(source: int, group_update: np.ndarray) -> float:
+            """Mean KL(unfused ‖ candidate) on one source's held-out windows."""
+            stream = x[source_select[source]] + group_update
+            total = 0.0
+            for w, ids in enumerate(self.sources[source].select):
+                part = slice(w * window, (w + 1) * window)
+                logp = log_softmax(runner.run_to_logits(unit.output, stream[None, part], ids[None]))[0]
+                ref = reference[source][part].astype(np.float64)
+                total += float((np.exp(ref) * (ref - logp)).sum())
+            return total / len(stream)
+
+        candidates = []
+        for lam in [None, *self.lambdas]:
+            by_source = {}
+            for fit_rows, held_out in folds:
+                rows = source_select[held_out]
+                group_update = fit.base[rows] if lam is None else fit.update(fit_rows, rows, lam)
+                by_source[self.sources[held_out].name] = kl_on(held_out, group_update)
+            candidates.append({"lambda": lam, "kl": float(np.mean(list(by_source.values()))), "kl_by_source": by_source})
+        best = min(candidates, key=lambda c: c["kl"])
+
+        def judged(lam: float | None) -> tuple[float, float]:
+            """Mean held-out KL over all sources and held-out fit error, fitted on every source."""
+            updates = [fit.base[rows] if lam is None else fit.update(all_fit, rows, lam) for rows in source_select]
+            kl = float(np.mean([kl_on(i, u) for i, u in enumerate(updates)]))
+            held_out = np.concatenate(source_select)
+            error = np.linalg.norm(np.concatenate(updates) - target[held_out]) / np.linalg.norm(target[held_out])
+            return kl, float(error)
+
+        kl_before, error_before = judged(None)
+        chosen, reason, kl_after, error_after = None, "no candidate beats no repair on held-out sources", kl_before, error_before
+        best_fitted = min(candidates[1:], key=lambda c: c["kl"])["lambda"]
+        kl_refit, error_refit = judged(best_fitted)
+        if best["lambda"] is not None:
+            if kl_refit < kl_before:
+                chosen, kl_after, error_after = best["lambda"], kl_refit, error_refit
+                reason = "lowest held-out-source KL"
+                # the saved copy was only read; the weight changes in the model being rewritten
+                _set_down(find_blocks(model).layer(group[0]).ffn, fit.weight(chosen))
+            else:
+                reason = f"lambda {best['lambda']:g} fitted on all sources raised the held-out KL: rejected"
+        result = GroupRepair((group[0], group[-1]), self.method, candidates, chosen, reason, kl_before, kl_after,
+                             error_before, error_after, error_refit, round(time.perf_counter() - start, 2))
+        self.log(f"repair {label}: {'no repair' if chosen is None else f'lambda {chosen:g}'} ({reason}); "
+                 f"held-out KL {kl_before:.4f} -> {kl_after:.4f}, fit error {error_before:.3f} -> "
+                 f"{error_after:.3f}, {result.seconds:.1f} s")
+        return result
+
+
+class _Refit:
+    """Ridge refit of ``W_down`` in kernel form; ``base`` is the unrepaired update ``A·W₀ + b``."""
+
+    def __init__(self, fused: FFNBlock, x: np.ndarray, target: np.ndarray, fit_rows: np.ndarray):
+        self.fused, self.x, self.fit_rows = fused, x, fit_rows
+        self.base = update(fused, x)
+        self.residual = target - self.base
+        self.kernel = down_refit.kernel(x, fit_rows, (block for _, block in _column_blocks(fused)))
+        self.column = {row: i for i, row in enumerate(fit_rows)}
+
+    def _alpha(self, fit_rows, lam):
+        columns = [self.column[r] for r in fit_rows]
+        k_fit = self.kernel[np.ix_(fit_rows, columns)]
+        return columns, down_refit.ridge_coefficients(k_fit, self.residual[fit_rows], lam, self.fused.width)
+
+    def update(self, fit_rows, eval_rows, lam) -> np.ndarray:
+        columns, alpha = self._alpha(fit_rows, lam)
+        return down_refit.refit_update(self.kernel[np.ix_(eval_rows, columns)], self.base[eval_rows], alpha)
+
+    def weight(self, lam) -> np.ndarray:
+        _, alpha = self._alpha(self.fit_rows, lam)
+        return down_refit.refit_down(self.fused.down.numpy_in_out(), self.x[self.fit_rows], alpha,
+                                     _column_blocks(self.fused))
+
+
+class _Scale:
+    """Per-output-channel scale of ``W_down`` (the cheap baseline)."""
+
+    def __init__(self, fused: FFNBlock, x: np.ndarray, target: np.ndarray, fit_rows: np.ndarray):
+        self.fused, self.fit_rows = fused, fit_rows
+        self.bias = down_bias(fused)
+        self.plain = update(fused, x) - self.bias  # A·W₀
+        self.base = self.plain + self.bias
+        self.target = target - self.bias
+
+    def _scales(self, fit_rows, lam):
+        return down_refit.channel_scales(self.plain[fit_rows], self.target[fit_rows], lam).astype(np.float32)
+
+    def update(self, fit_rows, eval_rows, lam) -> np.ndarray:
+        return self.plain[eval_rows] * self._scales(fit_rows, lam) + self.bias
+
+    def weight(self, lam) -> np.ndarray:
+        return self.fused.down.numpy_in_out().astype(np.float32) * self._scales(self.fit_rows, lam)
+
+
+def _set_down(fused: FFNBlock, weight: np.ndarray) -> None:
+    """Replace the fused group's W_down values (same name, shape and dtype)."""
+    down = fused.down
+    if down.transposed:
+        raise ValueError(f"repair: {down.name} is stored transposed; expected a fused [width, hidden] weight")
+    dtype = down.value.const_value.dtype
+    down.value.const_value = ir.tensor(weight.astype(dtype.numpy()), name=down.value.name)
+
+
+def _column_blocks(block: FFNBlock):
+    """(rows of W_down, A restricted to those columns) in blocks of ``COLUMN_BLOCK`` columns."""
+    for start in range(0, block.width, COLUMN_BLOCK):
+        columns = slice(start, min(block.width, start + COLUMN_BLOCK))
+        yield columns, (lambda x, columns=columns: hidden(block, x, columns))
+
+
+def lambda_grid(value: str | float | None) -> list[float]:
+    """``auto``/None -> the default grid; a number -> just that λ (still compared with no repair)."""
+    if value is None or value == "auto":
+        return list(down_refit.DEFAULT_LAMBDAS)
+    lam = float(value)
+    if not lam > 0 or math.isinf(lam) or math.isnan(lam):
+        raise ValueError(f"--repair-lambda must be a positive number or 'auto', not {value!r}")
+    return [lam]

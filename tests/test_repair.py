@@ -1,0 +1,142 @@
+"""Repair: the refit lowers the group's held-out error, λ→∞ / no repair keep W₀ exactly, a repair
+that would worsen the end-to-end criterion is rejected, and the graph stays the same."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from ffnfusion.passes import down_refit
+from ffnfusion.passes.blocks import find_blocks
+from ffnfusion.passes.ffn_fusion import FFNFusionPass
+from ffnfusion.runtime.repair import CalibrationSource, RepairPass, lambda_grid
+
+WINDOW = 32
+GROUP = [2, 3, 4, 5]
+
+
+def _sources(seed=0, fit_windows=48, select_windows=4):
+    """Two 'sources' of random token ids drawn from different halves of the vocabulary."""
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 64, (fit_windows + select_windows, WINDOW))
+    high = rng.integers(64, 128, (fit_windows + select_windows, WINDOW))
+    return [CalibrationSource.split("low", low, fit_windows, select_windows),
+            CalibrationSource.split("high", high, fit_windows, select_windows)]
+
+
+def _fused(path):
+    model = ir.load(path)
+    FFNFusionPass([GROUP])(model)
+    return model
+
+
+def _down(model) -> np.ndarray:
+    return find_blocks(model).layer(GROUP[0]).ffn.down.numpy_in_out().copy()
+
+
+def test_refit_lowers_held_out_error_and_keeps_the_graph(tiny_dynamo20):
+    model = _fused(tiny_dynamo20)
+    nodes_before = [node.op_type for node in model.graph]
+    before = _down(model)
+    repair = RepairPass(tiny_dynamo20, [GROUP], _sources(), lambdas=[1e-2, 1e-1])
+    repair(model)
+    (group,) = repair.report.groups
+    assert group.fit_error_refit < group.fit_error_before  # the refit fits held-out tokens better
+    assert [node.op_type for node in model.graph] == nodes_before  # only W_down values change
+    after = _down(model)
+    assert after.shape == before.shape and after.dtype == before.dtype
+    if group.chosen is None:
+        assert np.array_equal(after, before)
+        assert group.kl_after == group.kl_before
+    else:
+        assert not np.array_equal(after, before)
+        assert group.kl_after < group.kl_before
+    assert [c["lambda"] for c in group.candidates] == [None, 1e-2, 1e-1]
+    assert set(group.candidates[1]["kl_by_source"]) == {"low", "high"}
+
+
+def test_chosen_candidate_is_the_best_and_never_worse(tiny_dynamo20):
+    model = _fused(tiny_dynamo20)
+    repair = RepairPass(tiny_dynamo20, [GROUP], _sources(1))
+    repair(model)
+    (group,) = repair.report.groups
+    best = min(group.candidates, key=lambda c: c["kl"])
+    no_repair = group.candidates[0]
+    assert best["kl"] <= no_repair["kl"]
+    assert group.kl_after <= group.kl_before
+    assert group.chosen in (None, best["lambda"])
+
+
+def test_huge_lambda_returns_the_original_weights(tiny_dynamo20):
+    model = _fused(tiny_dynamo20)
+    block = find_blocks(model).layer(GROUP[0]).ffn
+    x = np.random.default_rng(2).standard_normal((40, block.hidden)).astype(np.float32)
+    from ffnfusion.runtime.ffn_reference import hidden
+
+    blocks = [(slice(0, block.width), lambda rows: hidden(block, rows))]
+    fit = np.arange(40)
+    k = down_refit.kernel(x, fit, [b for _, b in blocks])
+    residual = np.random.default_rng(3).standard_normal((40, block.hidden))
+    alpha = down_refit.ridge_coefficients(k, residual, 1e12, block.width)
+    weight = down_refit.refit_down(block.down.numpy_in_out(), x, alpha, blocks)
+    np.testing.assert_allclose(weight, block.down.numpy_in_out(), atol=1e-7)
+    assert np.array_equal(down_refit.channel_scales(np.ones((4, 3)), np.zeros((4, 3)), math.inf), np.ones(3))
+
+
+def test_kernel_form_equals_the_primal_solution():
+    rng = np.random.default_rng(4)
+    a, t, w0 = rng.standard_normal((30, 50)), rng.standard_normal((30, 7)), rng.standard_normal((50, 7))
+    lam = 0.1
+    scale = lam * np.trace(a.T @ a) / 50
+    primal = np.linalg.solve(a.T @ a + scale * np.eye(50), a.T @ t + scale * w0)
+    fit = np.arange(30)
+    k = down_refit.kernel(a, fit, [lambda rows: rows])
+    alpha = down_refit.ridge_coefficients(k, t - a @ w0, lam, 50)
+    kernel_form = down_refit.refit_down(w0, a, alpha, [(slice(0, 50), lambda rows: rows)])
+    np.testing.assert_allclose(kernel_form, primal, rtol=1e-5, atol=1e-6)
+
+
+def test_repair_that_would_worsen_the_criterion_is_rejected(tiny_dynamo20, monkeypatch):
+    # A refit that adds noise to the update: every candidate is worse than no repair.
+    from ffnfusion.runtime import repair as repair_module
+
+    def noisy_update(k_eval_fit, base, alpha):
+        return base + np.random.default_rng(0).standard_normal(base.shape).astype(base.dtype) * 10
+
+    monkeypatch.setattr(repair_module.down_refit, "refit_update", noisy_update)
+    model = _fused(tiny_dynamo20)
+    before = _down(model)
+    repair = RepairPass(tiny_dynamo20, [GROUP], _sources(), lambdas=[1e-2])
+    result = repair(model)
+    (group,) = repair.report.groups
+    assert group.chosen is None and "no candidate" in group.reason
+    assert group.kl_after == group.kl_before
+    assert np.array_equal(_down(model), before)
+    assert not result.modified
+
+
+def test_per_channel_scale(tiny_dynamo20):
+    model = _fused(tiny_dynamo20)
+    before = _down(model)
+    repair = RepairPass(tiny_dynamo20, [GROUP], _sources(), method="scale", lambdas=[1e-3])
+    repair(model)
+    (group,) = repair.report.groups
+    after = _down(model)
+    if group.chosen is not None:
+        ratios = after / np.where(before == 0, 1, before)
+        np.testing.assert_allclose(ratios, ratios[:1].repeat(len(ratios), 0), rtol=1e-4, atol=1e-4)
+    assert group.fit_error_after <= group.fit_error_before + 1e-6
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", list(down_refit.DEFAULT_LAMBDAS)), ("0.05", [0.05])])
+def test_lambda_grid(value, expected):
+    assert lambda_grid(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
+def test_lambda_grid_refuses_bad_values(value):
+    with pytest.raises(ValueError, match="--repair-lambda"):
+        lambda_grid(value)
