@@ -87,6 +87,24 @@ def _fuse_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runtime the layout is tuned for: gpu (TensorRT/CUDA, default) keeps the fused "
                              "width; cpu (ONNX Runtime CPU) pads it with zero columns to an odd multiple of 16, "
                              "which avoids cache aliasing in the wide down projection (same outputs)")
+    from ffnfusion.runtime.calibration import DEFAULT_REPAIR_TOKENS
+
+    repair = parser.add_argument_group(
+        "repair", "refit each group's down projection on calibration text (least squares, no training); "
+                  "a refit is kept only where it lowers KL(unfused || fused) on held-out text of another source")
+    repair.add_argument("--repair", action="store_true", help="repair the fused groups (needs the tokenizer "
+                        "beside the model, or --calib-ids)")
+    repair.add_argument("--repair-method", choices=("refit", "scale"), default="refit",
+                        help="refit: ridge refit of W_down (default); scale: one scale per output channel")
+    repair.add_argument("--repair-tokens", type=int, default=DEFAULT_REPAIR_TOKENS, metavar="N",
+                        help=f"fitting tokens, split over the sources (default {DEFAULT_REPAIR_TOKENS}; "
+                             "memory ~ 8 N^2 bytes)")
+    repair.add_argument("--repair-lambda", default="auto", metavar="L|auto",
+                        help="ridge strength relative to mean diag(A^T A); auto tries a grid (default)")
+    repair.add_argument("--calib", nargs="+", metavar="FILE",
+                        help="text files, one calibration source each (default: Python's documentation topics "
+                             "and the license texts of Python and the OS)")
+    repair.add_argument("--calib-ids", nargs="+", metavar="IDS.npy", help="token ids instead of text, one source per file")
 
 
 @command("fuse", "fuse groups of attention-free FFN layers into wide FFNs",
@@ -100,7 +118,14 @@ def run_fuse(args) -> None:
     from ffnfusion.passes.plan import FusionPlan
 
     plan = FusionPlan.load(args.plan) if args.plan else FusionPlan.parse(args.groups)
-    summary = commands.fuse(args.model, args.output, plan, validate=not args.no_validate, target=args.target)
+    repair = None
+    if args.repair:
+        repair = commands.RepairOptions(args.repair_method, args.repair_tokens, args.repair_lambda,
+                                        args.calib or (), args.calib_ids or ())
+    elif args.calib or args.calib_ids:
+        raise UsageError("--calib/--calib-ids are used by --repair; add --repair")
+    summary = commands.fuse(args.model, args.output, plan, validate=not args.no_validate, target=args.target,
+                            repair=repair)
     if args.json:
         print(json.dumps(summary, indent=2))
 

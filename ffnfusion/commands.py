@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -12,7 +13,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from ffnfusion.atomic import write_json_atomically
-from ffnfusion.errors import FFNFusionError
+from ffnfusion.errors import FFNFusionError, UsageError
 from ffnfusion.exporters.sources import resolve_source
 from ffnfusion.model_io import METADATA_FILE, MODEL_FILE, load_model, model_file, save_model, validate_model
 from ffnfusion.passes.attention_removal import AttentionRemovalPass
@@ -57,16 +58,54 @@ def inspect(model_path: str, as_json: bool) -> str:
     return json.dumps(block_map.to_dict(), indent=2) if as_json else format_block_table(block_map)
 
 
-def fuse(model_path: str, out_path: str, plan: FusionPlan, validate: bool = True, target: str = "gpu") -> dict:
-    """Fuse the plan's groups into a new model; returns a summary. Nothing is written on error."""
+@dataclasses.dataclass(frozen=True)
+class RepairOptions:
+    """``fuse --repair``: how to refit the fused groups' down projections."""
+
+    method: str = "refit"
+    tokens: int | None = None  # default: calibration.DEFAULT_REPAIR_TOKENS
+    lam: str | float = "auto"
+    texts: tuple[str, ...] = ()
+    ids_files: tuple[str, ...] = ()
+
+
+def fuse(model_path: str, out_path: str, plan: FusionPlan, validate: bool = True, target: str = "gpu",
+         repair: RepairOptions | None = None, threads: int | None = None) -> dict:
+    """Fuse the plan's groups (and repair them) into a new model; returns a summary. Nothing is
+    written on error."""
+    fusion = FFNFusionPass(plan, target)
+    repair_pass = _repair_pass(model_path, plan, repair, threads) if repair else None
 
     def record(metadata: dict) -> None:
         metadata["fused_groups"] = metadata.get("fused_groups", []) + [list(g) for g in plan.groups]
+        if repair_pass is not None:
+            metadata["repair"] = metadata.get("repair", []) + [repair_pass.report.to_dict()]
 
-    summary = rewrite_model(model_path, out_path, FFNFusionPass(plan, target), f"fuse groups {plan.describe()}",
-                            record, validate)
+    rewrite = fusion if repair_pass is None else ir.passes.Sequential(fusion, repair_pass)
+    what = f"fuse groups {plan.describe()}" + (f", repair ({repair.method})" if repair else "")
+    summary = rewrite_model(model_path, out_path, rewrite, what, record, validate)
     summary["groups"] = [list(g) for g in plan.groups]
+    if repair_pass is not None:
+        summary["repair"] = repair_pass.report.to_dict()
+        log(f"repair: {repair_pass.report.describe()}")
     return summary
+
+
+def _repair_pass(model_path: str, plan: FusionPlan, options: RepairOptions, threads: int | None):
+    from ffnfusion.runtime import calibration
+    from ffnfusion.runtime.repair import RepairPass, lambda_grid
+
+    try:
+        lambdas = lambda_grid(options.lam)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    tokens = options.tokens or calibration.DEFAULT_REPAIR_TOKENS
+    if tokens < calibration.DEFAULT_WINDOW:
+        raise UsageError(f"--repair-tokens must be at least one window ({calibration.DEFAULT_WINDOW})")
+    path = model_file(model_path)
+    sources = calibration.repair_sources(path.parent, texts=options.texts, ids_files=options.ids_files, tokens=tokens)
+    log(f"repair: sources {', '.join(f'{s.name} ({s.fit.size} fit + {s.select.size} held out)' for s in sources)}")
+    return RepairPass(path, plan.groups, sources, method=options.method, lambdas=lambdas, threads=threads, log=log)
 
 
 def drop_attention(model_path: str, out_path: str, layers: list[int], validate: bool = True,

@@ -16,6 +16,7 @@ import numpy as np
 
 from ffnfusion import commands
 from ffnfusion.atomic import write_json_atomically
+from ffnfusion.errors import FFNFusionError
 from ffnfusion.exporters.sources import load_causal_lm, resolve_source
 from ffnfusion.model_io import METADATA_FILE, MODEL_FILE, load_model, save_model
 from ffnfusion.passes.ffn_removal import FFNRemovalPass
@@ -86,14 +87,19 @@ def _removal_baseline(report, steps: int, dropped_path: pathlib.Path, out: pathl
 def run(options: DemoOptions) -> dict:
     log = commands.log
     work = pathlib.Path(options.workdir)
-    paths = {name: work / name / MODEL_FILE for name in ("base", "dropped", "fused", "naive", "removed")}
+    paths = {name: work / name / MODEL_FILE for name in ("base", "dropped", "fused", "repaired", "naive", "removed")}
     source = resolve_source(options.source, log=log)
 
     log(f"[1/7] load {source.describe()}")
     model, tokenizer = load_causal_lm(source)
     calib = calibration.token_windows(tokenizer, calibration.python_docs_text(), options.window,
                                       options.calib_tokens // options.window)
-    held_out = calibration.token_windows(tokenizer, calibration.license_text(), options.window,
+    try:  # text of a kind that neither the analysis (docs) nor the repair (docs + licenses) sees
+        held_out_name, held_out_text = "IDLE release notes", calibration.release_notes_text()
+    except FFNFusionError as err:
+        log(f"demo: {err}; verifying on license text instead (the repair also calibrates on it)")
+        held_out_name, held_out_text = "license text", calibration.license_text()
+    held_out = calibration.token_windows(tokenizer, held_out_text, options.window,
                                          options.verify_tokens // options.window)
 
     from ffnfusion.exporters.onnx_export import ExportOptions, export_model  # torch: only for the demo itself
@@ -121,12 +127,14 @@ def run(options: DemoOptions) -> dict:
     if not plan.groups:
         log("demo: no group passes the planner's threshold (see report/report.md); only baselines follow")
 
-    log(f"[5/7] fuse the auto plan {plan.describe() or '(empty)'} and, for comparison, whole runs")
+    log(f"[5/7] fuse the auto plan {plan.describe() or '(empty)'} (plain and repaired) and, for comparison, whole runs")
     names = ["dropped"]
-    fused = None
+    fused = repaired = None
     if plan.groups:
         fused = commands.fuse(str(paths["dropped"]), str(paths["fused"]), plan)
         names.append("fused")
+        repaired = commands.fuse(str(paths["dropped"]), str(paths["repaired"]), plan, repair=commands.RepairOptions())
+        names.append("repaired")
     commands.fuse(str(paths["dropped"]), str(paths["naive"]), naive)
     names.append("naive")
     removed = []
@@ -138,11 +146,12 @@ def run(options: DemoOptions) -> dict:
     log(f"[6/7] exactness: fused ONNX ({checked_plan.describe()}) vs torch parallel form")
     exact = _exactness(model, dropped, checked_plan, checked_path, held_out[:2])
 
-    log(f"[7/7] verify against the original on {held_out.size} tokens of license text")
+    log(f"[7/7] verify against the original on {held_out.size} tokens of {held_out_name}")
     results = dict(zip(names, compare_many(str(paths["base"]), [str(paths[n]) for n in names], held_out)))
 
     labels = {"dropped": (f"attention dropped ({len(dropped)})", format_ranges(dropped)),
               "fused": ("+ fused, auto plan", plan.describe()),
+              "repaired": ("+ fused, auto plan, repaired", repaired and repaired["repair"] and _repair_choice(repaired["repair"])),
               "naive": ("+ fused, whole runs", naive.describe()),
               "removed": (f"+ {plan.steps_saved} FFN{'s' if plan.steps_saved > 1 else ''} removed instead",
                           format_ranges(removed))}
@@ -152,12 +161,13 @@ def run(options: DemoOptions) -> dict:
     summary = {
         "dropped_attention": dropped, "runs": report.runs, "plan": plan.to_dict(), "naive_plan": naive.to_dict(),
         "removed_ffn": removed, "fused_vs_torch_parallel_rel_err": exact,
+        "repair": repaired and repaired["repair"],
         "nodes": fused and {"before": fused["nodes_before"], "after": fused["nodes_after"]},
         "analysis_cost": report.cost, "verification": results,
     }
     print(
-        f"\nsummary ({source.describe()}, verification on {held_out.size} tokens of license text, "
-        f"calibration on Python docs)\n"
+        f"\nsummary ({source.describe()}, verification on {held_out.size} tokens of {held_out_name}; "
+        f"analysis on Python docs, repair on Python docs + license texts)\n"
         f"| model | layers | perplexity | top-1 agreement | KL(orig‖model) |\n|---|---|---|---|---|\n{table}\n\n"
         + (f"fused graph: {fused['nodes_before']} -> {fused['nodes_after']} nodes, " if fused else "")
         + f"{plan.steps_saved} sequential FFN steps saved by the auto plan; analysis cost "
@@ -170,6 +180,11 @@ def run(options: DemoOptions) -> dict:
     if exact > EXACTNESS_TOLERANCE:
         raise SystemExit("demo: the fused model does not match the parallel-form reference")
     return summary
+
+
+def _repair_choice(report: dict) -> str:
+    return ", ".join(f"{g['layers'][0]}-{g['layers'][1]}: " + ("kept W_down" if g["chosen"] is None else f"λ {g['chosen']:g}")
+                     for g in report["groups"])
 
 
 def _row(result: dict) -> tuple[float, float, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import sysconfig
 
@@ -11,6 +12,8 @@ from ffnfusion.errors import FFNFusionError, UsageError
 
 DEFAULT_TOKENS = 16384
 DEFAULT_WINDOW = 512
+DEFAULT_REPAIR_TOKENS = 8192  # repair: fitting tokens, split evenly over the sources
+DEFAULT_SELECT_TOKENS = 1024  # repair: held-out tokens per source for the selection criterion
 
 
 def python_docs_text() -> str:
@@ -32,6 +35,15 @@ def license_text() -> str:
     if not parts:
         raise FFNFusionError("no license texts found on this system; pass --text FILE")
     return "\n\n".join(parts)
+
+
+def release_notes_text() -> str:
+    """IDLE's release notes (``idlelib/NEWS.txt``, shipped with CPython): terse change-log English,
+    a kind of text neither the docs nor the licenses are. Used to evaluate on unlike text."""
+    path = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "idlelib" / "NEWS.txt"
+    if not path.is_file():
+        raise FFNFusionError(f"{path} is missing (Python installed without IDLE); pass --text FILE")
+    return path.read_text(errors="replace")
 
 
 def load_tokenizer(model_dir: str | pathlib.Path):
@@ -106,3 +118,51 @@ def next_token_nll(logits: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
 def perplexity(logits: np.ndarray, input_ids: np.ndarray) -> float:
     """exp(mean next-token cross-entropy) for logits [b, s, vocab] predicting input_ids[:, 1:]."""
     return float(np.exp(np.mean(next_token_nll(logits, input_ids))))
+
+
+# The repair's default calibration: two kinds of English that ship with Python and the OS.
+DEFAULT_SOURCES = {"python-docs": python_docs_text, "licenses": license_text}
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSource:
+    """One kind of text: windows to fit on and held-out windows to judge on (token ids [n, window])."""
+
+    name: str
+    fit: np.ndarray
+    select: np.ndarray
+
+    @classmethod
+    def split(cls, name: str, windows: np.ndarray, fit_windows: int, select_windows: int) -> CalibrationSource:
+        """The last ``select_windows`` are held out; ``fit_windows`` are spread evenly over the rest
+        (a long text such as the Python docs changes topic along the way)."""
+        if fit_windows < 1 or len(windows) < fit_windows + select_windows:
+            raise UsageError(f"calibration source {name!r} has {len(windows)} windows of {windows.shape[1]} "
+                             f"tokens; repair needs {fit_windows} to fit and {select_windows} held out")
+        rest = len(windows) - select_windows
+        chosen = np.unique(np.linspace(0, rest - 1, fit_windows).round().astype(int))
+        return cls(name, windows[chosen], windows[rest:])
+
+
+def repair_sources(model_dir, *, texts=(), ids_files=(), tokens=DEFAULT_REPAIR_TOKENS, window=DEFAULT_WINDOW,
+                   select_tokens=DEFAULT_SELECT_TOKENS) -> list[CalibrationSource]:
+    """One source per text file or ids file (default: :data:`DEFAULT_SOURCES`), ``tokens`` fitting
+    tokens split evenly over them, ``select_tokens`` held out from each."""
+    if ids_files:
+        named = []
+        for path in ids_files:
+            try:
+                ids = np.load(path)
+            except (OSError, ValueError) as err:
+                raise UsageError(f"cannot read token ids {path}: {err}") from None
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise UsageError(f"{path} holds {ids.dtype}, expected integer token ids")
+            named.append((pathlib.Path(path).stem, np.asarray(ids).reshape(-1)))
+    else:
+        tokenizer = load_tokenizer(model_dir)
+        pairs = [(pathlib.Path(p).name, lambda p=p: read_texts([p])) for p in texts] or list(DEFAULT_SOURCES.items())
+        named = [(name, tokenizer(text(), return_tensors="np")["input_ids"][0]) for name, text in pairs]
+    fit_windows = max(1, tokens // len(named) // window)
+    select_windows = max(1, select_tokens // window)
+    return [CalibrationSource.split(name, windows_from_ids(ids, len(ids), window), fit_windows, select_windows)
+            for name, ids in named]

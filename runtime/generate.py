@@ -28,14 +28,21 @@ def _cache_names(session) -> list[tuple[str, str]]:
 
 
 def greedy_tokens(session, prompt_ids: np.ndarray, max_new_tokens: int,
-                  eos_token_id: int | None = None) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` greedy tokens after ``prompt_ids`` (1-D), stopping at EOS."""
+                  eos_token_id: int | None = None, io_binding: bool | None = None) -> Iterator[int]:
+    """Yield up to ``max_new_tokens`` greedy tokens after ``prompt_ids`` (1-D), stopping at EOS.
+
+    ``io_binding`` (default: on for a GPU provider) keeps the KV cache where the provider wrote it
+    between steps instead of copying every present tensor to the host and back.
+    """
     pairs = _cache_names(session)
+    if io_binding is None:
+        io_binding = session.get_providers()[0] != "CPUExecutionProvider"
+    run = _bound_runner(session, pairs) if io_binding and pairs else _plain_runner(session)
     ids = np.asarray(prompt_ids, dtype=np.int64)[None]
-    feeds = default_feeds(session, ids)
+    feeds, cache = default_feeds(session, ids), {}
     for _ in range(max_new_tokens):
-        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-        token = int(outputs["logits"][0, -1].argmax())
+        logits, cache = run(feeds, cache)
+        token = int(logits[0, -1].argmax())
         yield token
         if token == eos_token_id:
             return
@@ -44,10 +51,45 @@ def greedy_tokens(session, prompt_ids: np.ndarray, max_new_tokens: int,
             total = ids.shape[1]
             step = {"input_ids": ids[:, -1:], "attention_mask": np.ones((1, total), np.int64),
                     "position_ids": np.array([[total - 1]], np.int64)}
-            step.update({past: outputs[present] for past, present in pairs})
-            feeds = {name: step[name] for name in (i.name for i in session.get_inputs())}
+            feeds = {name: step[name] for name in (i.name for i in session.get_inputs()) if name in step}
         else:
             feeds = default_feeds(session, ids)
+
+
+def _plain_runner(session):
+    """``run(feeds, cache) -> (logits, cache)`` with numpy arrays on the host."""
+    names = [o.name for o in session.get_outputs()]
+    pairs = _cache_names(session)
+
+    def run(feeds, cache):
+        outputs = dict(zip(names, session.run(None, {**feeds, **cache})))
+        return outputs["logits"], {past: outputs[present] for past, present in pairs}
+
+    return run
+
+
+def _bound_runner(session, pairs):
+    """The same with IO binding: logits come to the host, presents stay on the provider's device
+    and are bound as the next step's pasts."""
+    device = "cpu" if session.get_providers()[0] == "CPUExecutionProvider" else "cuda"
+    binding = session.io_binding()
+
+    def run(feeds, cache):
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, array in feeds.items():
+            if name not in cache:
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for past, value in cache.items():
+            binding.bind_ortvalue_input(past, value)
+        binding.bind_output("logits", "cpu")
+        for _, present in pairs:
+            binding.bind_output(present, device)
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), {past: value for (past, _), value in zip(pairs, outputs[1:])}
+
+    return run
 
 
 def generate_text(session, tokenizer, prompt: str, max_new_tokens: int,

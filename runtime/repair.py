@@ -34,31 +34,13 @@ from ffnfusion.model_io import load_model, model_file
 from ffnfusion.passes import down_refit
 from ffnfusion.passes.blocks import FFNBlock, find_blocks
 from ffnfusion.passes.layer_ranges import format_ranges
-from ffnfusion.runtime.calibration import log_softmax
+from ffnfusion.runtime.calibration import CalibrationSource, log_softmax
 from ffnfusion.runtime.ffn_reference import down_bias, hidden, sequential_update, update
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
 from ffnfusion.runtime.stream import StreamRunner
 
 METHODS = ("refit", "scale")
-DEFAULT_REPAIR_TOKENS = 8192  # fitting tokens, split evenly over the sources
-DEFAULT_SELECT_TOKENS = 1024  # held-out tokens per source for the criterion
 COLUMN_BLOCK = 2048  # columns of A computed at a time
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibrationSource:
-    """One kind of text: windows to fit on and held-out windows to judge on (token ids [n, window])."""
-
-    name: str
-    fit: np.ndarray
-    select: np.ndarray
-
-    @classmethod
-    def split(cls, name: str, windows: np.ndarray, fit_windows: int, select_windows: int) -> CalibrationSource:
-        if len(windows) < fit_windows + select_windows:
-            raise ValueError(f"calibration source {name!r} has {len(windows)} windows, repair needs "
-                             f"{fit_windows} to fit and {select_windows} held out")
-        return cls(name, windows[:fit_windows], windows[len(windows) - select_windows:])
 
 
 @dataclasses.dataclass

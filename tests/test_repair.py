@@ -12,7 +12,8 @@ import pytest
 from ffnfusion.passes import down_refit
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
-from ffnfusion.runtime.repair import CalibrationSource, RepairPass, lambda_grid
+from ffnfusion.runtime.calibration import CalibrationSource
+from ffnfusion.runtime.repair import RepairPass, lambda_grid
 
 WINDOW = 32
 GROUP = [2, 3, 4, 5]
@@ -140,3 +141,42 @@ def test_lambda_grid(value, expected):
 def test_lambda_grid_refuses_bad_values(value):
     with pytest.raises(ValueError, match="--repair-lambda"):
         lambda_grid(value)
+
+
+def test_fuse_repair_command(capsys, tiny_dynamo20, tmp_path):
+    from ffnfusion.cli import main
+    import json
+
+    rng = np.random.default_rng(7)
+    ids = []
+    for name, low in (("docs", 0), ("notes", 64)):
+        path = tmp_path / f"{name}.npy"
+        np.save(path, rng.integers(low, low + 64, 4096))
+        ids.append(path)
+    out = tmp_path / "repaired" / "model.onnx"
+    code = main(["fuse", str(tiny_dynamo20), "-o", str(out), "--groups", "2-5", "--repair", "--repair-tokens", "2048",
+                 "--repair-lambda", "0.1", "--calib-ids", *map(str, ids), "--json"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    summary = json.loads(stdout)["repair"]
+    assert [s["name"] for s in summary["sources"]] == ["docs", "notes"]
+    assert summary["sources"][0] == {"name": "docs", "fit_tokens": 1024, "held_out_tokens": 1024}
+    assert [c["lambda"] for c in summary["groups"][0]["candidates"]] == [None, 0.1]
+    assert "repair 2-5:" in stderr
+    meta = json.loads((out.parent / "ffnfusion.json").read_text())
+    assert meta["repair"][0]["groups"][0]["layers"] == [2, 5]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--calib-ids", "x.npy"], "--calib/--calib-ids are used by --repair"),
+    (["--repair", "--repair-lambda", "-1", "--calib-ids", "x.npy"], "--repair-lambda must be a positive number"),
+    (["--repair", "--repair-tokens", "10", "--calib-ids", "x.npy"], "--repair-tokens must be at least one window"),
+])
+def test_fuse_repair_errors(capsys, tiny_dynamo20, tmp_path, argv, message):
+    from ffnfusion.cli import main
+
+    out = tmp_path / "never" / "model.onnx"
+    code = main(["fuse", str(tiny_dynamo20), "-o", str(out), "--groups", "2-5", *argv])
+    _, stderr = capsys.readouterr()
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+    assert not out.parent.exists()

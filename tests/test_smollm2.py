@@ -10,10 +10,12 @@ from ffnfusion.demo import DemoOptions, relative_error, run
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.onnx_export import ExportOptions, export_model
 from ffnfusion.exporters.sources import load_causal_lm, resolve_source
+from ffnfusion.model_io import load_model
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.plan import FusionPlan
 from ffnfusion.runtime import calibration
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
+from ffnfusion.runtime.tensorrt_check import check_tensorrt
 
 pytestmark = pytest.mark.slow
 
@@ -75,9 +77,17 @@ def test_demo_pipeline(tmp_path):
     assert summary["fused_vs_torch_parallel_rel_err"] <= 1e-5
     verification = summary["verification"]
     assert 5 < verification["dropped"]["ref"]["ppl"] < 40  # the original model on real text
-    assert set(verification) == {"dropped", "fused", "naive", "removed"}
+    assert set(verification) == {"dropped", "fused", "repaired", "naive", "removed"}
     for name in verification:
         assert 0 < verification[name]["top1_agreement"] <= 1
+    # The repair never keeps a refit that raised its held-out KL; the repaired model is the same
+    # graph (only W_down values differ) and still passes the TensorRT check.
+    for group in summary["repair"]["groups"]:
+        assert group["kl_after"] <= group["kl_before"]
+        assert group["chosen"] is None or group["fit_error_after"] < group["fit_error_before"]
+    fused, repaired = (load_model(tmp_path / name / "model.onnx") for name in ("fused", "repaired"))
+    assert [n.op_type for n in fused.graph] == [n.op_type for n in repaired.graph]
+    assert check_tensorrt(tmp_path / "repaired" / "model.onnx").ok
     runs = summary["runs"]
     assert summary["plan"]["groups"]
     for group in summary["plan"]["groups"]:  # inside one run, never its last FFN
