@@ -74,7 +74,7 @@ def fuse(model_path: str, out_path: str, plan: FusionPlan, validate: bool = True
     """Fuse the plan's groups (and repair them) into a new model; returns a summary. Nothing is
     written on error."""
     fusion = FFNFusionPass(plan, target)
-    repair_pass = _repair_pass(model_path, plan, repair, threads) if repair else None
+    repair_pass = _repair_pass(model_path, plan, repair, target, threads) if repair else None
 
     def record(metadata: dict) -> None:
         metadata["fused_groups"] = metadata.get("fused_groups", []) + [list(g) for g in plan.groups]
@@ -91,7 +91,7 @@ def fuse(model_path: str, out_path: str, plan: FusionPlan, validate: bool = True
     return summary
 
 
-def _repair_pass(model_path: str, plan: FusionPlan, options: RepairOptions, threads: int | None):
+def _repair_pass(model_path: str, plan: FusionPlan, options: RepairOptions, target: str, threads: int | None):
     from ffnfusion.runtime import calibration
     from ffnfusion.runtime.repair import RepairPass, lambda_grid
 
@@ -105,7 +105,8 @@ def _repair_pass(model_path: str, plan: FusionPlan, options: RepairOptions, thre
     path = model_file(model_path)
     sources = calibration.repair_sources(path.parent, texts=options.texts, ids_files=options.ids_files, tokens=tokens)
     log(f"repair: sources {', '.join(f'{s.name} ({s.fit.size} fit + {s.select.size} held out)' for s in sources)}")
-    return RepairPass(path, plan.groups, sources, method=options.method, lambdas=lambdas, threads=threads, log=log)
+    return RepairPass(path, plan.groups, sources, method=options.method, lambdas=lambdas, target=target,
+                      threads=threads, log=log)
 
 
 def drop_attention(model_path: str, out_path: str, layers: list[int], validate: bool = True,

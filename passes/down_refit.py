@@ -29,25 +29,30 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 # λ relative to the mean diagonal of AᵀA; "auto" tries each (and no repair) and keeps the best.
-DEFAULT_LAMBDAS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+DEFAULT_LAMBDAS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 HiddenBlock = Callable[[np.ndarray], np.ndarray]  # stream rows -> A[:, one column block]
 
 
 def kernel(x: np.ndarray, fit_rows: np.ndarray, blocks: Iterable[HiddenBlock]) -> np.ndarray:
-    """``K = A(x)·A(x[fit_rows])ᵀ`` summed over column blocks, shape [len(x), len(fit_rows)].
+    """``K = A(x)·A(x[fit_rows])ᵀ`` summed over column blocks, shape [len(x), len(fit_rows)], float64.
 
-    Each block's product is a float32 GEMM; the sum over blocks is accumulated in float64.
+    Float64 products, not just a float64 sum: with more tokens than columns K is singular, and a
+    float32 K (SwiGLU activations are far from centred: its top eigenvalue is ~N times its mean
+    diagonal) leaks rounding into that null space, where a small λ amplifies it without bound.
     """
     total = np.zeros((len(x), len(fit_rows)), np.float64)
     for block in blocks:
-        hidden = block(x)
+        hidden = block(x).astype(np.float64)
         total += hidden @ hidden[fit_rows].T
     return total
 
 
 def ridge_coefficients(k_fit: np.ndarray, residual: np.ndarray, lam: float, width: int) -> np.ndarray:
-    """``α = (K_FF + λ'I)⁻¹R_F`` for relative ``lam`` (``λ' = lam · trace(K_FF) / width``)."""
+    """``α = (K_FF + λ'I)⁻¹R_F`` for relative ``lam`` (``λ' = lam · trace(K_FF) / width``);
+    ``lam = inf`` gives α = 0, i.e. ``W₀`` exactly."""
+    if math.isinf(lam):
+        return np.zeros(residual.shape, np.float64)
     scale = lam * np.trace(k_fit) / width
     if not scale > 0:
         raise ValueError(f"lambda must be positive and the activations non-zero (lambda {lam})")

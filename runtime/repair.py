@@ -3,7 +3,8 @@ keep a refit only where the end-to-end criterion says it helps. ``RepairPass`` -
 
 Groups are repaired in residual order. For group i..j of the fused model:
 
-1. ``x``: the stream at the group's input, captured from the model as fused *and repaired so far*;
+1. ``x``: the stream at the group's input, captured from the model as fused *and repaired so far*
+   (earlier groups fused and repaired, this one fused, later ones still sequential);
 2. ``T(x)``: what the original layers i..j add when run one after another from ``x`` (numpy, from
    the original model's weights); ``A(x)·W₀``: what the fused block adds;
 3. candidates: "no repair" and the refit (or per-channel scale, ``method="scale"``) for every λ of the
@@ -33,6 +34,7 @@ import onnx_ir as ir
 from ffnfusion.model_io import load_model, model_file
 from ffnfusion.passes import down_refit
 from ffnfusion.passes.blocks import FFNBlock, find_blocks
+from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.runtime.calibration import CalibrationSource, log_softmax
 from ffnfusion.runtime.ffn_reference import down_bias, hidden, sequential_update, update
@@ -87,13 +89,14 @@ class RepairReport:
 class RepairPass(ir.passes.InPlacePass):
     """Refit the down projections of a fused model's groups (see the module docstring).
 
-    ``original``: the model the groups were fused from (their layers' weights, reference logits).
+    ``original``: the model the groups were fused from (their layers' weights, reference logits);
+    ``target``: the layout the groups were fused with (``FFNFusionPass``'s).
     """
 
     def __init__(self, original: str | pathlib.Path, groups: Sequence[Sequence[int]],
                  sources: Sequence[CalibrationSource], *, method: str = "refit",
-                 lambdas: Sequence[float] = down_refit.DEFAULT_LAMBDAS, threads: int | None = None,
-                 log=lambda message: None):
+                 lambdas: Sequence[float] = down_refit.DEFAULT_LAMBDAS, target: str = "gpu",
+                 threads: int | None = None, log=lambda message: None):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"repair method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -106,6 +109,7 @@ class RepairPass(ir.passes.InPlacePass):
         self.sources = list(sources)
         self.method = method
         self.lambdas = [float(lam) for lam in lambdas]
+        self.target = target  # the fused layout, as FFNFusionPass was given it
         self.threads = threads
         self.log = log
         self.report: RepairReport | None = None
@@ -113,16 +117,29 @@ class RepairPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         original_blocks = find_blocks(load_model(self.original))
         reference = self._reference_log_probs()
+        repaired: dict[int, np.ndarray] = {}  # first layer of a group -> its refitted W_down
         groups = []
         with tempfile.TemporaryDirectory(prefix="ffnfusion-repair-") as scratch:
-            for group in self.groups:
+            for index, group in enumerate(self.groups):
+                # Earlier groups fused and repaired, this one fused, later ones still sequential:
+                # the criterion then measures this group's candidates alone.
+                partial = load_model(self.original)
+                FFNFusionPass(self.groups[:index + 1], self.target)(partial)
+                for first, weight in repaired.items():
+                    _set_down(find_blocks(partial).layer(first).ffn, weight)
                 members = [original_blocks.ffn(layer) for layer in group]
-                groups.append(self._repair_group(model, group, members, reference, pathlib.Path(scratch)))
+                result, weight = self._repair_group(partial, group, members, reference, pathlib.Path(scratch))
+                groups.append(result)
+                if weight is not None:
+                    repaired[group[0]] = weight
+        fused_blocks = find_blocks(model)
+        for first, weight in repaired.items():
+            _set_down(fused_blocks.layer(first).ffn, weight)
         sources = [{"name": s.name, "fit_tokens": int(s.fit.size), "held_out_tokens": int(s.select.size)}
                    for s in self.sources]
         self.report = RepairReport(self.method, self.lambdas, sources, groups,
                                    round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
-        return ir.passes.PassResult(model, modified=any(g.chosen is not None for g in groups))
+        return ir.passes.PassResult(model, modified=bool(repaired))
 
     def _reference_log_probs(self) -> list[np.ndarray]:
         """log-softmax of the original model on each source's held-out windows (float32)."""
@@ -131,12 +148,12 @@ class RepairPass(ir.passes.InPlacePass):
                                 for w in source.select]) for source in self.sources]
 
     def _repair_group(self, model: ir.Model, group: list[int], members: list[FFNBlock],
-                      reference: list[np.ndarray], scratch: pathlib.Path) -> GroupRepair:
+                      reference: list[np.ndarray], scratch: pathlib.Path) -> tuple[GroupRepair, np.ndarray | None]:
         start = time.perf_counter()
         label = format_ranges(group)
         path = scratch / f"{label}" / "model.onnx"
         path.parent.mkdir()
-        ir.save(model, path, external_data="model.onnx.data")  # the model as fused and repaired so far
+        ir.save(model, path, external_data="model.onnx.data")
         runner = StreamRunner(path, self.threads)
         layer = runner.block_map.layer(group[0])
         if list(layer.span) != list(group) or layer.ffn is None or layer.attention:
@@ -196,14 +213,14 @@ class RepairPass(ir.passes.InPlacePass):
 
         kl_before, error_before = judged(None)
         chosen, reason, kl_after, error_after = None, "no candidate beats no repair on held-out sources", kl_before, error_before
+        weight = None
         best_fitted = min(candidates[1:], key=lambda c: c["kl"])["lambda"]
         kl_refit, error_refit = judged(best_fitted)
         if best["lambda"] is not None:
             if kl_refit < kl_before:
                 chosen, kl_after, error_after = best["lambda"], kl_refit, error_refit
                 reason = "lowest held-out-source KL"
-                # the saved copy was only read; the weight changes in the model being rewritten
-                _set_down(find_blocks(model).layer(group[0]).ffn, fit.weight(chosen))
+                weight = fit.weight(chosen)
             else:
                 reason = f"lambda {best['lambda']:g} fitted on all sources raised the held-out KL: rejected"
         result = GroupRepair((group[0], group[-1]), self.method, candidates, chosen, reason, kl_before, kl_after,
@@ -211,7 +228,7 @@ class RepairPass(ir.passes.InPlacePass):
         self.log(f"repair {label}: {'no repair' if chosen is None else f'lambda {chosen:g}'} ({reason}); "
                  f"held-out KL {kl_before:.4f} -> {kl_after:.4f}, fit error {error_before:.3f} -> "
                  f"{error_after:.3f}, {result.seconds:.1f} s")
-        return result
+        return result, weight
 
 
 class _Refit:

@@ -71,7 +71,7 @@ def test_chosen_candidate_is_the_best_and_never_worse(tiny_dynamo20):
     assert group.chosen in (None, best["lambda"])
 
 
-def test_huge_lambda_returns_the_original_weights(tiny_dynamo20):
+def test_infinite_lambda_returns_the_original_weights(tiny_dynamo20):
     model = _fused(tiny_dynamo20)
     block = find_blocks(model).layer(GROUP[0]).ffn
     x = np.random.default_rng(2).standard_normal((40, block.hidden)).astype(np.float32)
@@ -81,9 +81,11 @@ def test_huge_lambda_returns_the_original_weights(tiny_dynamo20):
     fit = np.arange(40)
     k = down_refit.kernel(x, fit, [b for _, b in blocks])
     residual = np.random.default_rng(3).standard_normal((40, block.hidden))
-    alpha = down_refit.ridge_coefficients(k, residual, 1e12, block.width)
-    weight = down_refit.refit_down(block.down.numpy_in_out(), x, alpha, blocks)
-    np.testing.assert_allclose(weight, block.down.numpy_in_out(), atol=1e-7)
+    original = block.down.numpy_in_out()
+    huge = down_refit.refit_down(original, x, down_refit.ridge_coefficients(k, residual, 1e12, block.width), blocks)
+    np.testing.assert_allclose(huge, original, atol=1e-7)  # λ → ∞ tends to W₀ ...
+    limit = down_refit.refit_down(original, x, down_refit.ridge_coefficients(k, residual, math.inf, block.width), blocks)
+    assert np.array_equal(limit, original)  # ... and is W₀ exactly at ∞
     assert np.array_equal(down_refit.channel_scales(np.ones((4, 3)), np.zeros((4, 3)), math.inf), np.ones(3))
 
 
@@ -180,3 +182,15 @@ def test_fuse_repair_errors(capsys, tiny_dynamo20, tmp_path, argv, message):
     _, stderr = capsys.readouterr()
     assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
     assert not out.parent.exists()
+
+
+def test_two_groups_are_repaired_in_residual_order(tiny_dynamo20):
+    model = ir.load(tiny_dynamo20)
+    FFNFusionPass([[2, 3], [4, 5]], target="cpu")(model)
+    repair = RepairPass(tiny_dynamo20, [[4, 5], [2, 3]], _sources(), lambdas=[1e-1], target="cpu")
+    repair(model)
+    assert [g.layers for g in repair.report.groups] == [(2, 3), (4, 5)]
+    for group in repair.report.groups:
+        assert group.kl_after <= group.kl_before
+        assert group.fit_error_refit < group.fit_error_before
+    assert find_blocks(model).layer(2).ffn.width == 336  # the cpu layout survives the repair
