@@ -79,17 +79,22 @@ def windows_from_ids(ids: np.ndarray, tokens: int, window: int) -> np.ndarray:
     return ids[: count * window].reshape(count, window).astype(np.int64)
 
 
+def load_token_ids(path) -> np.ndarray:
+    """Integer token ids from an ``.npy`` file (``--calib-ids``, ``--text-ids``)."""
+    try:
+        ids = np.load(path)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read token ids {path}: {err}") from None
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise UsageError(f"{path} holds {ids.dtype}, expected integer token ids")
+    return ids
+
+
 def calibration_windows(model_dir, *, texts=(), ids_file=None, tokens=DEFAULT_TOKENS,
                         window=DEFAULT_WINDOW, default=python_docs_text) -> np.ndarray:
     """Windows from ``--calib-ids`` (npy), ``--calib`` text files, or the default text."""
     if ids_file is not None:
-        try:
-            ids = np.load(ids_file)
-        except (OSError, ValueError) as err:
-            raise UsageError(f"cannot read token ids {ids_file}: {err}") from None
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise UsageError(f"{ids_file} holds {ids.dtype}, expected integer token ids")
-        return windows_from_ids(ids, tokens, window)
+        return windows_from_ids(load_token_ids(ids_file), tokens, window)
     text = read_texts(texts) if texts else default()
     ids = load_tokenizer(model_dir)(text, return_tensors="np")["input_ids"][0]
     return windows_from_ids(ids, tokens, window)
@@ -149,15 +154,7 @@ def repair_sources(model_dir, *, texts=(), ids_files=(), tokens=DEFAULT_REPAIR_T
     """One source per text file or ids file (default: :data:`DEFAULT_SOURCES`), ``tokens`` fitting
     tokens split evenly over them, ``select_tokens`` held out from each."""
     if ids_files:
-        named = []
-        for path in ids_files:
-            try:
-                ids = np.load(path)
-            except (OSError, ValueError) as err:
-                raise UsageError(f"cannot read token ids {path}: {err}") from None
-            if not np.issubdtype(ids.dtype, np.integer):
-                raise UsageError(f"{path} holds {ids.dtype}, expected integer token ids")
-            named.append((pathlib.Path(path).stem, np.asarray(ids).reshape(-1)))
+        named = [(pathlib.Path(path).stem, load_token_ids(path).reshape(-1)) for path in ids_files]
     else:
         tokenizer = load_tokenizer(model_dir)
         pairs = [(pathlib.Path(p).name, lambda p=p: read_texts([p])) for p in texts] or list(DEFAULT_SOURCES.items())
