@@ -203,15 +203,19 @@ class RepairPass(ir.passes.InPlacePass):
             candidates.append({"lambda": lam, "kl": float(np.mean(list(by_source.values()))), "kl_by_source": by_source})
         best = min(candidates, key=lambda c: c["kl"])
 
-        def judged(lam: float | None) -> tuple[float, float]:
-            """Mean held-out KL over all sources and held-out fit error, fitted on every source."""
-            updates = [fit.base[rows] if lam is None else fit.update(all_fit, rows, lam) for rows in source_select]
-            kl = float(np.mean([kl_on(i, u) for i, u in enumerate(updates)]))
-            held_out = np.concatenate(source_select)
-            error = np.linalg.norm(np.concatenate(updates) - target[held_out]) / np.linalg.norm(target[held_out])
-            return kl, float(error)
+        held_out = np.concatenate(source_select)
 
-        kl_before, error_before = judged(None)
+        def fit_error(updates: np.ndarray) -> float:
+            return float(np.linalg.norm(updates - target[held_out]) / np.linalg.norm(target[held_out]))
+
+        def judged(lam: float) -> tuple[float, float]:
+            """Mean held-out KL over all sources and held-out fit error, fitted on every source."""
+            updates = [fit.update(all_fit, rows, lam) for rows in source_select]
+            kl = float(np.mean([kl_on(i, u) for i, u in enumerate(updates)]))
+            return kl, fit_error(np.concatenate(updates))
+
+        # "no repair" was already judged on every source's held-out tokens (each fold holds one out)
+        kl_before, error_before = candidates[0]["kl"], fit_error(fit.base[held_out])
         chosen, reason, kl_after, error_after = None, "no candidate beats no repair on held-out sources", kl_before, error_before
         weight = None
         best_fitted = min(candidates[1:], key=lambda c: c["kl"])["lambda"]
