@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from ffnfusion.errors import FFNFusionError
+from ffnfusion.core.errors import InvalidPlanError, ModelSourceError
 
 
 class AttentionFreeDecoderLayer(nn.Module):
@@ -60,7 +60,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     inner = getattr(model, "base_model", None) or getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise FFNFusionError(
+        raise ModelSourceError(
             f"{type(model).__name__} has no decoder layer list; expected a Llama-style causal LM"
         )
     return layers
@@ -72,13 +72,13 @@ def drop_attention(model: nn.Module, layer_indices: Iterable[int]) -> list[int]:
     dropped = sorted(set(layer_indices))
     for index in dropped:
         if not 0 <= index < len(layers):
-            raise FFNFusionError(f"layer {index} out of range: the model has {len(layers)} layers")
+            raise InvalidPlanError(f"layer {index} out of range: the model has {len(layers)} layers")
         layer = layers[index]
         if isinstance(layer, AttentionFreeDecoderLayer):
             continue
         for name in ("mlp", "post_attention_layernorm"):
             if not hasattr(layer, name):
-                raise FFNFusionError(f"layer {index} ({type(layer).__name__}) has no {name}")
+                raise ModelSourceError(f"layer {index} ({type(layer).__name__}) has no {name}")
         layers[index] = AttentionFreeDecoderLayer(layer)
     return dropped
 
@@ -89,7 +89,7 @@ def parallelize_groups(model: nn.Module, groups: Iterable[Sequence[int]]) -> Non
     for group in groups:
         members = [layers[i] for i in group]
         if not all(isinstance(m, AttentionFreeDecoderLayer) for m in members):
-            raise FFNFusionError(f"group {list(group)} contains a layer that still has attention")
+            raise InvalidPlanError(f"group {list(group)} contains a layer that still has attention")
         layers[group[0]] = ParallelFFNGroup(members)
         for index in group[1:]:
             layers[index] = _PassThrough()

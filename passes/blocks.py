@@ -19,9 +19,9 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-from ffnfusion.errors import FFNFusionError
-from ffnfusion.passes import patterns
-from ffnfusion.passes.ffn_match import match_ffn
+from ffnfusion.core.errors import BlockRecognitionError, InvalidPlanError
+from ffnfusion.passes import op_matchers
+from ffnfusion.passes.ffn_branch import match_ffn
 
 ATTENTION_OP_TYPES = {
     "Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
@@ -38,10 +38,6 @@ ATTENTION_ONLY_METADATA = "ffnfusion.attention_only_layers"
 ORT_SKIP_NORM_OP_TYPES = {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
 
 
-class BlockRecognitionError(FFNFusionError):
-    """The graph is not a decoder we can read."""
-
-
 @dataclasses.dataclass(frozen=True)
 class FFNBlock:
     """One FFN residual branch: gated ``y = x + down(act(gate(n(x))) * up(n(x)))`` (SwiGLU,
@@ -51,10 +47,10 @@ class FFNBlock:
     input: ir.Value  # residual stream value x
     output: ir.Value  # y, the residual Add's output
     residual_add: ir.Node
-    norm: patterns.Norm
-    gate: patterns.Weight | None  # None for a plain two-matrix MLP
-    up: patterns.Weight
-    down: patterns.Weight
+    norm: op_matchers.Norm
+    gate: op_matchers.Weight | None  # None for a plain two-matrix MLP
+    up: op_matchers.Weight
+    down: op_matchers.Weight
     activation: str  # "silu" | "gelu" | "gelu_tanh"
     nodes: tuple[ir.Node, ...]  # every node of the branch, residual Add included
     gate_bias: ir.Value | None = None
@@ -164,12 +160,12 @@ class BlockMap:
         for layer in self.layers:
             if index in layer.span:
                 return layer
-        raise FFNFusionError(f"layer {index} does not exist: the model has layers 0-{self.num_layers - 1}")
+        raise InvalidPlanError(f"layer {index} does not exist: the model has layers 0-{self.num_layers - 1}")
 
     def ffn(self, index: int) -> FFNBlock:
         layer = self.layer(index)
         if layer.ffn is None:
-            raise FFNFusionError(f"layer {index} has no recognised FFN ({layer.unknown or 'none found'})")
+            raise InvalidPlanError(f"layer {index} has no recognised FFN ({layer.unknown or 'none found'})")
         return layer.ffn
 
     def to_dict(self) -> dict:
@@ -185,7 +181,7 @@ def find_embedding_output(graph: ir.Graph) -> ir.Value:
             continue
         table, indices = node.inputs
         if table.const_value is not None and table.const_value.shape.rank() == 2 \
-                and patterns.skip_casts(indices) in inputs:
+                and op_matchers.skip_casts(indices) in inputs:
             return _through_embedding_scale(node.outputs[0])
     raise BlockRecognitionError(
         "no token embedding found: expected a Gather from a 2-D weight table indexed by a graph "
@@ -204,7 +200,7 @@ def _through_embedding_scale(x: ir.Value) -> ir.Value:
         if node.op_type not in ("Mul", "Div") or uses[0].idx != 0 and node.op_type == "Div":
             break
         other = node.inputs[1 - uses[0].idx]
-        if patterns.const_array(other) is None or patterns.const_array(other).size != 1:
+        if op_matchers.const_array(other) is None or op_matchers.const_array(other).size != 1:
             break
         x = node.outputs[0]
     return x

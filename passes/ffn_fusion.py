@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes.blocks import FUSED_GROUPS_METADATA, FFNBlock, find_blocks, fused_spans_of
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.streaming import folded_columns, stacked_rows
@@ -51,11 +52,11 @@ def cpu_padding(width: int) -> int:
 class FFNFusionPass(ir.passes.InPlacePass):
     """Rewrite each group of a :class:`FusionPlan` into one wide FFN with one residual Add."""
 
-    def __init__(self, plan: FusionPlan | Sequence[Sequence[int]], target: str = "gpu"):
+    def __init__(self, plan: FusionPlan | Sequence[Sequence[int]] | str, target: str = "gpu"):
         super().__init__()
         if target not in TARGETS:
-            raise ValueError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
-        self.plan = plan if isinstance(plan, FusionPlan) else FusionPlan.from_groups(plan)
+            raise InvalidArgumentError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+        self.plan = FusionPlan.coerce(plan)
         self.target = target
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from ffnfusion.core.errors import InvalidPlanError
 from ffnfusion.passes.blocks import ATTENTION_ONLY_METADATA, EMPTY_LAYERS_METADATA, find_blocks, layers_in_metadata
 from ffnfusion.passes.layer_ranges import format_ranges
 
@@ -25,7 +26,7 @@ class FFNRemovalPass(ir.passes.InPlacePass):
         replaced: dict[ir.Value, ir.Value] = {}  # adjacent removals: one's output is the next's input
         for block in blocks:
             if len(block_map.layer(block.layer).span) > 1:
-                raise ValueError(f"layer {block.layer} is part of a fused FFN; cannot remove one member")
+                raise InvalidPlanError(f"layer {block.layer} is part of a fused FFN; cannot remove one member")
             source = replaced.get(block.input, block.input)
             ir.convenience.replace_all_uses_with(block.output, source)
             replaced[block.output] = source

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ffnfusion.errors import UsageError
+from ffnfusion.core.errors import InvalidArgumentError
 
 
 def parse_range(text: str) -> list[int]:
@@ -14,9 +14,9 @@ def parse_range(text: str) -> list[int]:
         else:
             first = last = int(text)
     except ValueError:
-        raise UsageError(f"bad layer range {text!r}: expected N or N-M, e.g. 10-13") from None
+        raise InvalidArgumentError(f"bad layer range {text!r}: expected N or N-M, e.g. 10-13") from None
     if first < 0 or last < first:
-        raise UsageError(f"bad layer range {text!r}: need 0 <= first <= last")
+        raise InvalidArgumentError(f"bad layer range {text!r}: need 0 <= first <= last")
     return list(range(first, last + 1))
 
 
@@ -29,7 +29,7 @@ def parse_groups(text: str) -> list[list[int]]:
     """``"10-13,14-16"`` -> ``[[10..13], [14..16]]`` (one group per comma-separated range)."""
     groups = [parse_range(part) for part in text.split(",") if part.strip()]
     if not groups:
-        raise UsageError("no groups given: expected e.g. --groups 10-13,14-16")
+        raise InvalidArgumentError("no groups given: expected e.g. --groups 10-13,14-16")
     return groups
 
 

@@ -9,15 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from collections.abc import Sequence
 
-from ffnfusion.atomic import write_json_atomically
-from ffnfusion.errors import FFNFusionError, UsageError
+from ffnfusion.core.files import write_json_atomically
+from ffnfusion.core.errors import InvalidArgumentError, InvalidPlanError
 from ffnfusion.passes.blocks import BlockMap, FFNBlock
 from ffnfusion.passes.layer_ranges import format_ranges, parse_groups
-
-
-class InvalidPlanError(FFNFusionError):
-    """The requested groups do not fit the model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +30,19 @@ class FusionPlan:
         normalised = []
         for group in groups:
             if isinstance(group, str):
-                raise UsageError(f"group {group!r} must be a list of layer indices, not a string")
+                raise InvalidArgumentError(f"group {group!r} must be a list of layer indices, not a string")
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in group):
-                raise UsageError(f"group {group!r} must be a list of integer layer indices")
+                raise InvalidArgumentError(f"group {group!r} must be a list of integer layer indices")
             layers = tuple(group)
             normalised.append(layers)
         return cls(tuple(normalised))
+
+    @classmethod
+    def coerce(cls, groups: FusionPlan | Sequence[Sequence[int]] | str) -> FusionPlan:
+        """A plan from whatever form a caller holds: a plan, lists of layer indices, or ``"10-13,14-16"``."""
+        if isinstance(groups, FusionPlan):
+            return groups
+        return cls.parse(groups) if isinstance(groups, str) else cls.from_groups(groups)
 
     @classmethod
     def parse(cls, text: str) -> FusionPlan:
@@ -50,15 +54,15 @@ class FusionPlan:
         try:
             data = json.loads(pathlib.Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise UsageError(f"cannot read plan {path}: {err}") from None
+            raise InvalidArgumentError(f"cannot read plan {path}: {err}") from None
         if not isinstance(data, dict) or not isinstance(data.get("groups"), list):
-            raise UsageError(f"plan {path}: expected a JSON object with a 'groups' list of layer lists")
+            raise InvalidArgumentError(f"plan {path}: expected a JSON object with a 'groups' list of layer lists")
         if not all(isinstance(group, list) for group in data["groups"]):
-            raise UsageError(f"plan {path}: every group must be a list of layer indices, e.g. [10, 11, 12]")
+            raise InvalidArgumentError(f"plan {path}: every group must be a list of layer indices, e.g. [10, 11, 12]")
         try:
             return cls.from_groups(data["groups"])
-        except UsageError as err:
-            raise UsageError(f"plan {path}: {err}") from None
+        except InvalidArgumentError as err:
+            raise InvalidArgumentError(f"plan {path}: {err}") from None
 
     def to_dict(self) -> dict:
         data = {"groups": [list(group) for group in self.groups]}

@@ -8,7 +8,7 @@ import sysconfig
 
 import numpy as np
 
-from ffnfusion.errors import FFNFusionError, UsageError
+from ffnfusion.core.errors import FFNFusionError, InvalidArgumentError
 
 DEFAULT_TOKENS = 16384
 DEFAULT_WINDOW = 512
@@ -64,7 +64,7 @@ def read_texts(paths) -> str:
         try:
             texts.append(pathlib.Path(path).read_text(errors="replace"))
         except OSError as err:
-            raise UsageError(f"cannot read text {path}: {err.strerror}") from None
+            raise InvalidArgumentError(f"cannot read text {path}: {err.strerror}") from None
     return "\n\n".join(texts)
 
 
@@ -72,10 +72,10 @@ def windows_from_ids(ids: np.ndarray, tokens: int, window: int) -> np.ndarray:
     """Up to ``tokens`` tokens as non-overlapping full windows, shape [n, window] (no padding)."""
     ids = np.asarray(ids).reshape(-1)
     if window < 2 or tokens < window:
-        raise UsageError(f"need window >= 2 and tokens >= window (got window {window}, tokens {tokens})")
+        raise InvalidArgumentError(f"need window >= 2 and tokens >= window (got window {window}, tokens {tokens})")
     count = min(tokens, len(ids)) // window
     if count == 0:
-        raise UsageError(f"only {len(ids)} tokens available, fewer than one window of {window}")
+        raise InvalidArgumentError(f"only {len(ids)} tokens available, fewer than one window of {window}")
     return ids[: count * window].reshape(count, window).astype(np.int64)
 
 
@@ -84,9 +84,9 @@ def load_token_ids(path) -> np.ndarray:
     try:
         ids = np.load(path)
     except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read token ids {path}: {err}") from None
+        raise InvalidArgumentError(f"cannot read token ids {path}: {err}") from None
     if not np.issubdtype(ids.dtype, np.integer):
-        raise UsageError(f"{path} holds {ids.dtype}, expected integer token ids")
+        raise InvalidArgumentError(f"{path} holds {ids.dtype}, expected integer token ids")
     return ids
 
 
@@ -104,7 +104,7 @@ def token_windows(tokenizer, text: str, window: int, count: int) -> np.ndarray:
     """``count`` consecutive non-overlapping windows of ``window`` tokens, shape [count, window]."""
     ids = tokenizer(text, return_tensors="np")["input_ids"][0]
     if len(ids) < window * count:
-        raise ValueError(f"text has {len(ids)} tokens, need {window * count}")
+        raise InvalidArgumentError(f"text has {len(ids)} tokens, need {window * count}")
     return windows_from_ids(ids, window * count, window)
 
 
@@ -142,7 +142,7 @@ class CalibrationSource:
         """The last ``select_windows`` are held out; ``fit_windows`` are spread evenly over the rest
         (a long text such as the Python docs changes topic along the way)."""
         if fit_windows < 1 or len(windows) < fit_windows + select_windows:
-            raise UsageError(f"calibration source {name!r} has {len(windows)} windows of {windows.shape[1]} "
+            raise InvalidArgumentError(f"calibration source {name!r} has {len(windows)} windows of {windows.shape[1]} "
                              f"tokens; repair needs {fit_windows} to fit and {select_windows} held out")
         rest = len(windows) - select_windows
         chosen = np.unique(np.linspace(0, rest - 1, fit_windows).round().astype(int))

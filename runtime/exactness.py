@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ffnfusion.model_io import load_model
+from ffnfusion.core.errors import InvalidPlanError
+from ffnfusion.core.model_io import load_model
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.runtime.ffn_reference import update
 
@@ -24,7 +25,7 @@ def fused_group_error(original_path: str, fused_path: str, group: list[int], tok
     fused_block = fused.ffn(group[0])
     span = fused.layer(group[0]).span
     if list(span) != list(group):
-        raise ValueError(f"the fused model holds layers {span.start}-{span.stop - 1} at layer {group[0]}, not {group}")
+        raise InvalidPlanError(f"the fused model holds layers {span.start}-{span.stop - 1} at layer {group[0]}, not {group}")
     members = [original.ffn(i) for i in group]
     x = np.random.default_rng(seed).standard_normal((tokens, members[0].hidden), dtype=np.float32)
     reference = sum(update(member, x) for member in members)

@@ -1,7 +1,7 @@
 """FFN blocks evaluated in numpy straight from their stored weights (float32).
 
 No runtime session: the exactness check and the repair's least-squares fit read only the weights of
-the blocks they look at. ``hidden`` is the activation the down projection reads, ``update`` the
+the blocks they look at. ``ffn_activation`` is the activation the down projection reads, ``update`` the
 block's residual update ``ffn(n(x))``.
 """
 
@@ -36,7 +36,7 @@ def normed(block: FFNBlock, x: np.ndarray) -> np.ndarray:
     return unit * gain + _const(block.norm.bias)
 
 
-def hidden(block: FFNBlock, x: np.ndarray, columns: slice = slice(None)) -> np.ndarray:
+def ffn_activation(block: FFNBlock, x: np.ndarray, columns: slice = slice(None)) -> np.ndarray:
     """``act(n(x)·G + b_g) ⊙ (n(x)·U + b_u)`` (or ``act(n(x)·U + b_u)``), restricted to ``columns``."""
     n = normed(block, x.astype(np.float32, copy=False))
 
@@ -58,8 +58,8 @@ def down_bias(block: FFNBlock) -> np.ndarray:
 
 
 def update(block: FFNBlock, x: np.ndarray) -> np.ndarray:
-    """The block's residual update ``down(hidden(x)) + b_d`` for stream rows ``x``."""
-    return hidden(block, x) @ block.down.numpy_in_out().astype(np.float32) + _const(block.down_bias)
+    """The block's residual update ``down(ffn_activation(x)) + b_d`` for stream rows ``x``."""
+    return ffn_activation(block, x) @ block.down.numpy_in_out().astype(np.float32) + _const(block.down_bias)
 
 
 def sequential_update(blocks: Sequence[FFNBlock], x: np.ndarray) -> np.ndarray:

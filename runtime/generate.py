@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from ffnfusion.core.errors import ModelRunError
 from ffnfusion.runtime.onnxruntime import default_feeds
 
 
@@ -22,7 +23,7 @@ def _cache_names(session) -> list[tuple[str, str]]:
         if spec.name.startswith("past_key_values."):
             present = "present." + spec.name[len("past_key_values."):]
             if present not in outputs:
-                raise ValueError(f"model takes {spec.name} but has no {present} output")
+                raise ModelRunError(f"model takes {spec.name} but has no {present} output")
             pairs.append((spec.name, present))
     return pairs
 

@@ -10,7 +10,7 @@ import pathlib
 import numpy as np
 import onnx_ir as ir
 
-from ffnfusion.errors import FFNFusionError
+from ffnfusion.core.errors import InvalidArgumentError, ModelRunError
 
 
 def _options(threads: int | None):
@@ -36,7 +36,7 @@ def create_session(path: str | os.PathLike, threads: int | None = None, provider
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
-        raise FFNFusionError(f"unknown provider {provider!r}: choose from {', '.join(PROVIDERS)}")
+        raise InvalidArgumentError(f"unknown provider {provider!r}: choose from {', '.join(PROVIDERS)}")
     wanted = PROVIDERS[provider]
     providers = [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
     warn = warn or (lambda message: print(message, file=sys.stderr))
@@ -49,7 +49,7 @@ def create_session(path: str | os.PathLike, threads: int | None = None, provider
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             session = ort.InferenceSession(str(path), _options(threads), providers=providers)
     except Exception as err:  # ORT raises its own exception types for invalid graphs
-        raise FFNFusionError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from err
+        raise ModelRunError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from err
     finally:
         ort.set_default_logger_severity(3)
     if providers[0] != PROVIDERS["cpu"] and session.get_providers()[0] != wanted:
@@ -92,10 +92,10 @@ def default_feeds(session, input_ids: np.ndarray, **given) -> dict[str, np.ndarr
         elif name.startswith("past_key_values") and len(spec.shape) == 4:
             _, heads, _, head_dim = spec.shape
             if not (isinstance(heads, int) and isinstance(head_dim, int)):
-                raise FFNFusionError(f"input {name} has no static head sizes {spec.shape}")
+                raise ModelRunError(f"input {name} has no static head sizes {spec.shape}")
             feeds[name] = np.zeros((batch, heads, 0, head_dim), _NUMPY_TYPES.get(spec.type, np.float32))
         else:
-            raise FFNFusionError(f"the model needs input {name!r}, which ffnfusion cannot fill in")
+            raise ModelRunError(f"the model needs input {name!r}, which ffnfusion cannot fill in")
     return feeds
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from ffnfusion.model_io import load_model, model_file
+from ffnfusion.core.errors import BlockRecognitionError
+from ffnfusion.core.model_io import load_model, model_file
 from ffnfusion.passes.blocks import BlockMap, DecoderLayer, find_blocks, find_embedding_output
 from ffnfusion.runtime.onnxruntime import default_feeds, session_from_model
 
@@ -52,7 +53,7 @@ def units_of(block_map: BlockMap) -> list[Unit]:
 def _unit(index: int, layer: DecoderLayer) -> Unit:
     attention, ffn = layer.attention_block, layer.ffn
     if ffn is None and attention is None:
-        raise ValueError(f"layer {layer.index} has neither attention nor a recognised FFN")
+        raise BlockRecognitionError(f"layer {layer.index} has neither attention nor a recognised FFN")
     if ffn is None:
         kind, start, end = "attention", attention.input, attention.output
     else:

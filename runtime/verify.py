@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ffnfusion.passes.dependency import ProgressBar
 from ffnfusion.runtime.calibration import log_softmax, next_token_nll
 from ffnfusion.runtime.stream import StreamRunner
 
@@ -23,8 +22,8 @@ def compare_models(reference: str, candidate: str, windows: np.ndarray, threads:
 
 def compare_many(reference: str, candidates: list[str], windows: np.ndarray, threads: int | None = None,
                  progress=None) -> list[dict]:
-    """Compare several candidates with one reference; the reference runs once per window."""
-    progress = progress or ProgressBar("verify")
+    """Compare several candidates with one reference; the reference runs once per window.
+    ``progress(done_windows, total_windows, tokens)``, if given, is called after each window."""
     ref_runner = StreamRunner(reference, threads)
     runners = [StreamRunner(path, threads) for path in candidates]
     stats = [dict(nll=0.0, agree=0, kl=0.0, cosine=0.0) for _ in candidates]
@@ -47,7 +46,8 @@ def compare_many(reference: str, candidates: list[str], windows: np.ndarray, thr
                 np.linalg.norm(ref_final, axis=-1) * np.linalg.norm(final, axis=-1) + 1e-12)).sum())
         predicted += ids.shape[1] - 1
         tokens += ids.size
-        progress(w + 1, len(windows), tokens)
+        if progress is not None:
+            progress(w + 1, len(windows), tokens)
     ref_ppl = float(np.exp(ref_nll / predicted))
     return [{
         "ref": {"path": str(reference), "ppl": ref_ppl},

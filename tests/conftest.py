@@ -56,7 +56,7 @@ def tiny_llama():
 def _export(tmp_path_factory, tiny_llama, name, **options):
     out = tmp_path_factory.mktemp(name)
     opts = ExportOptions(drop_attention=list(TINY_DROPPED), **options)
-    return export_model(copy.deepcopy(tiny_llama), out, opts, log=lambda *_: None)
+    return export_model(copy.deepcopy(tiny_llama), out, opts)
 
 
 @pytest.fixture(scope="session")

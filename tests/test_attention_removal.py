@@ -24,8 +24,8 @@ def full_attention(tmp_path_factory):
     """The tiny model exported with every layer's attention, with and without a KV cache."""
     model = make_tiny_llama()
     out = tmp_path_factory.mktemp("full")
-    plain = export_model(copy.deepcopy(model), out / "plain", ExportOptions(), log=lambda *_: None)
-    cached = export_model(copy.deepcopy(model), out / "kv", ExportOptions(kv_cache=True), log=lambda *_: None)
+    plain = export_model(copy.deepcopy(model), out / "plain", ExportOptions())
+    cached = export_model(copy.deepcopy(model), out / "kv", ExportOptions(kv_cache=True))
     return model, plain, cached
 
 

@@ -29,7 +29,7 @@ def test_gpu_providers_fall_back_with_one_warning(tiny_dynamo20):
     """onnxruntime-gpu lists CUDA and TensorRT even without a GPU: one warning line, then the CPU."""
     import pytest
 
-    from ffnfusion.errors import FFNFusionError
+    from ffnfusion.core.errors import FFNFusionError
     from ffnfusion.runtime.onnxruntime import PROVIDERS, create_session
 
     for provider in ("cuda", "tensorrt"):

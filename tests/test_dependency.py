@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import TINY_DROPPED
 from ffnfusion.exporters import llama_surgery
-from ffnfusion.passes.dependency import analyze, pairs_to_compute
+from ffnfusion.runtime.analysis.dependency import analyze, pairs_to_compute
 from ffnfusion.runtime.stream import StreamRunner
 
 

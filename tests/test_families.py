@@ -30,7 +30,7 @@ def _random_model_and_export(model_class, config, randomize, seed, directory):
     with torch.no_grad():
         for name, param in model.named_parameters():
             randomize(name, param)
-    path = export_model(copy.deepcopy(model), directory, ExportOptions(drop_attention=DROPPED), log=lambda *_: None)
+    path = export_model(copy.deepcopy(model), directory, ExportOptions(drop_attention=DROPPED))
     return model, path
 
 

@@ -17,8 +17,7 @@ from ffnfusion.runtime.onnxruntime import create_session
 @pytest.mark.parametrize(("kv_cache", "io_binding"), [(True, False), (True, True), (False, False)])
 def test_tiny_model_matches_transformers(tiny_llama, tmp_path, kv_cache, io_binding):
     dropped = [2, 3, 4]
-    path = export_model(copy.deepcopy(tiny_llama), tmp_path, ExportOptions(drop_attention=dropped, kv_cache=kv_cache),
-                        log=lambda *_: None)
+    path = export_model(copy.deepcopy(tiny_llama), tmp_path, ExportOptions(drop_attention=dropped, kv_cache=kv_cache))
     prompt = np.random.default_rng(11).integers(0, 128, 7)
     # io_binding=True on the CPU runs the GPU path's bookkeeping (presents bound as the next pasts)
     ours = list(greedy_tokens(create_session(path), prompt, 16, io_binding=io_binding))

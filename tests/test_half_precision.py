@@ -18,7 +18,7 @@ TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2}
 
 @pytest.mark.parametrize("dtype", sorted(TOLERANCE))
 def test_fused_weights_keep_dtype_and_match(dtype, tmp_path, capsys):
-    source = write_synthetic("tiny", tmp_path / "src", dtype=dtype, log=lambda *_: None)
+    source = write_synthetic("tiny", tmp_path / "src", dtype=dtype)
     fused = tmp_path / "fused" / "model.onnx"
     assert main(["fuse", str(source), "-o", str(fused), "--groups", "2-4"]) == 0, capsys.readouterr().err
     weight = ir.load(fused).graph.initializers["ffnfusion.layers.2-4.gate_proj.weight"].const_value
@@ -35,8 +35,7 @@ def test_bfloat16_export_is_recognised_and_fused(tiny_llama, tmp_path):
     from ffnfusion.passes.blocks import find_blocks
     from ffnfusion.passes.ffn_fusion import FFNFusionPass
 
-    path = export_model(copy.deepcopy(tiny_llama), tmp_path / "bf16", ExportOptions(dtype="bfloat16", drop_attention=[2, 3, 4]),
-                        log=lambda *_: None)
+    path = export_model(copy.deepcopy(tiny_llama), tmp_path / "bf16", ExportOptions(dtype="bfloat16", drop_attention=[2, 3, 4]))
     model = ir.load(path)
     assert find_blocks(model).ffn(3).dtype == ir.DataType.BFLOAT16
     FFNFusionPass([[2, 3, 4]])(model)

@@ -27,7 +27,7 @@ from ffnfusion.passes.ffn_removal import FFNRemovalPass
 @pytest.fixture(scope="module")
 def synth_tiny(tmp_path_factory):
     """Tiny synthetic decoder with external data; attention-free layers 2-4."""
-    return write_synthetic("tiny", tmp_path_factory.mktemp("synth"), log=lambda *_: None)
+    return write_synthetic("tiny", tmp_path_factory.mktemp("synth"))
 
 
 def _copy_model(src: pathlib.Path, dst_dir: pathlib.Path) -> pathlib.Path:
@@ -237,7 +237,7 @@ def test_unwritable_output_directory(synth_tiny, tmp_path, capsys):
 
 def test_sigterm_leaves_nothing_half_written(tmp_path):
     """Interrupt a fuse of a ~0.6 GB model while it writes: no output, no staging folder."""
-    source = write_synthetic("smollm2", tmp_path / "src", log=lambda *_: None)
+    source = write_synthetic("smollm2", tmp_path / "src")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     process = subprocess.Popen([sys.executable, "-m", "ffnfusion.cli", "fuse", str(source), "-o",

@@ -9,8 +9,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from ffnfusion.errors import FFNFusionError
-from ffnfusion.model_io import load_model, save_model
+from ffnfusion.core.errors import FFNFusionError
+from ffnfusion.core.model_io import load_model, save_model
 
 
 def _model_with_external(tmp_path, location="w.bin", data_bytes=16, length=16):

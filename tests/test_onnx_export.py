@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIG, make_tiny_llama, prefill_then_decode, rel_err
-from ffnfusion.errors import FFNFusionError
+from ffnfusion.core.errors import FFNFusionError
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.onnx_export import ExportOptions, export_model
 from ffnfusion.passes.blocks import find_blocks
@@ -47,8 +47,7 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(tmp_path):
     model = make_tiny_llama()
     reference = copy.deepcopy(model)
     llama_surgery.drop_attention(reference, dropped)
-    path = export_model(model, tmp_path, ExportOptions(drop_attention=dropped, kv_cache=True),
-                        log=lambda *_: None)
+    path = export_model(model, tmp_path, ExportOptions(drop_attention=dropped, kv_cache=True))
     session = create_session(path)
     past_names = [i.name for i in session.get_inputs()][3:]
     assert past_names == [f"past_key_values.{i}.{k}" for i in (3, 4, 6, 7) for k in ("key", "value")]
@@ -66,7 +65,7 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(tmp_path):
 
 def test_float16_export_fuses_and_keeps_dtype(tmp_path, tiny_llama):
     path = export_model(copy.deepcopy(tiny_llama), tmp_path / "fp16",
-                        ExportOptions(drop_attention=[2, 3, 4], dtype="float16"), log=lambda *_: None)
+                        ExportOptions(drop_attention=[2, 3, 4], dtype="float16"))
     model = ir.load(path)
     FFNFusionPass([[2, 3, 4]])(model)
     gate = model.graph.initializers["ffnfusion.layers.2-4.gate_proj.weight"]

@@ -19,8 +19,7 @@ from ffnfusion.runtime.onnxruntime import create_session
 
 def test_optimum_style_directory_round_trip(tiny_llama, tmp_path, capsys):
     source = tmp_path / "optimum"
-    export_model(copy.deepcopy(tiny_llama), source, ExportOptions(opset=18, dynamo=False, kv_cache=True),
-                 log=lambda *_: None)
+    export_model(copy.deepcopy(tiny_llama), source, ExportOptions(opset=18, dynamo=False, kv_cache=True))
     tiny_llama.config.to_json_file(source / "config.json")
     tiny_llama.generation_config.to_json_file(source / "generation_config.json")
 

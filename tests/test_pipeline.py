@@ -13,7 +13,7 @@ import torch
 
 from conftest import TINY_DROPPED, rel_err
 from ffnfusion import AttentionRemovalPass, FFNFusionPass, find_blocks, fuse_ffn
-from ffnfusion.errors import UsageError
+from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
 
@@ -73,7 +73,7 @@ def test_fuse_ffn_accepts_proto_ir_and_path(tiny_dynamo20, tiny_llama, tmp_path)
     assert fuse_ffn(model, [[2, 3, 4]]) is model
     out = fuse_ffn(tiny_dynamo20, "2-4", output=tmp_path / "f" / "model.onnx")
     assert rel_err(run_logits(create_session(out), IDS), _parallel_reference(tiny_llama, [[2, 3, 4]])) <= 1e-5
-    with pytest.raises(UsageError, match="needs output=PATH"):
+    with pytest.raises(InvalidArgumentError, match="needs output=PATH"):
         fuse_ffn(tiny_dynamo20, "2-4")
 
 

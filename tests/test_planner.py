@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from ffnfusion.errors import UsageError
-from ffnfusion.passes.dependency import DependencyReport
-from ffnfusion.passes.planner import plan_groups
+from ffnfusion.core.errors import InvalidArgumentError
+from ffnfusion.runtime.analysis.dependency import DependencyReport
+from ffnfusion.runtime.analysis.planner import plan_groups
 from ffnfusion.passes.plan import FusionPlan
 
 
@@ -56,8 +56,8 @@ def test_plan_json_round_trip_and_bad_edits(tmp_path):
     for bad, message in (({"groups": "2-5"}, "'groups' list"), ({"groups": [[2, "3"]]}, "integer layer indices"),
                          ({"groups": [2, 3]}, "every group must be a list"), ([1, 2], "JSON object")):
         path.write_text(json.dumps(bad))
-        with pytest.raises(UsageError, match=message):
+        with pytest.raises(InvalidArgumentError, match=message):
             FusionPlan.load(path)
     path.write_text("{not json")
-    with pytest.raises(UsageError, match="cannot read plan"):
+    with pytest.raises(InvalidArgumentError, match="cannot read plan"):
         FusionPlan.load(path)

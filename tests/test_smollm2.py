@@ -5,12 +5,12 @@ from __future__ import annotations
 import onnx_ir as ir
 import pytest
 
-from ffnfusion import commands
-from ffnfusion.demo import DemoOptions, relative_error, run
+from ffnfusion.runtime.model_rewrite import fuse_model_file
+from ffnfusion.cli.demo import DemoOptions, relative_error, run
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.onnx_export import ExportOptions, export_model
 from ffnfusion.exporters.sources import load_causal_lm, resolve_source
-from ffnfusion.model_io import load_model
+from ffnfusion.core.model_io import load_model
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.plan import FusionPlan
 from ffnfusion.runtime import calibration
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_causal_lm(resolve_source("smollm2", log=lambda *_: None))
+    return load_causal_lm(resolve_source("smollm2"))
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,9 @@ def exported(smollm2, tmp_path_factory):
     import copy
 
     base = export_model(copy.deepcopy(model), out / "base", ExportOptions(drop_attention=list(range(10, 18))),
-                        tokenizer=tokenizer, source="smollm2", log=lambda *_: None)
+                        tokenizer=tokenizer, source="smollm2")
     fused = out / "fused" / "model.onnx"
-    commands.fuse(str(base), str(fused), FusionPlan.parse("10-13,14-16"))
+    fuse_model_file(str(base), str(fused), FusionPlan.parse("10-13,14-16"))
     return base, fused
 
 
@@ -104,7 +104,7 @@ def test_generate_equals_transformers_greedy(smollm2, tmp_path):
 
     model, tokenizer = smollm2
     path = export_model(copy.deepcopy(model), tmp_path, ExportOptions(kv_cache=True), tokenizer=tokenizer,
-                        source="smollm2", log=lambda *_: None)
+                        source="smollm2")
     prompt = "The Python language reference describes"
     pieces = []
     ours = generate_text(create_session(path), tokenizer, prompt, 32, on_text=pieces.append)

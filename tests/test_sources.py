@@ -44,5 +44,52 @@ def test_default_model_unavailable_gives_one_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", offline)
     with pytest.raises(ModelSourceError, match="cannot obtain the default model .*pass a Hugging Face folder or a .gguf"):
-        resolve_source("smollm2", log=lambda *_: None)
+        resolve_source("smollm2")
     assert not list(tmp_path.rglob("*.gguf*"))
+
+
+def _hf_folder(tmp_path, tiny_llama):
+    folder = tmp_path / "hf"
+    tiny_llama.save_pretrained(folder)
+    return folder
+
+
+def test_load_without_tokenizer_warns_and_goes_on(tmp_path, tiny_llama, caplog):
+    import logging
+
+    from ffnfusion.exporters.sources import load_causal_lm
+
+    folder = _hf_folder(tmp_path, tiny_llama)
+    with caplog.at_level(logging.WARNING, logger="ffnfusion"):
+        model, tokenizer = load_causal_lm(resolve_source(str(folder)))
+    assert tokenizer is None and model.config.num_hidden_layers == tiny_llama.config.num_hidden_layers
+    assert any("no usable tokenizer" in r.getMessage() for r in caplog.records)
+
+
+def test_sentencepiece_only_tokenizer_loads(tmp_path, tiny_llama):
+    import sentencepiece
+    from pydoc_data.topics import topics
+
+    from ffnfusion.exporters.sources import load_causal_lm
+
+    folder = _hf_folder(tmp_path, tiny_llama)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(list(topics.values())[:40]))
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer"),
+                                             vocab_size=128, model_type="bpe", minloglevel=2)
+    (folder / "tokenizer.vocab").unlink()
+    assert {p.name for p in folder.iterdir() if p.name.startswith("tokenizer")} == {"tokenizer.model"}
+    _, tokenizer = load_causal_lm(resolve_source(str(folder)))
+    ids = tokenizer("def main(): return 0")["input_ids"]
+    assert ids and max(ids) < 128 and "main" in tokenizer.decode(ids)
+
+
+def test_export_cli_without_tokenizer(tmp_path, tiny_llama, capsys):
+    from ffnfusion.cli import main
+
+    folder = _hf_folder(tmp_path, tiny_llama)
+    out = tmp_path / "onnx"
+    assert main(["export", str(folder), "-o", str(out)]) == 0
+    stderr = capsys.readouterr().err
+    assert "no usable tokenizer" in stderr and "Traceback" not in stderr
+    assert (out / "model.onnx").is_file() and not (out / "tokenizer.json").exists()

@@ -29,14 +29,14 @@ TARGETS = ("gpu", "cpu")
 
 
 def run_case(unfused: pathlib.Path, groups: str, work: pathlib.Path, repeats: int, threads: int):
-    from ffnfusion import commands
     from ffnfusion.passes.plan import FusionPlan
     from ffnfusion.runtime.bench import benchmark
+    from ffnfusion.runtime.model_rewrite import fuse_model_file
 
     paths = [str(unfused)]
     for target in TARGETS:
         fused = work / f"fused-{target}" / "model.onnx"
-        commands.fuse(str(unfused), str(fused), FusionPlan.parse(groups), target=target)
+        fuse_model_file(str(unfused), str(fused), FusionPlan.parse(groups), target=target)
         paths.append(str(fused))
     rows, _ = benchmark(paths, [1, 8], [1, 128], repeats=repeats, threads=threads)
     return rows
@@ -52,9 +52,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="interleaved timed runs per shape (default 30)")
     args = parser.parse_args(argv)
 
-    from ffnfusion import commands
+    from ffnfusion.cli.progress import configure_logging, log
     from ffnfusion.exporters.synthetic import write_synthetic
     from ffnfusion.runtime.bench import format_rows
+
+    configure_logging()
 
     tables = []
     work = pathlib.Path(tempfile.mkdtemp(prefix="ffnfusion-cpu-"))
@@ -66,10 +68,10 @@ def main(argv=None) -> int:
             cases = []
             for name in args.case or list(CASES):
                 dropped, groups = CASES[name]
-                path = write_synthetic("smollm2", work / name / "unfused", dropped=dropped, log=commands.log)
+                path = write_synthetic("smollm2", work / name / "unfused", dropped=dropped)
                 cases.append((name, path / "model.onnx" if path.is_dir() else path, groups))
         for name, unfused, groups in cases:
-            commands.log(f"[{name}] fusing {groups} (gpu and cpu layouts), timing {args.repeats} interleaved runs")
+            log(f"[{name}] fusing {groups} (gpu and cpu layouts), timing {args.repeats} interleaved runs")
             rows = run_case(unfused, groups, work / name, args.repeats, args.threads)
             print(f"\n## {name}: fused {groups}\n\n{format_rows(rows)}", flush=True)
             tables.append((name, groups, rows))

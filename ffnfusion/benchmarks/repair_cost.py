@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from ffnfusion.passes import down_refit
+from ffnfusion.runtime.repair import down_refit
 
 
 def main(argv=None) -> int:

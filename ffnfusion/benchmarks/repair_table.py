@@ -51,12 +51,16 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
 
-    from ffnfusion import commands
-    from ffnfusion.exporters.onnx_export import ExportOptions
+    from ffnfusion.cli.progress import configure_logging
+    from ffnfusion.exporters.onnx_export import ExportOptions, export_source
+    from ffnfusion.exporters.sources import resolve_source
     from ffnfusion.passes.layer_ranges import parse_layers
     from ffnfusion.passes.plan import FusionPlan
     from ffnfusion.runtime.calibration import DEFAULT_WINDOW, load_tokenizer
+    from ffnfusion.runtime.model_rewrite import RepairOptions, fuse_model_file
     from ffnfusion.runtime.verify import compare_many
+
+    configure_logging()
 
     work = pathlib.Path(args.work)
     rows = []
@@ -66,15 +70,15 @@ def main(argv=None) -> int:
         groups = groups_spec.replace("+", ",")
         base = work / f"smollm2-drop{dropped_spec}"
         if not (base / "model.onnx").is_file():
-            commands.export("smollm2", str(base), ExportOptions(drop_attention=parse_layers(dropped_spec)))
+            export_source(resolve_source("smollm2"), base, ExportOptions(drop_attention=parse_layers(dropped_spec)))
         if evaluation is None:
             evaluation = evaluation_windows(load_tokenizer(base), DEFAULT_WINDOW)
         plan = FusionPlan.parse(groups)
-        variants = {"fused": None, "refit": commands.RepairOptions("refit"), "scale": commands.RepairOptions("scale")}
+        variants = {"fused": None, "refit": RepairOptions("refit"), "scale": RepairOptions("scale")}
         paths, repairs = {}, {}
         for name, repair in variants.items():
             out = work / f"{base.name}-{groups_spec}-{name}"
-            summary = commands.fuse(str(base), str(out), plan, repair=repair)
+            summary = fuse_model_file(str(base), str(out), plan, repair=repair)
             paths[name] = summary["output"]
             repairs[name] = summary.get("repair")
         row = {"dropped": dropped_spec, "groups": groups, "repair": {k: v for k, v in repairs.items() if v}}

@@ -6,8 +6,8 @@ import pathlib
 
 import numpy as np
 
-from ffnfusion.atomic import atomic_path, write_text_atomically
-from ffnfusion.passes.dependency import DependencyReport
+from ffnfusion.core.files import atomic_path, write_text_atomically
+from ffnfusion.runtime.analysis.dependency import DependencyReport
 from ffnfusion.passes.plan import FusionPlan
 
 

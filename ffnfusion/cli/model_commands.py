@@ -1,7 +1,7 @@
-"""``ffnfusion`` command line: a registry of subcommands over a thin argparse front.
+"""CLI commands that read and rewrite models: export, inspect, fuse, analyze, verify, drop-attention, demo.
 
-Errors from bad input print one line (``ffnfusion: error: ...``) and exit 1 (2 for usage errors);
-``--debug`` shows the traceback instead.
+Each command parses its arguments, calls the library (``runtime.model_rewrite``, ``runtime.analysis``,
+``runtime.verify``) and prints; none holds logic of its own.
 """
 
 from __future__ import annotations
@@ -9,12 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
-from ffnfusion.errors import FFNFusionError, UsageError
-
-
-from ffnfusion.cli_registry import COMMANDS, arguments, command, parse_layer_list
+from ffnfusion.cli.progress import ProgressBar, log
+from ffnfusion.cli.registry import arguments, command, parse_layer_list
+from ffnfusion.core.errors import InvalidArgumentError
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -39,12 +37,12 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
          "the tokenizer and DIR/ffnfusion.json.")
 @arguments(_export_arguments)
 def run_export(args) -> None:
-    from ffnfusion import commands
-    from ffnfusion.exporters.onnx_export import ExportOptions
+    from ffnfusion.exporters.onnx_export import ExportOptions, export_source  # imports torch: only here
+    from ffnfusion.exporters.sources import resolve_source
 
     options = ExportOptions(opset=args.opset, dtype=args.dtype, drop_attention=args.drop_attention,
                             kv_cache=args.kv_cache, dynamo=args.exporter == "dynamo")
-    commands.export(args.source, args.output, options)
+    export_source(resolve_source(args.source), args.output, options)
 
 
 # --- inspect ------------------------------------------------------------------------------------
@@ -59,9 +57,7 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
          "norm kind, epsilon, run) and the attention-free runs that can be fused.")
 @arguments(_inspect_arguments)
 def run_inspect(args) -> None:
-    from ffnfusion import commands
-
-    print(commands.inspect(args.model, args.json))
+    print(inspect(args.model, args.json))
 
 
 # --- fuse ---------------------------------------------------------------------------------------
@@ -104,28 +100,29 @@ def _fuse_arguments(parser: argparse.ArgumentParser) -> None:
     repair.add_argument("--calib", nargs="+", metavar="FILE",
                         help="text files, one calibration source each (default: Python's documentation topics "
                              "and the license texts of Python and the OS)")
-    repair.add_argument("--calib-ids", nargs="+", metavar="IDS.npy", help="token ids instead of text, one source per file")
+    repair.add_argument("--token-ids", "--calib-ids", dest="calib_ids", nargs="+", metavar="IDS.npy",
+                        help="token ids instead of text (integer .npy), one source per file")
 
 
 @command("fuse", "fuse groups of attention-free FFN layers into wide FFNs",
-         "Rewrite each group of consecutive attention-free layers into one wide SwiGLU FFN "
+         "Rewrite each group of consecutive attention-free layers into one wide FFN (SwiGLU, GeGLU or a plain MLP) "
          "(norm gains folded into gate/up, weights concatenated) with one residual Add. This computes "
          "x + sum_i FFN_i(norm_i(x)) exactly: the parallel form that FFN Fusion substitutes for the "
          "sequential run.")
 @arguments(_fuse_arguments)
 def run_fuse(args) -> None:
-    from ffnfusion import commands
     from ffnfusion.passes.plan import FusionPlan
+    from ffnfusion.runtime.model_rewrite import RepairOptions, fuse_model_file
 
     plan = FusionPlan.load(args.plan) if args.plan else FusionPlan.parse(args.groups)
     repair = None
     if args.repair:
-        repair = commands.RepairOptions(args.repair_method, args.repair_tokens, args.repair_lambda,
+        repair = RepairOptions(args.repair_method, args.repair_tokens, args.repair_lambda,
                                         args.calib or (), args.calib_ids or ())
     elif args.calib or args.calib_ids:
-        raise UsageError("--calib/--calib-ids are used by --repair; add --repair")
-    summary = commands.fuse(args.model, args.output, plan, validate=not args.no_validate, target=args.target,
-                            repair=repair)
+        raise InvalidArgumentError("--calib/--token-ids (--calib-ids) are used by --repair; add --repair")
+    summary = fuse_model_file(args.model, args.output, plan, validate=not args.no_validate, target=args.target,
+                              repair=repair)
     if args.json:
         print(json.dumps(summary, indent=2))
 
@@ -138,23 +135,26 @@ def _calibration_arguments(parser: argparse.ArgumentParser, flag: str, default_t
     parser.add_argument(flag, nargs="+", metavar="FILE",
                         help=f"plain-text file(s), tokenised with the tokenizer beside the model "
                              f"(default: {default_text})")
-    parser.add_argument(f"{flag}-ids", metavar="IDS.npy", help="token ids instead of text (integer .npy)")
+    parser.add_argument("--token-ids", f"{flag}-ids", dest=f"{flag.lstrip('-')}_ids", metavar="IDS.npy",
+                        help=f"token ids instead of text (integer .npy; {flag}-ids is the same option)")
     parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens to use (default {tokens})")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                         help=f"tokens per window (default {DEFAULT_WINDOW})")
 
 
 def _windows(args, model: str, flag: str, default=None):
-    from ffnfusion import commands
+    from ffnfusion.core.model_io import model_file
+    from ffnfusion.runtime import calibration
 
-    return commands.analysis_windows(model, getattr(args, flag), getattr(args, f"{flag}_ids"),
-                                     args.tokens, args.window, default)
+    return calibration.calibration_windows(model_file(model).parent, texts=getattr(args, flag) or (),
+                                           ids_file=getattr(args, f"{flag}_ids"), tokens=args.tokens,
+                                           window=args.window, default=default or calibration.python_docs_text)
 
 
 # --- analyze ------------------------------------------------------------------------------------
 
 def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
-    from ffnfusion.passes.planner import DEFAULT_THRESHOLD
+    from ffnfusion.runtime.analysis.planner import DEFAULT_THRESHOLD
     from ffnfusion.runtime.calibration import DEFAULT_TOKENS
 
     parser.add_argument("model", help="ONNX model (file, or a directory holding model.onnx)")
@@ -178,12 +178,18 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
          "with block i skipped) and per-block metrics. Groups are chosen inside attention-free runs.")
 @arguments(_analyze_arguments)
 def run_analyze(args) -> None:
-    from ffnfusion import commands
+    from ffnfusion.cli.report import write_analysis
+    from ffnfusion.runtime.analysis import analyze_model
 
     windows = _windows(args, args.model, "calib")
-    commands.analyze(args.model, args.output, windows, max_distance=args.max_distance,
-                     dependency_tokens=args.dependency_tokens, threshold=args.threshold,
-                     max_width=args.max_width, include_last=args.include_last)
+    report, plan = analyze_model(args.model, windows, max_distance=args.max_distance,
+                                 dependency_tokens=args.dependency_tokens, threshold=args.threshold,
+                                 max_width=args.max_width, include_last=args.include_last,
+                                 progress=ProgressBar("analyze"))
+    from ffnfusion.core.model_io import model_file
+
+    write_analysis(report, plan, args.output, str(model_file(args.model)))
+    log(f"analyze: wrote {args.output}")
 
 
 # --- verify -------------------------------------------------------------------------------------
@@ -200,11 +206,13 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
          "same tokens (tokenised with the reference's tokenizer).")
 @arguments(_verify_arguments)
 def run_verify(args) -> None:
-    from ffnfusion import commands
     from ffnfusion.runtime.calibration import license_text
+    from ffnfusion.runtime.verify import compare_models
 
-    result = commands.verify(args.reference, args.candidate, _windows(args, args.reference, "text", license_text))
-    print(json.dumps(result, indent=2) if args.json else commands.format_verification(result))
+    windows = _windows(args, args.reference, "text", license_text)
+    log(f"verify: {args.reference} vs {args.candidate} on {windows.size} tokens")
+    result = compare_models(args.reference, args.candidate, windows, progress=ProgressBar("verify"))
+    print(json.dumps(result, indent=2) if args.json else format_verification(result))
 
 
 # --- drop-attention -----------------------------------------------------------------------------
@@ -229,15 +237,17 @@ def _drop_attention_arguments(parser: argparse.ArgumentParser) -> None:
          "removed too and recorded in ffnfusion.json.")
 @arguments(_drop_attention_arguments)
 def run_drop_attention(args) -> None:
-    from ffnfusion import commands
+    from ffnfusion.runtime.analysis import least_important_attention
+    from ffnfusion.runtime.model_rewrite import remove_attention_file
 
     layers = args.layers
     if args.count is not None:
         if args.count < 1:
-            raise UsageError("--count must be at least 1")
-        layers = commands.least_important_attention(args.model, _windows(args, args.model, "calib"), args.count)
-    summary = commands.drop_attention(args.model, args.output, layers, validate=not args.no_validate,
-                                      keep_kv_io=args.keep_kv_io)
+            raise InvalidArgumentError("--count must be at least 1")
+        layers = least_important_attention(args.model, _windows(args, args.model, "calib"), args.count,
+                                           progress=ProgressBar("analyze"))
+    summary = remove_attention_file(args.model, args.output, layers, validate=not args.no_validate,
+                                    keep_kv_io=args.keep_kv_io)
     if args.json:
         print(json.dumps(summary, indent=2))
 
@@ -245,7 +255,7 @@ def run_drop_attention(args) -> None:
 # --- demo ---------------------------------------------------------------------------------------
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from ffnfusion.demo import DemoOptions
+    from ffnfusion.cli.demo import DemoOptions
 
     defaults = DemoOptions()
     parser.add_argument("--workdir", default=defaults.workdir, help=f"where models go (default {defaults.workdir})")
@@ -267,58 +277,44 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
          "compare perplexity/top-1 agreement with whole-run fusion and FFN removal on held-out text.")
 @arguments(_demo_arguments)
 def run_demo(args) -> None:
-    from ffnfusion import demo
+    from ffnfusion.cli import demo
 
     options = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(demo.DemoOptions)}}
     demo.run(demo.DemoOptions(**options))
 
 
-# --- front --------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    from ffnfusion import cli_runtime  # noqa: F401  (registers generate, bench, synth and the TensorRT commands)
-
-    parser = argparse.ArgumentParser(
-        prog="ffnfusion",
-        description="FFN Fusion for ONNX: find runs of attention-free FFN layers in an exported "
-                    "LLM and fuse them into wide FFNs (arXiv 2503.18908).",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for cmd in COMMANDS.values():
-        cmd.add_arguments(sub.add_parser(cmd.name, help=cmd.help, description=cmd.description))
-    return parser
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so every ``finally`` removes half-written outputs."""
-    import signal
+# --- formatting -----------------------------------------------------------------------------------
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+def format_block_table(block_map) -> str:
+    from ffnfusion.passes.layer_ranges import format_ranges
 
-    try:
-        signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread (e.g. called from a library's worker thread)
-        pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _interrupt_on_sigterm()
-    try:
-        COMMANDS[args.command].run(args)
-    except FFNFusionError as err:
-        if args.debug:
-            raise
-        print(f"ffnfusion: error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, UsageError) else getattr(err, "exit_code", 1)
-    except KeyboardInterrupt:
-        print("ffnfusion: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    runs = block_map.runs
+    lines = [f"{'layer':>5}  {'attention':<9}  {'ffn width':>9}  {'norm':<18}  {'epsilon':>8}  run"]
+    for layer in block_map.layers:
+        run = block_map.run_of(layer.index) if layer.ffn and not layer.attention else None
+        ffn = layer.ffn
+        lines.append(
+            f"{format_ranges(layer.span):>5}  {'yes' if layer.attention else 'no':<9}  "
+            f"{ffn.width if ffn else '-':>9}  {ffn.norm.kind if ffn else (layer.unknown or '-'):<18}  "
+            f"{f'{ffn.norm.epsilon:.0e}' if ffn else '-':>8}  {f'{run[0]}-{run[1]}' if run else ''}"
+        )
+    described = [f"{format_ranges(range(a, b + 1))} ({b - a + 1} layer{'s' if b > a else ''})" for a, b in runs]
+    lines.append(f"attention-free runs: {', '.join(described) or 'none'}")
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def inspect(model_path: str, as_json: bool) -> str:
+    from ffnfusion.core.model_io import load_model
+    from ffnfusion.passes.blocks import find_blocks
+
+    block_map = find_blocks(load_model(model_path))
+    return json.dumps(block_map.to_dict(), indent=2) if as_json else format_block_table(block_map)
+
+
+def format_verification(result: dict) -> str:
+    return (f"ref  ppl {result['ref']['ppl']:.3f}  ({result['ref']['path']})\n"
+            f"new  ppl {result['new']['ppl']:.3f}  ({result['new']['path']})\n"
+            f"top-1 agreement {result['top1_agreement']:.4f}   KL(ref||new) {result['kl']:.4f}   "
+            f"final hidden cosine {result['hidden_cosine']:.4f}   ({result['tokens']} tokens)")

@@ -1,4 +1,4 @@
-"""Structural matchers for the pieces of a pre-norm gated FFN branch.
+"""Structural matchers for the pieces of a pre-norm FFN branch: norms, activations, linear layers.
 
 Each matcher starts from a value and walks *producers* backwards, so it recognises the math rather
 than one exporter's node names. What the exporters we know emit:
@@ -7,7 +7,8 @@ than one exporter's node names. What the exporters we know emit:
   - dynamo opset 18-22: ``Mul(s, Mul(x, Reciprocal(Sqrt(Add(ReduceMean(Pow(x, 2)), eps)))))``;
   - legacy TorchScript: the same with ``Div(1, Sqrt(..))`` and Casts to/from float32;
   - opset 23: one ``RMSNormalization(x, s)``; ORT contrib: ``SimplifiedLayerNormalization(x, s)``.
-* SiLU as ``Mul(g, Sigmoid(g))`` or a ``Silu``/``Swish`` op.
+* LayerNorm ``n(x) = unit(x)·s + β`` as one ``LayerNormalization(x, s, β)``.
+* SiLU as ``Mul(g, Sigmoid(g))`` or a ``Silu``/``Swish`` op; GELU (exact or tanh) as a ``Gelu`` op.
 * Linear layers as ``MatMul(a, W[in, out])``, ``MatMul(a, Transpose(W[out, in]))`` or
   ``Gemm(a, W, transB=1)``.
 
@@ -59,9 +60,9 @@ class Linear:
 
 @dataclasses.dataclass(frozen=True)
 class Norm:
-    """An RMSNorm applied to the residual stream value ``x``."""
+    """An RMSNorm or LayerNorm applied to the residual stream value ``x``."""
 
-    kind: str  # "rms_decomposed" | "RMSNormalization" | "SimplifiedLayerNormalization"
+    kind: str  # "rms_decomposed" | "RMSNormalization" | "SimplifiedLayerNormalization" | "LayerNormalization"
     epsilon: float
     gain: ir.Value | None  # 1-D initializer ``s``; None when the norm has no gain
     # (LayerNorm only) 1-D initializer ``β``: n(x) = unit(x)·s + β

@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
-import sys
 import time
 
 import numpy as np
 
-from ffnfusion.atomic import write_json_atomically
+from ffnfusion.core.errors import InvalidPlanError
+from ffnfusion.core.files import write_json_atomically
+from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.runtime.stream import StreamRunner, Unit
+
+logger = logging.getLogger(__name__)
 
 EPS = 1e-12
 
@@ -61,7 +65,7 @@ class DependencyReport:
         units = range(self.unit_of_layer(first_layer), self.unit_of_layer(last_layer) + 1)
         values = [self.dependency[i][j] for i in units for j in units if i < j]
         if any(v is None for v in values):
-            raise ValueError(f"M was not computed for every pair in layers {first_layer}-{last_layer}")
+            raise InvalidPlanError(f"M was not computed for every pair in layers {first_layer}-{last_layer}")
         return (max(values), sum(values)) if values else (0.0, 0.0)
 
     def to_dict(self) -> dict:
@@ -98,10 +102,8 @@ def analyze(runner: StreamRunner, windows: np.ndarray, *, max_distance: int = 8,
     """Per-block metrics on all ``windows`` [n, window] and M on the first ``dependency_tokens``.
 
     ``with_dependency=False`` measures only the per-block metrics (one capture pass).
-    ``progress(done_windows, total_windows, tokens)`` is called after each window (default: a bar
-    on stderr).
+    ``progress(done_windows, total_windows, tokens)``, if given, is called after each window.
     """
-    progress = progress or ProgressBar("analyze")
     units = runner.units
     count = len(units)
     sums = {key: np.zeros(count) for key in ("cosdist", "h_ratio", "importance", "ffn_h_ratio")}
@@ -139,7 +141,8 @@ def analyze(runner: StreamRunner, windows: np.ndarray, *, max_distance: int = 8,
                     evaluations += 1
             matrix_seconds += time.perf_counter() - start
             dep_tokens += ids.size
-        progress(w + 1, len(windows), tokens)
+        if progress is not None:
+            progress(w + 1, len(windows), tokens)
 
     per_block = []
     for unit in units:
@@ -170,22 +173,35 @@ def analyze(runner: StreamRunner, windows: np.ndarray, *, max_distance: int = 8,
     return DependencyReport(blocks, per_block, dependency, [list(r) for r in runs], cost)
 
 
-class ProgressBar:
-    """Progress on stderr: a bar redrawn in place on a terminal, a line per quarter in a log."""
+def analyze_model(model_path: str | pathlib.Path, windows: np.ndarray, *, max_distance: int = 8,
+                  dependency_tokens: int = 2048, threshold: float | None = None, max_width: int | None = None,
+                  include_last: bool = False, progress=None):
+    """Measure ``model_path`` on ``windows`` and plan groups; returns ``(DependencyReport, FusionPlan)``."""
+    from ffnfusion.runtime.analysis.planner import plan_groups
 
-    def __init__(self, label: str):
-        self.label = label
-        self.start = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.reported_quarter = 0
+    runner = StreamRunner(model_path)
+    logger.info(f"analyze: {runner.path}: {len(runner.units)} blocks, runs "
+                f"{', '.join(format_ranges(range(a, b + 1)) for a, b in runner.block_map.runs) or 'none'}; "
+                f"{windows.size} tokens in {len(windows)} windows of {windows.shape[1]}")
+    report = analyze(runner, windows, max_distance=max_distance, dependency_tokens=dependency_tokens,
+                     progress=progress)
+    limits = {} if threshold is None else {"threshold": threshold}
+    plan = plan_groups(report, max_width=max_width, include_last=include_last, **limits)
+    logger.info(f"analyze: plan {plan.describe() or '(no group passes the threshold)'}; cost "
+                f"{report.cost['full_forward_equivalents']} full-forward equivalents")
+    return report, plan
 
-    def __call__(self, done: int, total: int, tokens: int) -> None:
-        elapsed = time.perf_counter() - self.start
-        text = f"{self.label}: {done}/{total} windows, {tokens} tokens, {elapsed:.0f} s"
-        if self.tty:
-            filled = 24 * done // total
-            print(f"\r{self.label}: [{'#' * filled}{'.' * (24 - filled)}] {text.split(': ', 1)[1]}",
-                  end="\n" if done == total else "", file=sys.stderr, flush=True)
-        elif 4 * done // total > self.reported_quarter:
-            self.reported_quarter = 4 * done // total
-            print(text, file=sys.stderr, flush=True)
+
+def least_important_attention(model_path: str | pathlib.Path, windows: np.ndarray, count: int,
+                              progress=None) -> list[int]:
+    """The ``count`` attention branches with the lowest importance 1 − cos(X, X + attn(n(X)))."""
+    runner = StreamRunner(model_path)
+    report = analyze(runner, windows, with_dependency=False, progress=progress)
+    scored = sorted((m["importance"], b["layer"]) for b, m in zip(report.blocks, report.per_block)
+                    if "importance" in m)
+    if count > len(scored):
+        raise InvalidPlanError(f"--count {count}: the model has only {len(scored)} attention layers")
+    chosen = sorted(layer for _, layer in scored[:count])
+    logger.info("drop-attention: least important attention: " + ", ".join(
+        f"{layer} ({score:.4f})" for score, layer in sorted(scored[:count], key=lambda item: item[1])))
+    return chosen

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from ffnfusion.core.errors import RepairError
+
 # λ relative to the mean diagonal of AᵀA; "auto" tries each (and no repair) and keeps the best.
 DEFAULT_LAMBDAS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
@@ -55,7 +57,7 @@ def ridge_coefficients(k_fit: np.ndarray, residual: np.ndarray, lam: float, widt
         return np.zeros(residual.shape, np.float64)
     scale = lam * np.trace(k_fit) / width
     if not scale > 0:
-        raise ValueError(f"lambda must be positive and the activations non-zero (lambda {lam})")
+        raise RepairError(f"lambda must be positive and the activations non-zero (lambda {lam})")
     system = k_fit + scale * np.eye(len(k_fit))
     return np.linalg.solve(system, residual.astype(np.float64))
 
@@ -82,5 +84,5 @@ def channel_scales(base: np.ndarray, target: np.ndarray, lam: float) -> np.ndarr
     energy = np.einsum("nc,nc->c", base64, base64)
     shrink = lam * energy.mean()
     if not shrink > 0:
-        raise ValueError(f"lambda must be positive and the activations non-zero (lambda {lam})")
+        raise RepairError(f"lambda must be positive and the activations non-zero (lambda {lam})")
     return (np.einsum("nc,nc->c", base64, target.astype(np.float64)) + shrink) / (energy + shrink)

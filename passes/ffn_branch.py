@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ffnfusion.passes import patterns
+from ffnfusion.passes import op_matchers
 
 
 def _op_of(value: ir.Value) -> str:
@@ -19,7 +19,7 @@ def _op_of(value: ir.Value) -> str:
 
 
 def _with_norm(x: ir.Value, first_input: ir.Value, parts: dict) -> dict | str:
-    norm = patterns.match_norm(first_input, x)
+    norm = op_matchers.match_norm(first_input, x)
     if norm is None:
         return (f"FFN input comes from {_op_of(first_input)}; expected a norm of the residual stream "
                 "(RMSNorm decomposed, RMSNormalization, SimplifiedLayerNormalization or LayerNormalization)")
@@ -29,18 +29,18 @@ def _with_norm(x: ir.Value, first_input: ir.Value, parts: dict) -> dict | str:
 
 
 def match_ffn(output: ir.Value, x: ir.Value) -> dict | str:
-    down = patterns.match_linear(patterns.skip_casts(output))
+    down = op_matchers.match_linear(op_matchers.skip_casts(output))
     if down is None:
         return "branch output is not a MatMul/Gemm with a constant weight (down projection)"
     common = {"down": down.weight, "down_bias": down.bias}
-    product = patterns.producer(down.input, "Mul")
+    product = op_matchers.producer(down.input, "Mul")
     if product is not None:
         for act_value, up_value in (product.inputs, reversed(product.inputs)):
-            activation = patterns.match_activation(act_value)
+            activation = op_matchers.match_activation(act_value)
             if activation is None:
                 continue
             kind, gate_input, activation_nodes = activation
-            gate, up = patterns.match_linear(gate_input), patterns.match_linear(up_value)
+            gate, up = op_matchers.match_linear(gate_input), op_matchers.match_linear(up_value)
             if gate is None or up is None:
                 continue
             if gate.input is not up.input:
@@ -51,12 +51,12 @@ def match_ffn(output: ir.Value, x: ir.Value) -> dict | str:
             nodes = (*gate.nodes, *activation_nodes, *up.nodes, product, *down.nodes)
             return _with_norm(x, up.input, {**common, "gate": gate.weight, "gate_bias": gate.bias, "up": up.weight,
                                             "up_bias": up.bias, "activation": kind, "nodes": nodes})
-    activation = patterns.match_activation(down.input)
+    activation = op_matchers.match_activation(down.input)
     if activation is None:
         return ("no SiLU/GELU-gated product (Mul of act(gate) and up) and no activation before the down "
                 f"projection (found {_op_of(down.input)})")
     kind, up_value, activation_nodes = activation
-    up = patterns.match_linear(up_value)
+    up = op_matchers.match_linear(up_value)
     if up is None:
         return f"activation input comes from {_op_of(up_value)}, expected the up projection"
     if down.weight.shape_in_out[::-1] != up.weight.shape_in_out:

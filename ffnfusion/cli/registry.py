@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable
 
-from ffnfusion.errors import UsageError
+from ffnfusion.core.errors import InvalidArgumentError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ def parse_layer_list(text: str) -> list[int]:
 
     try:
         return parse_layers(text)
-    except UsageError as err:
+    except InvalidArgumentError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 

@@ -7,8 +7,8 @@ import dataclasses
 import json
 import sys
 
-from ffnfusion.cli_registry import arguments, command, parse_int_list, parse_layer_list
-from ffnfusion.errors import FFNFusionError
+from ffnfusion.cli.registry import arguments, command, parse_int_list, parse_layer_list
+from ffnfusion.core.errors import FFNFusionError
 
 
 # --- bench --------------------------------------------------------------------------------------
@@ -77,29 +77,35 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("model", help="ONNX model (file, or a directory holding model.onnx)")
     parser.add_argument("-o", "--output", required=True, metavar="ENGINE.plan", help="serialized engine")
-    parser.add_argument("--min-shapes", help="trtexec syntax, e.g. input_ids:1x1,attention_mask:1x1")
-    parser.add_argument("--opt-shapes", help="default: batch 1, sequence 128")
-    parser.add_argument("--max-shapes", help="default: batch 8, sequence 512")
+    parser.add_argument("--min-shapes", help="trtexec syntax, e.g. input_ids:1x1,attention_mask:1x1 "
+                                             "(default: batch 1, sequence 1, past 0)")
+    parser.add_argument("--opt-shapes", help="default: batch 1, sequence 128, past 128")
+    parser.add_argument("--max-shapes", help="default: batch 8, sequence 512, past 512. Points you leave out are "
+                                             "clamped into the range you give; in KV-cache models attention_mask "
+                                             "follows past + sequence unless given")
     parser.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MIB, help="workspace limit in MiB")
     parser.add_argument("--timing-cache", help="timing cache file (read if present, written after the build)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="allow TF32 for float32 math (faster; logits then differ from ONNX Runtime by ~1e-3)")
 
 
-@command("build-engine", "build a TensorRT engine (needs TensorRT and a GPU)",
-         "Strongly typed TensorRT 10/11 engine with one optimisation profile; prints the equivalent trtexec "
-         "command first. Without TensorRT: one line saying how to install it, exit code 3.")
+@command("build-engine", "build a TensorRT engine (needs TensorRT 10.x or 11.x and a GPU)",
+         "Strongly typed TensorRT 10/11 engine with one optimisation profile, checked before TensorRT is "
+         "loaded; prints the equivalent trtexec command first. Without TensorRT: one line saying how to "
+         "install it, exit code 3.")
 @arguments(_engine_arguments)
 def run_build_engine(args) -> None:
-    from ffnfusion.model_io import model_file
+    from ffnfusion.core.model_io import model_file
     from ffnfusion.runtime import tensorrt
 
     model = model_file(args.model)
-    profile = tensorrt.default_profile(model)
-    for field, text in (("min", args.min_shapes), ("opt", args.opt_shapes), ("max", args.max_shapes)):
-        if text:
-            getattr(profile, field).update(tensorrt.parse_shapes(text))
-    print(tensorrt.trtexec_command(str(model), args.output, profile, args.workspace, args.timing_cache), flush=True)
+    overrides = {point: tensorrt.parse_shapes(text) for point, text in
+                 (("min", args.min_shapes), ("opt", args.opt_shapes), ("max", args.max_shapes)) if text}
+    profile = tensorrt.merge_profile(tensorrt.default_profile(model), overrides)
+    print(tensorrt.trtexec_command(str(model), args.output, profile, args.workspace, args.timing_cache, args.tf32),
+          flush=True)
     tensorrt.build_engine(str(model), args.output, profile, workspace_mib=args.workspace,
-                          timing_cache=args.timing_cache, log=lambda m: print(m, file=sys.stderr))
+                          timing_cache=args.timing_cache, tf32=args.tf32)
 
 
 def _run_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +116,8 @@ def _run_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @command("run-engine", "run a TensorRT engine and compare its logits with ONNX Runtime",
-         "Feeds the same random tokens to the engine and to ORT (CPU) and prints the relative error of logits.")
+         "Feeds the same random tokens to the engine and to ORT (CPU) and prints the relative error of logits "
+         "(float32 engines built without --tf32: ~1e-5; with TF32 or float16: ~1e-3).")
 @arguments(_run_engine_arguments)
 def run_run_engine(args) -> None:
     import numpy as np
@@ -145,10 +152,9 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
          "models larger than RAM.")
 @arguments(_synth_arguments)
 def run_synth(args) -> None:
-    from ffnfusion import commands
     from ffnfusion.exporters.synthetic import write_synthetic
 
-    write_synthetic(args.preset, args.output, dtype=args.dtype, dropped=args.drop_attention, log=commands.log)
+    write_synthetic(args.preset, args.output, dtype=args.dtype, dropped=args.drop_attention)
 
 
 # --- generate -----------------------------------------------------------------------------------
@@ -165,7 +171,7 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
          "text to stdout. Layers whose attention was removed carry no cache.")
 @arguments(_generate_arguments)
 def run_generate(args) -> None:
-    from ffnfusion.model_io import model_file
+    from ffnfusion.core.model_io import model_file
     from ffnfusion.runtime.calibration import load_tokenizer
     from ffnfusion.runtime.generate import generate_text
     from ffnfusion.runtime.onnxruntime import create_session

@@ -14,15 +14,19 @@ import pathlib
 
 import numpy as np
 
-from ffnfusion import commands
-from ffnfusion.atomic import write_json_atomically
-from ffnfusion.errors import FFNFusionError
+from ffnfusion.cli.model_commands import inspect
+from ffnfusion.cli.progress import ProgressBar, log
+from ffnfusion.cli.report import write_analysis
+from ffnfusion.core.files import write_json_atomically
+from ffnfusion.core.errors import FFNFusionError, InvalidPlanError, ModelRunError
 from ffnfusion.exporters.sources import load_causal_lm, resolve_source
-from ffnfusion.model_io import METADATA_FILE, MODEL_FILE, load_model, save_model
+from ffnfusion.core.model_io import METADATA_FILE, MODEL_FILE, load_model, save_model
 from ffnfusion.passes.ffn_removal import FFNRemovalPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan
 from ffnfusion.runtime import calibration
+from ffnfusion.runtime.analysis import analyze_model, least_important_attention
+from ffnfusion.runtime.model_rewrite import RepairOptions, fuse_model_file, remove_attention_file
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
 from ffnfusion.runtime.verify import compare_many
 
@@ -85,10 +89,9 @@ def _removal_baseline(report, steps: int, dropped_path: pathlib.Path, out: pathl
 
 
 def run(options: DemoOptions) -> dict:
-    log = commands.log
     work = pathlib.Path(options.workdir)
     paths = {name: work / name / MODEL_FILE for name in ("base", "dropped", "fused", "repaired", "naive", "removed")}
-    source = resolve_source(options.source, log=log)
+    source = resolve_source(options.source)
 
     log(f"[1/7] load {source.describe()}")
     model, tokenizer = load_causal_lm(source)
@@ -109,20 +112,21 @@ def run(options: DemoOptions) -> dict:
         log(f"export: reusing {paths['base']} (delete it to export again)")
     else:
         export_model(copy.deepcopy(model), paths["base"].parent, ExportOptions(), tokenizer=tokenizer,
-                     source=options.source, log=log)
+                     source=options.source)
 
     log(f"[3/7] drop the {options.drop_count} least important attention layers")
-    dropped = commands.least_important_attention(str(paths["base"]), calib[: max(1, 4096 // options.window)],
-                                                 options.drop_count)
-    commands.drop_attention(str(paths["base"]), str(paths["dropped"]), dropped)
-    print(commands.inspect(str(paths["dropped"]), as_json=False), flush=True)
+    dropped = least_important_attention(str(paths["base"]), calib[: max(1, 4096 // options.window)],
+                                        options.drop_count, progress=ProgressBar("analyze"))
+    remove_attention_file(str(paths["base"]), str(paths["dropped"]), dropped)
+    print(inspect(str(paths["dropped"]), as_json=False), flush=True)
 
     log("[4/7] analyze dependencies and plan")
-    report, plan = commands.analyze(str(paths["dropped"]), str(work / "report"), calib,
-                                    dependency_tokens=options.dependency_tokens, threshold=options.threshold)
+    report, plan = analyze_model(str(paths["dropped"]), calib, dependency_tokens=options.dependency_tokens,
+                                 threshold=options.threshold, progress=ProgressBar("analyze"))
+    write_analysis(report, plan, work / "report", str(paths["dropped"]))
     naive = FusionPlan.from_groups([range(a, b + 1) for a, b in report.runs if b > a])
     if not naive.groups:
-        raise SystemExit(f"demo: the dropped layers {format_ranges(dropped)} form no run of two or more "
+        raise InvalidPlanError(f"demo: the dropped layers {format_ranges(dropped)} form no run of two or more "
                          "attention-free layers; nothing can be fused (try a larger --count)")
     if not plan.groups:
         log("demo: no group passes the planner's threshold (see report/report.md); only baselines follow")
@@ -131,11 +135,11 @@ def run(options: DemoOptions) -> dict:
     names = ["dropped"]
     fused = repaired = None
     if plan.groups:
-        fused = commands.fuse(str(paths["dropped"]), str(paths["fused"]), plan)
+        fused = fuse_model_file(str(paths["dropped"]), str(paths["fused"]), plan)
         names.append("fused")
-        repaired = commands.fuse(str(paths["dropped"]), str(paths["repaired"]), plan, repair=commands.RepairOptions())
+        repaired = fuse_model_file(str(paths["dropped"]), str(paths["repaired"]), plan, repair=RepairOptions())
         names.append("repaired")
-    commands.fuse(str(paths["dropped"]), str(paths["naive"]), naive)
+    fuse_model_file(str(paths["dropped"]), str(paths["naive"]), naive)
     names.append("naive")
     removed = []
     if plan.steps_saved:
@@ -147,7 +151,8 @@ def run(options: DemoOptions) -> dict:
     exact = _exactness(model, dropped, checked_plan, checked_path, held_out[:2])
 
     log(f"[7/7] verify against the original on {held_out.size} tokens of {held_out_name}")
-    results = dict(zip(names, compare_many(str(paths["base"]), [str(paths[n]) for n in names], held_out)))
+    results = dict(zip(names, compare_many(str(paths["base"]), [str(paths[n]) for n in names], held_out,
+                                           progress=ProgressBar("verify"))))
 
     labels = {"dropped": (f"attention dropped ({len(dropped)})", format_ranges(dropped)),
               "fused": ("+ fused, auto plan", plan.describe()),
@@ -178,7 +183,7 @@ def run(options: DemoOptions) -> dict:
     )
     write_json_atomically(work / "demo.json", summary)
     if exact > EXACTNESS_TOLERANCE:
-        raise SystemExit("demo: the fused model does not match the parallel-form reference")
+        raise ModelRunError("demo: the fused model does not match the parallel-form reference")
     return summary
 
 

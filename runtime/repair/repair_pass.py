@@ -21,6 +21,7 @@ Only the values of the fused ``W_down`` change: the repaired model is the same g
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import pathlib
 import resource
@@ -31,15 +32,18 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from ffnfusion.model_io import load_model, model_file
-from ffnfusion.passes import down_refit
+from ffnfusion.core.errors import InvalidArgumentError, RepairError
+from ffnfusion.core.model_io import load_model, model_file
+from ffnfusion.runtime.repair import down_refit
 from ffnfusion.passes.blocks import FFNBlock, find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.runtime.calibration import CalibrationSource, log_softmax
-from ffnfusion.runtime.ffn_reference import down_bias, hidden, sequential_update, update
+from ffnfusion.runtime.ffn_reference import down_bias, ffn_activation, sequential_update, update
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
 from ffnfusion.runtime.stream import StreamRunner
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("refit", "scale")
 COLUMN_BLOCK = 2048  # columns of A computed at a time
@@ -86,6 +90,13 @@ class RepairReport:
         return "; ".join(parts)
 
 
+@dataclasses.dataclass
+class RepairResult(ir.passes.PassResult):
+    """The pass's result: the model, plus what was measured and chosen for every group."""
+
+    report: RepairReport | None = None
+
+
 class RepairPass(ir.passes.InPlacePass):
     """Refit the down projections of a fused model's groups (see the module docstring).
 
@@ -96,14 +107,14 @@ class RepairPass(ir.passes.InPlacePass):
     def __init__(self, original: str | pathlib.Path, groups: Sequence[Sequence[int]],
                  sources: Sequence[CalibrationSource], *, method: str = "refit",
                  lambdas: Sequence[float] = down_refit.DEFAULT_LAMBDAS, target: str = "gpu",
-                 threads: int | None = None, log=lambda message: None):
+                 threads: int | None = None):
         super().__init__()
         if method not in METHODS:
-            raise ValueError(f"repair method must be one of {', '.join(METHODS)}, not {method!r}")
+            raise InvalidArgumentError(f"repair method must be one of {', '.join(METHODS)}, not {method!r}")
         if not sources:
-            raise ValueError("repair needs at least one calibration source")
+            raise InvalidArgumentError("repair needs at least one calibration source")
         if any(not lam > 0 for lam in lambdas):
-            raise ValueError(f"repair lambdas must be positive, got {list(lambdas)}")
+            raise InvalidArgumentError(f"repair lambdas must be positive, got {list(lambdas)}")
         self.original = model_file(original)
         self.groups = sorted((list(g) for g in groups), key=lambda g: g[0])
         self.sources = list(sources)
@@ -111,8 +122,6 @@ class RepairPass(ir.passes.InPlacePass):
         self.lambdas = [float(lam) for lam in lambdas]
         self.target = target  # the fused layout, as FFNFusionPass was given it
         self.threads = threads
-        self.log = log
-        self.report: RepairReport | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         original_blocks = find_blocks(load_model(self.original))
@@ -137,9 +146,9 @@ class RepairPass(ir.passes.InPlacePass):
             _set_down(fused_blocks.layer(first).ffn, weight)
         sources = [{"name": s.name, "fit_tokens": int(s.fit.size), "held_out_tokens": int(s.select.size)}
                    for s in self.sources]
-        self.report = RepairReport(self.method, self.lambdas, sources, groups,
-                                   round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
-        return ir.passes.PassResult(model, modified=bool(repaired))
+        report = RepairReport(self.method, self.lambdas, sources, groups,
+                              round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+        return RepairResult(model, bool(repaired), report)
 
     def _reference_log_probs(self) -> list[np.ndarray]:
         """log-softmax of the original model on each source's held-out windows (float32)."""
@@ -157,7 +166,7 @@ class RepairPass(ir.passes.InPlacePass):
         runner = StreamRunner(path, self.threads)
         layer = runner.block_map.layer(group[0])
         if list(layer.span) != list(group) or layer.ffn is None or layer.attention:
-            raise ValueError(f"repair: layer {group[0]} of the fused model is not the fused group {label}")
+            raise RepairError(f"repair: layer {group[0]} of the fused model is not the fused group {label}")
         fused = layer.ffn
         unit = next(u for u in runner.units if u.layer == group[0])
 
@@ -168,8 +177,8 @@ class RepairPass(ir.passes.InPlacePass):
         window = self.sources[0].fit.shape[1]
         fit_counts = [s.fit.size for s in self.sources]
         n_fit = sum(fit_counts)
-        target = sequential_update(members, x)
-        self.log(f"repair {label}: width {fused.width}, {n_fit} fitting tokens, "
+        true_update = sequential_update(members, x)  # what the sequential layers add
+        logger.info(f"repair {label}: width {fused.width}, {n_fit} fitting tokens, "
                  f"{x.shape[0] - n_fit} held out, {len(self.sources)} source(s)")
 
         fit_offsets = np.cumsum([0] + fit_counts)
@@ -180,7 +189,7 @@ class RepairPass(ir.passes.InPlacePass):
         # Folds: hold each source out in turn (one source: fit on its fitting tokens, judge on its held-out).
         folds = ([(np.concatenate([r for j, r in enumerate(source_fit) if j != i]), i) for i in range(len(self.sources))]
                  if len(self.sources) > 1 else [(all_fit, 0)])
-        fit = (_Refit if self.method == "refit" else _Scale)(fused, x, target, all_fit)
+        fit = (_Refit if self.method == "refit" else _Scale)(fused, x, true_update, all_fit)
 
         def kl_on(source: int, group_update: np.ndarray) -> float:
             """Mean KL(unfused ‖ candidate) on one source's held-out windows."""
@@ -206,7 +215,7 @@ class RepairPass(ir.passes.InPlacePass):
         held_out = np.concatenate(source_select)
 
         def fit_error(updates: np.ndarray) -> float:
-            return float(np.linalg.norm(updates - target[held_out]) / np.linalg.norm(target[held_out]))
+            return float(np.linalg.norm(updates - true_update[held_out]) / np.linalg.norm(true_update[held_out]))
 
         def judged(lam: float) -> tuple[float, float]:
             """Mean held-out KL over all sources and held-out fit error, fitted on every source."""
@@ -229,7 +238,7 @@ class RepairPass(ir.passes.InPlacePass):
                 reason = f"lambda {best['lambda']:g} fitted on all sources raised the held-out KL: rejected"
         result = GroupRepair((group[0], group[-1]), self.method, candidates, chosen, reason, kl_before, kl_after,
                              error_before, error_after, error_refit, round(time.perf_counter() - start, 2))
-        self.log(f"repair {label}: {'no repair' if chosen is None else f'lambda {chosen:g}'} ({reason}); "
+        logger.info(f"repair {label}: {'no repair' if chosen is None else f'lambda {chosen:g}'} ({reason}); "
                  f"held-out KL {kl_before:.4f} -> {kl_after:.4f}, fit error {error_before:.3f} -> "
                  f"{error_after:.3f}, {result.seconds:.1f} s")
         return result, weight
@@ -238,10 +247,10 @@ class RepairPass(ir.passes.InPlacePass):
 class _Refit:
     """Ridge refit of ``W_down`` in kernel form; ``base`` is the unrepaired update ``A·W₀ + b``."""
 
-    def __init__(self, fused: FFNBlock, x: np.ndarray, target: np.ndarray, fit_rows: np.ndarray):
+    def __init__(self, fused: FFNBlock, x: np.ndarray, true_update: np.ndarray, fit_rows: np.ndarray):
         self.fused, self.x, self.fit_rows = fused, x, fit_rows
         self.base = update(fused, x)
-        self.residual = target - self.base
+        self.residual = true_update - self.base
         self.kernel = down_refit.kernel(x, fit_rows, (block for _, block in _column_blocks(fused)))
         self.column = {row: i for i, row in enumerate(fit_rows)}
 
@@ -263,15 +272,15 @@ class _Refit:
 class _Scale:
     """Per-output-channel scale of ``W_down`` (the cheap baseline)."""
 
-    def __init__(self, fused: FFNBlock, x: np.ndarray, target: np.ndarray, fit_rows: np.ndarray):
+    def __init__(self, fused: FFNBlock, x: np.ndarray, true_update: np.ndarray, fit_rows: np.ndarray):
         self.fused, self.fit_rows = fused, fit_rows
         self.bias = down_bias(fused)
         self.plain = update(fused, x) - self.bias  # A·W₀
         self.base = self.plain + self.bias
-        self.target = target - self.bias
+        self.true_update = true_update - self.bias
 
     def _scales(self, fit_rows, lam):
-        return down_refit.channel_scales(self.plain[fit_rows], self.target[fit_rows], lam).astype(np.float32)
+        return down_refit.channel_scales(self.plain[fit_rows], self.true_update[fit_rows], lam).astype(np.float32)
 
     def update(self, fit_rows, eval_rows, lam) -> np.ndarray:
         return self.plain[eval_rows] * self._scales(fit_rows, lam) + self.bias
@@ -284,7 +293,7 @@ def _set_down(fused: FFNBlock, weight: np.ndarray) -> None:
     """Replace the fused group's W_down values (same name, shape and dtype)."""
     down = fused.down
     if down.transposed:
-        raise ValueError(f"repair: {down.name} is stored transposed; expected a fused [width, hidden] weight")
+        raise RepairError(f"repair: {down.name} is stored transposed; expected a fused [width, hidden] weight")
     dtype = down.value.const_value.dtype
     down.value.const_value = ir.tensor(weight.astype(dtype.numpy()), name=down.value.name)
 
@@ -293,7 +302,7 @@ def _column_blocks(block: FFNBlock):
     """(rows of W_down, A restricted to those columns) in blocks of ``COLUMN_BLOCK`` columns."""
     for start in range(0, block.width, COLUMN_BLOCK):
         columns = slice(start, min(block.width, start + COLUMN_BLOCK))
-        yield columns, (lambda x, columns=columns: hidden(block, x, columns))
+        yield columns, (lambda x, columns=columns: ffn_activation(block, x, columns))
 
 
 def lambda_grid(value: str | float | None) -> list[float]:
@@ -302,5 +311,5 @@ def lambda_grid(value: str | float | None) -> list[float]:
         return list(down_refit.DEFAULT_LAMBDAS)
     lam = float(value)
     if not lam > 0 or math.isinf(lam) or math.isnan(lam):
-        raise ValueError(f"--repair-lambda must be a positive number or 'auto', not {value!r}")
+        raise InvalidArgumentError(f"--repair-lambda must be a positive number or 'auto', not {value!r}")
     return [lam]

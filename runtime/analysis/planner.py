@@ -13,7 +13,7 @@ Each chosen group carries its ``M_max``, ``M_sum`` and width, so the plan explai
 
 from __future__ import annotations
 
-from ffnfusion.passes.dependency import DependencyReport
+from ffnfusion.runtime.analysis.dependency import DependencyReport
 from ffnfusion.passes.plan import FusionPlan
 
 DEFAULT_THRESHOLD = 0.2

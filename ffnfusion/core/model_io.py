@@ -1,15 +1,16 @@
-"""Load and save ONNX models safely: clear errors, atomic writes, external data beside the graph."""
+"""Load and save ONNX models safely: clear errors, atomic writes, external data beside the graph.
+
+The bottom layer: no ONNX Runtime, no graph rewriting; every other layer reads and writes models here."""
 
 from __future__ import annotations
 
 import os
 import pathlib
-import shutil
-import tempfile
 
 import onnx_ir as ir
 
-from ffnfusion.errors import FFNFusionError, UsageError
+from ffnfusion.core.errors import InvalidArgumentError, ModelFileError
+from ffnfusion.core.files import staged_model
 
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "ffnfusion.json"  # beside every model ffnfusion writes: source, config, rewrites
@@ -26,14 +27,14 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     """``onnx_ir.load`` (external tensors stay memory-mapped) with one-line errors."""
     path = model_file(path)
     if not path.is_file():
-        raise FFNFusionError(f"model {path} not found")
+        raise ModelFileError(f"model {path} not found")
     if path.stat().st_size == 0:
-        raise FFNFusionError(f"{path} is empty, not an ONNX model")
+        raise ModelFileError(f"{path} is empty, not an ONNX model")
     try:
         model = ir.load(path)  # lazy: external tensors are only memory-mapped when read
     except Exception as err:  # protobuf's DecodeError and friends
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise FFNFusionError(f"{path} is not a readable ONNX model: {detail}") from err
+        raise ModelFileError(f"{path} is not a readable ONNX model: {detail}") from err
     check_external_data(model, path.parent)
     return model
 
@@ -50,19 +51,19 @@ def check_external_data(model: ir.Model, model_dir: pathlib.Path) -> None:
             continue
         location = pathlib.PurePath(str(tensor.location))
         if location.is_absolute() or ".." in location.parts:
-            raise FFNFusionError(f"tensor {value.name!r}: external data location {str(location)!r} "
+            raise ModelFileError(f"tensor {value.name!r}: external data location {str(location)!r} "
                                  "is not a relative path inside the model directory; refusing to read it")
         target = (root / location).resolve()
         if not target.is_relative_to(root):
-            raise FFNFusionError(f"tensor {value.name!r}: external data {str(location)!r} resolves outside "
+            raise ModelFileError(f"tensor {value.name!r}: external data {str(location)!r} resolves outside "
                                  f"{root} (symlink?); refusing to read it")
         if target not in sizes:
             if not target.is_file():
-                raise FFNFusionError(f"tensor {value.name!r}: external data file {target} is missing")
+                raise ModelFileError(f"tensor {value.name!r}: external data file {target} is missing")
             sizes[target] = target.stat().st_size
         end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
         if end > sizes[target]:
-            raise FFNFusionError(f"tensor {value.name!r}: external data file {target.name} has "
+            raise ModelFileError(f"tensor {value.name!r}: external data file {target.name} has "
                                  f"{sizes[target]} bytes, the tensor needs bytes up to {end}")
 
 
@@ -89,77 +90,29 @@ def save_model(model: ir.Model, out_path: str | os.PathLike, *, input_path: str 
     """
     out_path = pathlib.Path(out_path)
     if out_path.suffix != ".onnx":
-        raise UsageError(f"output {out_path} must end in .onnx")
+        raise InvalidArgumentError(f"output {out_path} must end in .onnx")
     data_name = out_path.name + ".data"
     if input_path is not None:
         input_path = pathlib.Path(input_path)
         if out_path.resolve() == input_path.resolve():
-            raise UsageError(f"output {out_path} is the input model; choose another path")
+            raise InvalidArgumentError(f"output {out_path} is the input model; choose another path")
         inputs = external_data_files(model, input_path.parent)
         if (out_path.parent.resolve() / data_name) in inputs:
-            raise UsageError(f"output data file {out_path.parent / data_name} is read by the input model")
+            raise InvalidArgumentError(f"output data file {out_path.parent / data_name} is read by the input model")
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise FFNFusionError(f"cannot create output directory {out_path.parent}: {err.strerror}") from None
+        raise ModelFileError(f"cannot create output directory {out_path.parent}: {err.strerror}") from None
     if not os.access(out_path.parent, os.W_OK):
-        raise FFNFusionError(f"output directory {out_path.parent} is not writable")
+        raise ModelFileError(f"output directory {out_path.parent} is not writable")
     if external is None:
         # A model that reads external data keeps doing so: saved without external_data, onnx-ir
         # would keep pointing at the input's data file, relative to the *output's* directory.
         external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD or any(
             isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".ffnfusion-", dir=out_path.parent))
-    data_path = out_path.parent / data_name
     try:
-        ir.save(model, staging / out_path.name, external_data=data_name if external else None)
-        try:
-            if external:
-                os.replace(staging / data_name, data_path)
-            else:
-                data_path.unlink(missing_ok=True)  # a stale data file from an earlier run
-            os.replace(staging / out_path.name, out_path)
-        except BaseException:
-            data_path.unlink(missing_ok=True)  # interrupted between the renames: no orphan data
-            raise
+        with staged_model(out_path, external=external) as staged:
+            ir.save(model, staged, external_data=data_name if external else None)
     except OSError as err:
-        raise FFNFusionError(f"cannot write {out_path}: {err.strerror or err}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        raise ModelFileError(f"cannot write {out_path}: {err.strerror or err}") from None
     return out_path
-
-
-def ort_load_limit() -> int:
-    """Largest model we load into an ORT session to validate it: a quarter of physical memory."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-
-
-def validate_model(path: str | os.PathLike, *, run_ort: bool = True, log=None) -> None:
-    """``onnx.checker`` (full check) and, for models that fit comfortably in memory, an ORT
-    session load."""
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as err:
-        raise FFNFusionError(f"{path} fails onnx.checker: {str(err).splitlines()[0]}") from err
-    if not run_ort:
-        return
-    weights = initializer_bytes(ir.load(path))
-    if weights > ort_load_limit():
-        if log is not None:
-            log(f"validate: skipped the ONNX Runtime load: {weights / 2**30:.1f} GiB of weights is more "
-                f"than a quarter of this machine's memory")
-        return
-    from ffnfusion.runtime.onnxruntime import create_session
-
-    try:
-        create_session(path)
-    except FFNFusionError as err:
-        # A missing CPU kernel (e.g. bfloat16 Mul) says what this runtime lacks, not that the graph
-        # is invalid: the graph already passed onnx.checker.
-        if "Could not find an implementation" not in str(err):
-            raise
-        if log is not None:
-            log(f"validate: ONNX Runtime's CPU provider cannot run this model ({str(err).split(': ', 1)[-1]}); "
-                "the graph passed onnx.checker")
