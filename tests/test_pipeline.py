@@ -88,3 +88,27 @@ def test_ort_transformer_optimizer_after_fusion(tiny_dynamo20, tmp_path):
     path = tmp_path / "optimized.onnx"
     optimized.save_model_to_file(str(path))
     assert rel_err(run_logits(create_session(path), IDS), run_logits(create_session(fused), IDS)) <= 1e-4
+
+
+def test_errors_inside_pass_managers_reach_the_cli_as_one_line(tiny_dynamo20, tmp_path, capsys):
+    """onnx-ir's Sequential/PassManager wrap what a pass raises in PassError (twice for a manager);
+    the CLI reports the FFNFusionError underneath, and `fuse --repair` runs its passes unwrapped."""
+    from ffnfusion.cli import main, user_error
+    from ffnfusion.core.errors import InvalidPlanError
+
+    model = ir.load(tiny_dynamo20)
+    with pytest.raises(ir.passes.PassError) as caught:
+        ir.passes.PassManager([FFNFusionPass([[0, 1]])])(model)
+    error = user_error(caught.value)
+    assert isinstance(error, InvalidPlanError) and "layer 0, which has attention" in str(error)
+    assert user_error(ir.passes.PassError("no cause")) is None  # not ours: a bug, shown with its traceback
+
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 128, 4096))
+    out = tmp_path / "never" / "model.onnx"
+    code = main(["fuse", str(tiny_dynamo20), "-o", str(out), "--groups", "0-1", "--repair", "--repair-tokens", "1024",
+                 "--calib-ids", str(ids)])
+    stderr = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("ffnfusion: error: group 0-1 starts at layer 0, which has attention")
+    assert not out.parent.exists()
