@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.ffnfusion-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench-large clean
+.PHONY: demo test test-fast lint bench-large clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -16,12 +16,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/ffnfusion demo
 
-test: $(STAMP)
+test: lint
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 # Skips the real-model tests (they export SmolLM2: a few minutes).
-test-fast: $(STAMP)
+test-fast: lint
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# ruff on everything; mypy on the core and the passes (settings in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Fuse the ~15 GB llama-8b preset; needs ~35 GB of free disk (all deleted afterwards).
 bench-large: $(STAMP)

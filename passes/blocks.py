@@ -120,7 +120,7 @@ class DecoderLayer:
         return range(self.index, (self.index if self.last is None else self.last) + 1)
 
     def to_dict(self) -> dict:
-        entry = {"layer": self.index, "attention": self.attention,
+        entry: dict = {"layer": self.index, "attention": self.attention,
                  "ffn": self.ffn.to_dict() if self.ffn else None}
         if self.last is not None:
             entry["fused_layers"] = [self.index, self.last]
@@ -180,7 +180,7 @@ def find_embedding_output(graph: ir.Graph) -> ir.Value:
         if node.op_type != "Gather" or len(node.inputs) != 2:
             continue
         table, indices = node.inputs
-        if table.const_value is not None and table.const_value.shape.rank() == 2 \
+        if op_matchers.const_rank(table) == 2 \
                 and op_matchers.skip_casts(indices) in inputs:
             return _through_embedding_scale(node.outputs[0])
     raise BlockRecognitionError(

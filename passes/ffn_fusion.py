@@ -30,8 +30,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes.blocks import FUSED_GROUPS_METADATA, FFNBlock, find_blocks, fused_spans_of
 from ffnfusion.passes.layer_ranges import format_ranges
-from ffnfusion.passes.streaming import folded_columns, stacked_rows
 from ffnfusion.passes.plan import FusionPlan, InvalidPlanError
+from ffnfusion.passes.streaming import folded_columns, stacked_rows
 
 # What the emitted layout is tuned for: "gpu" (TensorRT, CUDA; the default) keeps the width, a sum
 # of the members' tensor-core friendly widths; "cpu" (ONNX Runtime's MLAS kernels) pads it.
@@ -98,7 +98,7 @@ def check_fusable(label: str, members: Sequence[FFNBlock]) -> None:
                     f"group {label}: layer {member.layer} has {what} {mine}, layer {first.layer} has "
                     f"{theirs}; a fused group needs one {what}"
                 )
-    for before, after in zip(members, members[1:]):
+    for before in members[:-1]:
         if before.output.is_graph_output():
             raise InvalidPlanError(
                 f"group {label}: the hidden state after layer {before.layer} is a graph output; "
@@ -210,7 +210,7 @@ def _unit_gain_norm(first: FFNBlock, prefix: str, new_nodes: list[ir.Node], grap
 
 
 def folded_bias(members: Sequence[FFNBlock], which: str, dtype: ir.DataType, name: str,
-                pad: int = 0) -> ir.Tensor | None:
+                pad: int = 0) -> ir.TensorProtocol | None:
     """``[β_1·W_1 + b_1 | … | β_k·W_k + b_k | 0]`` for the gate or up projection (float32, cast
     once): each member's LayerNorm bias ``β_j`` goes through its own weight; None when nothing is
     biased."""
@@ -229,7 +229,7 @@ def folded_bias(members: Sequence[FFNBlock], which: str, dtype: ir.DataType, nam
     return ir.tensor(np.concatenate(parts).astype(dtype.numpy()), name=name)
 
 
-def summed_down_bias(members: Sequence[FFNBlock], dtype: ir.DataType, name: str) -> ir.Tensor | None:
+def summed_down_bias(members: Sequence[FFNBlock], dtype: ir.DataType, name: str) -> ir.TensorProtocol | None:
     """``b_1 + … + b_k``: the members' down biases all add to the same residual."""
     biases = [m.down_bias.const_value.numpy().astype(np.float32) for m in members if m.down_bias is not None]
     return ir.tensor(np.sum(biases, axis=0).astype(dtype.numpy()), name=name) if biases else None
@@ -242,6 +242,6 @@ def _gain_float32(member: FFNBlock) -> np.ndarray:
 
 
 def _register(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
-    value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    value = ir.Value(name=tensor.name, shape=ir.Shape(tensor.shape.numpy()), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value

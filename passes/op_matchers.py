@@ -40,13 +40,19 @@ class Weight:
         return self.value.name or "<unnamed>"
 
     @property
+    def tensor(self) -> ir.TensorProtocol:
+        tensor = self.value.const_value
+        assert tensor is not None, f"weight {self.name} has no constant value"  # matchers only make constant ones
+        return tensor
+
+    @property
     def shape_in_out(self) -> tuple[int, int]:
-        rows, cols = (int(d) for d in self.value.const_value.shape)
+        rows, cols = self.tensor.shape.numpy()
         return (cols, rows) if self.transposed else (rows, cols)
 
     def numpy_in_out(self) -> np.ndarray:
         """The weight as ``[in, out]`` (a view of the memory-mapped tensor when possible)."""
-        array = self.value.const_value.numpy()
+        array = self.tensor.numpy()
         return array.T if self.transposed else array
 
 
@@ -73,6 +79,12 @@ class Norm:
     nodes: tuple[ir.Node, ...]
     gain_node: ir.Node | None = None
     bias: ir.Value | None = None
+
+
+def const_rank(value: ir.Value | None) -> int | None:
+    """The rank of a constant value's tensor (None when ``value`` is not constant)."""
+    tensor = value.const_value if value is not None else None
+    return tensor.shape.rank() if tensor is not None else None
 
 
 def initializer_of(value: ir.Value | None) -> ir.Value | None:
@@ -116,7 +128,7 @@ def producer(value: ir.Value | None, op_types: set[str] | str | None = None) -> 
     return node
 
 
-def skip_casts(value: ir.Value, seen: list[ir.Node] | None = None) -> ir.Value:
+def skip_casts(value: ir.Value | None, seen: list[ir.Node] | None = None) -> ir.Value | None:
     """Walk back through Cast/Identity nodes (exporters insert them around norms)."""
     while (node := producer(value, {"Cast", "Identity"})) is not None:
         if seen is not None:
@@ -125,11 +137,11 @@ def skip_casts(value: ir.Value, seen: list[ir.Node] | None = None) -> ir.Value:
     return value
 
 
-def reaches(value: ir.Value, target: ir.Value, seen: list[ir.Node] | None = None) -> bool:
+def reaches(value: ir.Value | None, target: ir.Value, seen: list[ir.Node] | None = None) -> bool:
     """Whether ``value`` is ``target`` or a chain of Casts/Identities of it."""
     casts: list[ir.Node] = []
     while value is not target:
-        node = producer(value, {"Cast", "Identity"})
+        node = producer(value, {"Cast", "Identity"})  # None for value None too
         if node is None:
             return False
         casts.append(node)
@@ -153,7 +165,8 @@ def _is_last_axis_reduction(node: ir.Node) -> bool:
         axes = None if axes is None else axes.reshape(-1).tolist()
     if axes is None or len(axes) != 1:
         return False
-    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+    data = node.inputs[0]
+    rank = data.shape.rank() if data is not None and data.shape is not None else None
     return axes[0] == -1 or (rank is not None and axes[0] == rank - 1)
 
 
@@ -164,19 +177,20 @@ def match_linear(value: ir.Value) -> Linear | None:
     if add is not None:
         for product, bias in (add.inputs, reversed(add.inputs)):
             bias_init = initializer_of(bias)
-            if bias_init is None or bias_init.const_value.shape.rank() != 1:
+            if const_rank(bias_init) != 1:
                 continue
             linear = _match_unbiased_linear(product)
-            if linear is not None and len(product.uses()) == 1:
+            if linear is not None and product is not None and len(product.uses()) == 1:
                 return dataclasses.replace(linear, nodes=(*linear.nodes, add), bias=bias_init)
         return None
     return _match_unbiased_linear(value)
 
 
-def _match_unbiased_linear(value: ir.Value) -> Linear | None:
+def _match_unbiased_linear(value: ir.Value | None) -> Linear | None:
     node = producer(value, {"MatMul", "Gemm"})
-    if node is None:
+    if node is None or node.inputs[0] is None:
         return None
+    a = node.inputs[0]
     if node.op_type == "Gemm":
         if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
             return None
@@ -184,14 +198,16 @@ def _match_unbiased_linear(value: ir.Value) -> Linear | None:
         bias = initializer_of(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         if weight is None or (len(node.inputs) > 2 and node.inputs[2] is not None and bias is None):
             return None
-        return Linear(node.inputs[0], Weight(weight, bool(_attr(node, "transB", 0))), (node,), bias)
-    a, b = node.inputs
+        return Linear(a, Weight(weight, bool(_attr(node, "transB", 0))), (node,), bias)
+    b = node.inputs[1]
     weight = initializer_of(b)
-    if weight is not None and weight.const_value.shape.rank() == 2:
+    if weight is not None and const_rank(weight) == 2:
         return Linear(a, Weight(weight, transposed=False), (node,))
     transpose = producer(b, "Transpose")
-    weight = initializer_of(transpose.inputs[0]) if transpose is not None else None
-    if weight is not None and weight.const_value.shape.rank() == 2:
+    if transpose is None or b is None:
+        return None
+    weight = initializer_of(transpose.inputs[0])
+    if weight is not None and const_rank(weight) == 2:
         if list(_attr(transpose, "perm", [1, 0])) == [1, 0] and len(b.uses()) == 1:
             return Linear(a, Weight(weight, transposed=True), (node, transpose))
     return None
@@ -210,7 +226,7 @@ def match_activation(value: ir.Value) -> tuple[str, ir.Value, tuple[ir.Node, ...
     node = producer(value, "Gelu")
     if node is not None and node.domain in ("", "ai.onnx"):
         kind = GELU_KINDS.get(_attr(node, "approximate", "none"))
-        if kind is not None:
+        if kind is not None and node.inputs[0] is not None:
             return kind, node.inputs[0], (node,)
     return None
 
@@ -220,13 +236,13 @@ def match_silu(value: ir.Value) -> tuple[ir.Value, tuple[ir.Node, ...]] | None:
     node = producer(value)
     if node is None:
         return None
-    if node.op_type in SILU_OP_TYPES and _attr(node, "alpha", 1.0) == 1.0:
+    if node.op_type in SILU_OP_TYPES and _attr(node, "alpha", 1.0) == 1.0 and node.inputs[0] is not None:
         return node.inputs[0], (node,)
     if node.op_type != "Mul":
         return None
     for gate, other in (node.inputs, reversed(node.inputs)):
         sigmoid = producer(other, "Sigmoid")
-        if sigmoid is not None and sigmoid.inputs[0] is gate:
+        if sigmoid is not None and gate is not None and sigmoid.inputs[0] is gate:
             return gate, (node, sigmoid)
     return None
 
@@ -252,7 +268,7 @@ def match_norm(output: ir.Value, x: ir.Value) -> Norm | None:
     if node.op_type == "Mul":
         for gain_input, unit in (node.inputs, reversed(node.inputs)):
             gain = initializer_of(gain_input)
-            if gain is not None and gain.const_value.shape.rank() == 1:
+            if const_rank(gain) == 1 and unit is not None:
                 core = _match_rms_core(unit, x)
                 if core is not None:
                     epsilon, nodes = core

@@ -11,8 +11,8 @@ import json
 import pathlib
 from collections.abc import Sequence
 
-from ffnfusion.core.files import write_json_atomically
 from ffnfusion.core.errors import InvalidArgumentError, InvalidPlanError
+from ffnfusion.core.files import write_json_atomically
 from ffnfusion.passes.blocks import BlockMap, FFNBlock
 from ffnfusion.passes.layer_ranges import format_ranges, parse_groups
 
@@ -65,7 +65,7 @@ class FusionPlan:
             raise InvalidArgumentError(f"plan {path}: {err}") from None
 
     def to_dict(self) -> dict:
-        data = {"groups": [list(group) for group in self.groups]}
+        data: dict = {"groups": [list(group) for group in self.groups]}
         if self.reasons:
             data["reasons"] = list(self.reasons)
         if self.settings is not None:

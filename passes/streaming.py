@@ -59,7 +59,7 @@ def folded_columns(weights: list[Weight], gains: list[np.ndarray], dtype: ir.Dat
                 block = np.empty((stop - start, width), np_dtype)
                 block[:, columns[-1]:] = 0
 
-                def fill(member: int) -> None:
+                def fill(member: int, block=block, start=start, stop=stop) -> None:
                     source = read_rows(weights[member], start, stop)
                     # float32 product of the stored weight and its gain, cast once into the block
                     block[:, columns[member]:columns[member + 1]] = np.multiply(

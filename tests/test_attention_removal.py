@@ -9,8 +9,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-
 from conftest import make_tiny_llama, prefill_then_decode, rel_err
+
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.onnx_export import ExportOptions, export_model
 from ffnfusion.passes.attention_removal import AttentionRemovalPass, remove_attention

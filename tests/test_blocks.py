@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import pytest
+from conftest import TINY_CONFIG, TINY_DROPPED
 from onnx import TensorProto, helper
 
-from conftest import TINY_CONFIG, TINY_DROPPED
 from ffnfusion.passes.blocks import BlockRecognitionError, find_blocks
 
 EXPECTED_NORM = {"dynamo-opset20": "rms_decomposed", "dynamo-opset23": "RMSNormalization",

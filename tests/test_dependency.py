@@ -7,9 +7,9 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DROPPED
 from torch import nn
 
-from conftest import TINY_DROPPED
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.runtime.analysis.dependency import analyze, pairs_to_compute
 from ffnfusion.runtime.stream import StreamRunner

@@ -8,8 +8,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-
 from conftest import rel_err
+
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.onnx_export import ExportOptions, export_model
 from ffnfusion.passes.blocks import find_blocks
@@ -17,7 +17,6 @@ from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.plan import InvalidPlanError
 from ffnfusion.runtime.exactness import fused_group_error
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
-
 
 DROPPED = [2, 3, 4]
 

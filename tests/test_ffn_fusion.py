@@ -9,8 +9,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-
 from conftest import TINY_DROPPED, rel_err
+
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass, fuse_ffn_groups

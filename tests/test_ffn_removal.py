@@ -7,8 +7,8 @@ import copy
 import numpy as np
 import onnx_ir as ir
 import torch
-
 from conftest import TINY_DROPPED, rel_err
+
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.ffn_removal import FFNRemovalPass

@@ -14,11 +14,12 @@ olive = pytest.importorskip("olive", reason="olive-ai is not installed (pip inst
 
 
 def test_graph_surgeries_pass_runs_fuse_ffn(tiny_dynamo20, tmp_path):
-    import ffnfusion.olive  # noqa: F401  (registers the surgeon)
     import onnx_ir as ir
     from olive.model import ONNXModelHandler
     from olive.passes.olive_pass import create_pass_from_dict
     from olive.passes.onnx.graph_surgeries import GraphSurgeries, Surgeon
+
+    import ffnfusion.olive  # noqa: F401  (registers the surgeon)
 
     assert "fuseffn" in Surgeon.registry
     config = {"surgeries": [{"surgeon": "FuseFFN", "groups": "2-4,5-6"}]}

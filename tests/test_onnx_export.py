@@ -10,8 +10,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-
 from conftest import TINY_CONFIG, make_tiny_llama, prefill_then_decode, rel_err
+
 from ffnfusion.core.errors import FFNFusionError
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.onnx_export import ExportOptions, export_model

@@ -10,8 +10,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-
 from conftest import TINY_DROPPED, rel_err
+
 from ffnfusion import AttentionRemovalPass, FFNFusionPass, find_blocks, fuse_ffn
 from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.exporters import llama_surgery

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from ffnfusion.core.errors import InvalidArgumentError
+from ffnfusion.passes.plan import FusionPlan
 from ffnfusion.runtime.analysis.dependency import DependencyReport
 from ffnfusion.runtime.analysis.planner import plan_groups
-from ffnfusion.passes.plan import FusionPlan
 
 
 def _report(m: dict[tuple[int, int], float], layers=10, runs=((2, 6),), attention=(0, 1, 7, 8, 9)):

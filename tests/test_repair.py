@@ -9,12 +9,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from ffnfusion.runtime.repair import down_refit
+from ffnfusion.core.model_io import save_model
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.runtime.calibration import CalibrationSource
-from ffnfusion.core.model_io import save_model
-from ffnfusion.runtime.repair import RepairPass, lambda_grid
+from ffnfusion.runtime.repair import RepairPass, down_refit, lambda_grid
 from ffnfusion.runtime.repair.repair_pass import _set_down
 
 WINDOW = 32
@@ -171,8 +170,9 @@ def test_lambda_grid_refuses_bad_values(value):
 
 
 def test_fuse_repair_command(capsys, tiny_dynamo20, tmp_path):
-    from ffnfusion.cli import main
     import json
+
+    from ffnfusion.cli import main
 
     rng = np.random.default_rng(7)
     ids = []

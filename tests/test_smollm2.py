@@ -5,15 +5,15 @@ from __future__ import annotations
 import onnx_ir as ir
 import pytest
 
-from ffnfusion.runtime.model_rewrite import fuse_model_file
 from ffnfusion.cli.demo import DemoOptions, relative_error, run
+from ffnfusion.core.model_io import load_model
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.onnx_export import ExportOptions, export_model
 from ffnfusion.exporters.sources import load_causal_lm, resolve_source
-from ffnfusion.core.model_io import load_model
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.plan import FusionPlan
 from ffnfusion.runtime import calibration
+from ffnfusion.runtime.model_rewrite import fuse_model_file
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
 from ffnfusion.runtime.tensorrt_check import check_tensorrt
 

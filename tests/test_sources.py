@@ -67,8 +67,9 @@ def test_load_without_tokenizer_warns_and_goes_on(tmp_path, tiny_llama, caplog):
 
 
 def test_sentencepiece_only_tokenizer_loads(tmp_path, tiny_llama):
-    import sentencepiece
     from pydoc_data.topics import topics
+
+    import sentencepiece
 
     from ffnfusion.exporters.sources import load_causal_lm
 

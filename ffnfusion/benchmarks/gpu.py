@@ -120,12 +120,14 @@ class Timer:
             for _ in range(3):
                 fn(x)  # warm-up (cuBLAS picks its kernels) before capture
         torch.cuda.current_stream().wait_stream(stream)
-        run = (lambda: fn(x))
         if self.graphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 fn(x)
             run = graph.replay
+        else:
+            def run():
+                fn(x)
         times = []
         for _ in range(self.iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -177,8 +179,8 @@ def run(shapes: dict, group_sizes, batches, prefill: int, *, device: str, dtype_
             for phase, batch, seq in phases:
                 x = torch.randn(batch * seq, hidden, device=device, dtype=torch.float32).to(dtype)
                 with torch.inference_mode():
-                    seq_ms = timer(lambda v: sequential(torch, v, layers), x)
-                    fused_ms = timer(lambda v: fused(torch, v, weights), x)
+                    seq_ms = timer(lambda v, group=layers: sequential(torch, v, group), x)
+                    fused_ms = timer(lambda v, block=weights: fused(torch, v, block), x)
                 row = Row(name, k, phase, seq_ms, fused_ms, weight_bytes / 2**30)
                 if batch == 1 and seq == 1:
                     row.sequential_gbs = weight_bytes / (seq_ms / 1e3) / 1e9

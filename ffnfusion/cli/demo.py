@@ -17,10 +17,10 @@ import numpy as np
 from ffnfusion.cli.model_commands import inspect
 from ffnfusion.cli.progress import ProgressBar, log
 from ffnfusion.cli.report import write_analysis
-from ffnfusion.core.files import write_json_atomically
 from ffnfusion.core.errors import FFNFusionError, InvalidPlanError, ModelRunError
-from ffnfusion.exporters.sources import load_causal_lm, resolve_source
+from ffnfusion.core.files import write_json_atomically
 from ffnfusion.core.model_io import METADATA_FILE, MODEL_FILE, load_model, save_model
+from ffnfusion.exporters.sources import load_causal_lm, resolve_source
 from ffnfusion.passes.ffn_removal import FFNRemovalPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan

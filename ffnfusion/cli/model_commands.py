@@ -14,7 +14,6 @@ from ffnfusion.cli.progress import ProgressBar, log
 from ffnfusion.cli.registry import arguments, command, parse_layer_list
 from ffnfusion.core.errors import InvalidArgumentError
 
-
 # --- export -------------------------------------------------------------------------------------
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:

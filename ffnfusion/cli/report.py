@@ -7,8 +7,8 @@ import pathlib
 import numpy as np
 
 from ffnfusion.core.files import atomic_path, write_text_atomically
-from ffnfusion.runtime.analysis.dependency import DependencyReport
 from ffnfusion.passes.plan import FusionPlan
+from ffnfusion.runtime.analysis.dependency import DependencyReport
 
 
 def _block_label(block: dict) -> str:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 from ffnfusion.cli.registry import arguments, command, parse_int_list, parse_layer_list
 from ffnfusion.core.errors import FFNFusionError
-
 
 # --- bench --------------------------------------------------------------------------------------
 

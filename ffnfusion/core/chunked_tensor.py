@@ -38,7 +38,7 @@ class ChunkedTensor(ir.LazyTensor):
         super().__init__(self._materialise, dtype=dtype, shape=ir.Shape(shape), name=name)
         self._chunks = chunks
 
-    def _materialise(self) -> ir.Tensor:
+    def _materialise(self) -> ir.TensorProtocol:
         np_dtype = self.dtype.numpy()
         parts = [np.frombuffer(c.read(), np_dtype) if isinstance(c, FileRange) else c.astype(np_dtype, copy=False).ravel()
                  for c in self._chunks()]
@@ -51,7 +51,7 @@ class ChunkedTensor(ir.LazyTensor):
                 _copy_range(chunk, file)
             else:
                 # as bytes: buffer views of ml_dtypes (bfloat16) arrays are not supported
-                file.write(memoryview(np.ascontiguousarray(chunk, dtype=np_dtype).reshape(-1).view(np.uint8)))
+                file.write(np.ascontiguousarray(chunk, dtype=np_dtype).reshape(-1).view(np.uint8).data)
 
 
 def _copy_range(piece: FileRange, file) -> None:

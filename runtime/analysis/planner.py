@@ -13,8 +13,8 @@ Each chosen group carries its ``M_max``, ``M_sum`` and width, so the plan explai
 
 from __future__ import annotations
 
-from ffnfusion.runtime.analysis.dependency import DependencyReport
 from ffnfusion.passes.plan import FusionPlan
+from ffnfusion.runtime.analysis.dependency import DependencyReport
 
 DEFAULT_THRESHOLD = 0.2
 

@@ -34,13 +34,13 @@ import onnx_ir as ir
 
 from ffnfusion.core.errors import InvalidArgumentError, RepairError
 from ffnfusion.core.model_io import load_model, model_file
-from ffnfusion.runtime.repair import down_refit
 from ffnfusion.passes.blocks import FFNBlock, find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.runtime.calibration import CalibrationSource, log_softmax
 from ffnfusion.runtime.ffn_reference import down_bias, ffn_activation, sequential_update, update
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
+from ffnfusion.runtime.repair import down_refit
 from ffnfusion.runtime.stream import StreamRunner
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,133 @@
+"""Hand-built graphs for each encoding the matchers claim to read, and near-misses they must refuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from ffnfusion.passes import op_matchers
+
+HIDDEN, WIDTH = 4, 6
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _graph() -> tuple[ir.Graph, ir.Value]:
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch", "seq", HIDDEN]))
+    return ir.Graph([x], [], nodes=[], opset_imports={"": 20}), x
+
+
+def _node(graph: ir.Graph, op: str, inputs, name: str, **attributes) -> ir.Value:
+    node = ir.node(op, inputs, attributes=attributes, name=name)
+    graph.append(node)
+    return node.outputs[0]
+
+
+W_IN_OUT = np.arange(HIDDEN * WIDTH, dtype=np.float32).reshape(HIDDEN, WIDTH)
+
+
+def test_matmul_with_weight_in_out():
+    graph, x = _graph()
+    y = _node(graph, "MatMul", [x, _initializer(graph, "w", W_IN_OUT)], "mm")
+    linear = op_matchers.match_linear(y)
+    assert linear is not None and linear.input is x and not linear.weight.transposed
+    np.testing.assert_array_equal(linear.weight.numpy_in_out(), W_IN_OUT)
+
+
+def test_matmul_of_a_transposed_weight():
+    graph, x = _graph()
+    w = _initializer(graph, "w_out_in", np.ascontiguousarray(W_IN_OUT.T))
+    y = _node(graph, "MatMul", [x, _node(graph, "Transpose", [w], "t", perm=[1, 0])], "mm")
+    linear = op_matchers.match_linear(y)
+    assert linear is not None and linear.weight.transposed and len(linear.nodes) == 2
+    assert linear.weight.shape_in_out == (HIDDEN, WIDTH)
+    np.testing.assert_array_equal(linear.weight.numpy_in_out(), W_IN_OUT)
+
+
+def test_transpose_with_another_perm_is_not_a_weight_layout():
+    graph, x = _graph()
+    w = _initializer(graph, "w", np.ascontiguousarray(W_IN_OUT.T))
+    y = _node(graph, "MatMul", [x, _node(graph, "Transpose", [w], "t", perm=[0, 1])], "mm")
+    assert op_matchers.match_linear(y) is None
+
+
+def test_gemm_trans_b_with_bias():
+    graph, x = _graph()
+    w = _initializer(graph, "w_out_in", np.ascontiguousarray(W_IN_OUT.T))
+    b = _initializer(graph, "b", np.ones(WIDTH, np.float32))
+    linear = op_matchers.match_linear(_node(graph, "Gemm", [x, w, b], "gemm", transB=1))
+    assert linear is not None and linear.weight.transposed and linear.bias is b
+    np.testing.assert_array_equal(linear.weight.numpy_in_out(), W_IN_OUT)
+
+
+@pytest.mark.parametrize("attributes", [{"transA": 1}, {"alpha": 2.0}, {"beta": 0.5}])
+def test_gemm_that_is_not_a_plain_linear_layer_is_refused(attributes):
+    graph, x = _graph()
+    w = _initializer(graph, "w", W_IN_OUT)
+    assert op_matchers.match_linear(_node(graph, "Gemm", [x, w], "gemm", **attributes)) is None
+
+
+def test_matmul_by_an_activation_is_not_a_linear_layer():
+    graph, x = _graph()
+    assert op_matchers.match_linear(_node(graph, "MatMul", [x, x], "mm")) is None
+
+
+def _rms_core(graph: ir.Graph, x: ir.Value, reciprocal: str, eps: float = 1e-5) -> ir.Value:
+    square = _node(graph, "Pow", [x, _initializer(graph, "two", np.array(2.0, np.float32))], "pow")
+    mean = _node(graph, "ReduceMean", [square, _initializer(graph, "axes", np.array([-1], np.int64))], "mean")
+    root = _node(graph, "Sqrt", [_node(graph, "Add", [mean, _initializer(graph, "eps", np.array(eps, np.float32))],
+                                        "add_eps")], "sqrt")
+    if reciprocal == "Reciprocal":
+        inverse = _node(graph, "Reciprocal", [root], "recip")
+    else:  # the legacy TorchScript exporter: Div(1, Sqrt(.))
+        inverse = _node(graph, "Div", [_initializer(graph, "one", np.array(1.0, np.float32)), root], "div")
+    return _node(graph, "Mul", [x, inverse], "unit")
+
+
+@pytest.mark.parametrize("reciprocal", ["Reciprocal", "Div"])
+def test_decomposed_rms_norm(reciprocal):
+    graph, x = _graph()
+    gain = _initializer(graph, "gain", np.full(HIDDEN, 1.5, np.float32))
+    output = _node(graph, "Mul", [gain, _rms_core(graph, x, reciprocal, eps=1e-6)], "scale")
+    norm = op_matchers.match_norm(output, x)
+    assert norm is not None and norm.kind == "rms_decomposed" and norm.gain is gain
+    assert norm.epsilon == pytest.approx(1e-6)
+
+
+def test_norm_of_another_value_is_refused():
+    graph, x = _graph()
+    other = _node(graph, "Relu", [x], "relu")
+    output = _node(graph, "Mul", [_initializer(graph, "gain", np.ones(HIDDEN, np.float32)),
+                                  _rms_core(graph, other, "Reciprocal")], "scale")
+    assert op_matchers.match_norm(output, x) is None
+
+
+@pytest.mark.parametrize("op", ["RMSNormalization", "LayerNormalization"])
+def test_one_op_norms(op):
+    graph, x = _graph()
+    gain = _initializer(graph, "gain", np.ones(HIDDEN, np.float32))
+    inputs = [x, gain] + ([_initializer(graph, "beta", np.zeros(HIDDEN, np.float32))] if op == "LayerNormalization" else [])
+    norm = op_matchers.match_norm(_node(graph, op, inputs, "norm", epsilon=1e-5, axis=-1), x)
+    assert norm is not None and norm.kind == op and norm.epsilon == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize(("build", "kind"), [
+    (lambda g, x: _node(g, "Mul", [x, _node(g, "Sigmoid", [x], "sig")], "silu"), "silu"),
+    (lambda g, x: _node(g, "Gelu", [x], "gelu", approximate="tanh"), "gelu_tanh"),
+    (lambda g, x: _node(g, "Gelu", [x], "gelu"), "gelu"),
+])
+def test_activations(build, kind):
+    graph, x = _graph()
+    matched = op_matchers.match_activation(build(graph, x))
+    assert matched is not None and matched[0] == kind and matched[1] is x
+
+
+def test_product_with_the_sigmoid_of_another_value_is_not_silu():
+    graph, x = _graph()
+    other = _node(graph, "Relu", [x], "relu")
+    assert op_matchers.match_activation(_node(graph, "Mul", [x, _node(graph, "Sigmoid", [other], "sig")], "m")) is None
