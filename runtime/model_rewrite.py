@@ -29,6 +29,8 @@ from ffnfusion.runtime.validation import validate_model
 
 logger = logging.getLogger(__name__)
 
+NVIDIA_GPUS = pathlib.Path("/proc/driver/nvidia/gpus")  # one entry per GPU the NVIDIA driver sees
+
 # Files a runtime needs beside model.onnx; copied so a rewritten model directory is self-contained.
 COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "config.json", "generation_config.json")
@@ -43,12 +45,15 @@ class RepairOptions:
     lam: str | float = "auto"
     texts: tuple[str, ...] = ()
     ids_files: tuple[str, ...] = ()
+    stream: bool | None = None  # run block by block (None: when the model would not fit in memory)
 
 
 def fuse_model_file(model_path: str | os.PathLike, out_path: str | os.PathLike, plan: FusionPlan, *,
-                    validate: bool = True, target: str = "gpu", repair: RepairOptions | None = None,
+                    validate: bool = True, target: str = "auto", repair: RepairOptions | None = None,
                     threads: int | None = None) -> dict:
-    """Fuse the plan's groups (and repair them) into a new model; returns a summary."""
+    """Fuse the plan's groups (and repair them) into a new model; returns a summary. ``target``:
+    ``gpu``, ``cpu`` or ``auto`` (:func:`resolve_target`)."""
+    target, why = resolve_target(target)
     fusion = FFNFusionPass(plan, target)
     repair_pass = _repair_pass(model_path, plan, repair, target, threads) if repair else None
     reports = []
@@ -65,13 +70,23 @@ def fuse_model_file(model_path: str | os.PathLike, out_path: str | os.PathLike, 
         if reports:
             metadata["repair"] = metadata.get("repair", []) + [reports[0].to_dict()]
 
-    what = f"fuse groups {plan.describe()}" + (f", repair ({repair.method})" if repair else "")
+    what = f"fuse groups {plan.describe()}, {target} layout ({why})" + (f", repair ({repair.method})" if repair else "")
     summary = rewrite_model_file(model_path, out_path, rewrite, what, record, validate)
     summary["groups"] = [list(g) for g in plan.groups]
     if reports:
         summary["repair"] = reports[0].to_dict()
         logger.info(f"repair: {reports[0].describe()}")
     return summary
+
+
+def resolve_target(target: str) -> tuple[str, str]:
+    """``(layout, why)``. ``auto``: the ``cpu`` layout unless this machine has an NVIDIA GPU. The
+    ``gpu`` layout (width unpadded) measured up to 3.5% slower than unfused on ONNX Runtime's CPU
+    provider (README); the ``cpu`` layout costs a GPU at most 16 zero columns per group."""
+    if target != "auto":
+        return target, "--target " + target
+    has_gpu = NVIDIA_GPUS.is_dir() and any(NVIDIA_GPUS.iterdir())
+    return ("gpu", "auto: an NVIDIA GPU is present") if has_gpu else ("cpu", "auto: no NVIDIA GPU here")
 
 
 def _repair_pass(model_path, plan: FusionPlan, options: RepairOptions, target: str, threads: int | None):
@@ -86,7 +101,7 @@ def _repair_pass(model_path, plan: FusionPlan, options: RepairOptions, target: s
     sources = calibration.repair_sources(path.parent, texts=options.texts, ids_files=options.ids_files, tokens=tokens)
     logger.info(f"repair: sources {', '.join(f'{s.name} ({s.fit.size} fit + {s.select.size} held out)' for s in sources)}")
     return RepairPass(path, plan.groups, sources, method=options.method, lambdas=lambdas, target=target,
-                      threads=threads)
+                      threads=threads, stream=options.stream)
 
 
 def remove_attention_file(model_path: str | os.PathLike, out_path: str | os.PathLike, layers: Sequence[int], *,

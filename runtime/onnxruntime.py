@@ -57,12 +57,16 @@ def create_session(path: str | os.PathLike, threads: int | None = None, provider
     return session
 
 
-def session_from_model(model: ir.Model, base_dir: str | os.PathLike, threads: int | None = None):
+def session_from_model(model: ir.Model, base_dir: str | os.PathLike, threads: int | None = None, *,
+                       arena: bool = True):
     """A session for an in-memory model whose external weights live in ``base_dir`` (nothing is
-    written to disk: ORT reads the serialized graph and memory-maps the original data file)."""
+    written to disk: ORT reads the serialized graph and memory-maps the original data file).
+    ``arena=False`` returns the session's activation memory to the system when it is dropped (for
+    the short-lived sessions of a block-streamed run)."""
     import onnxruntime as ort
 
     options = _options(threads)
+    options.enable_cpu_mem_arena = arena
     options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                      str(pathlib.Path(base_dir).resolve()))
     data = ir.serde.serialize_model(model).SerializeToString()

@@ -4,56 +4,81 @@ Reported per token and averaged over all tokens of all windows: perplexity of bo
 top-1 agreement of their next-token predictions, mean ``KL(ref ‖ new)`` of the next-token
 distributions, and the cosine between their final hidden states (the residual stream before the
 final norm).
+
+Each model runs block by block (:class:`~ffnfusion.runtime.block_runner.BlockRunner`) to its final
+stream; the heads then run on slices of tokens, so neither a whole model nor a whole
+``[tokens, vocab]`` logits array need be in memory at once.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ffnfusion.runtime.calibration import log_softmax, next_token_nll
-from ffnfusion.runtime.stream import StreamRunner
+from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
+from ffnfusion.runtime.calibration import log_softmax
+
+HEAD_BUDGET_BYTES = 256 * 2**20  # float64 log-probabilities held per slice of tokens
 
 
 def compare_models(reference: str, candidate: str, windows: np.ndarray, threads: int | None = None,
-                   progress=None) -> dict:
+                   progress=None, stream: bool | None = None) -> dict:
     """Compare one candidate with the reference (see :func:`compare_many`)."""
-    return compare_many(reference, [candidate], windows, threads, progress)[0]
+    return compare_many(reference, [candidate], windows, threads, progress, stream)[0]
 
 
 def compare_many(reference: str, candidates: list[str], windows: np.ndarray, threads: int | None = None,
-                 progress=None) -> list[dict]:
-    """Compare several candidates with one reference; the reference runs once per window.
-    ``progress(done_windows, total_windows, tokens)``, if given, is called after each window."""
-    ref_runner = StreamRunner(reference, threads)
-    runners = [StreamRunner(path, threads) for path in candidates]
-    stats = [dict(nll=0.0, agree=0, kl=0.0, cosine=0.0) for _ in candidates]
+                 progress=None, stream: bool | None = None) -> list[dict]:
+    """Compare several candidates with one reference. ``stream``: block by block from disk (None:
+    when the reference would not fit in memory). ``progress(done, total, tokens)``, if given, is
+    called after each model's pass."""
+    streamed = choose_streamed(reference, stream)
+    runners = [BlockRunner(path, streamed=streamed, threads=threads) for path in [reference, *candidates]]
+    finals = []
+    for done, runner in enumerate(runners, 1):
+        final = runner.final_stream(windows)
+        finals.append(final.reshape(-1, final.shape[-1]))
+        if progress is not None:
+            progress(done, len(runners), windows.size)
+    ids = windows.reshape(-1)
+    window = windows.shape[1]
+    # Row r predicts ids[r + 1] unless r is the last token of its window.
+    targets = np.where((np.arange(ids.size) + 1) % window != 0, np.roll(ids, -1), -1)
+    stats = [dict(nll=0.0, agree=0, kl=0.0) for _ in candidates]
     ref_nll = 0.0
-    predicted = tokens = 0
-    for w, input_ids in enumerate(windows):
-        ids = input_ids[None]
-        ref = ref_runner.capture(ids)
-        ref_nll += float(next_token_nll(ref["logits"], ids).sum())
-        logp_ref = log_softmax(ref["logits"])
-        ref_final = ref[ref_runner.units[-1].output].astype(np.float64)
-        for runner, stat in zip(runners, stats):
-            out = runner.capture(ids)
-            stat["nll"] += float(next_token_nll(out["logits"], ids).sum())
-            logp = log_softmax(out["logits"])
+    vocab = runners[0].vocab
+    start = 0
+    while start < ids.size:
+        step = window if vocab is None else max(1, HEAD_BUDGET_BYTES // (8 * vocab))
+        rows = slice(start, min(ids.size, start + step))
+        with runners[0].head() as head:
+            logp_ref = log_softmax(head(finals[0][rows]))
+        vocab = logp_ref.shape[-1]
+        ref_nll += _nll(logp_ref, targets[rows])
+        for runner, final, stat in zip(runners[1:], finals[1:], stats):
+            with runner.head() as head:
+                logp = log_softmax(head(final[rows]))
+            stat["nll"] += _nll(logp, targets[rows])
             stat["kl"] += float((np.exp(logp_ref) * (logp_ref - logp)).sum())
             stat["agree"] += int((logp_ref.argmax(-1) == logp.argmax(-1)).sum())
-            final = out[runner.units[-1].output].astype(np.float64)
-            stat["cosine"] += float(((ref_final * final).sum(-1) / (
-                np.linalg.norm(ref_final, axis=-1) * np.linalg.norm(final, axis=-1) + 1e-12)).sum())
-        predicted += ids.shape[1] - 1
-        tokens += ids.size
-        if progress is not None:
-            progress(w + 1, len(windows), tokens)
-    ref_ppl = float(np.exp(ref_nll / predicted))
-    return [{
-        "ref": {"path": str(reference), "ppl": ref_ppl},
-        "new": {"path": str(path), "ppl": float(np.exp(stat["nll"] / predicted))},
-        "top1_agreement": stat["agree"] / tokens,
-        "kl": stat["kl"] / tokens,
-        "hidden_cosine": stat["cosine"] / tokens,
-        "tokens": tokens,
-    } for path, stat in zip(candidates, stats)]
+        start = rows.stop
+    tokens = int(ids.size)
+    predicted = int((targets >= 0).sum())
+    ref_final = finals[0].astype(np.float64)
+    results = []
+    for path, final, stat in zip(candidates, finals[1:], stats):
+        final = final.astype(np.float64)
+        cosine = (ref_final * final).sum(-1) / (np.linalg.norm(ref_final, axis=-1) * np.linalg.norm(final, axis=-1) + 1e-12)
+        results.append({
+            "ref": {"path": str(reference), "ppl": float(np.exp(ref_nll / predicted))},
+            "new": {"path": str(path), "ppl": float(np.exp(stat["nll"] / predicted))},
+            "top1_agreement": stat["agree"] / tokens,
+            "kl": stat["kl"] / tokens,
+            "hidden_cosine": float(cosine.sum()) / tokens,
+            "tokens": tokens,
+        })
+    return results
+
+
+def _nll(logp: np.ndarray, targets: np.ndarray) -> float:
+    rows = np.flatnonzero(targets >= 0)
+    return float(-logp[rows, targets[rows]].sum())

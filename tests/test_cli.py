@@ -31,7 +31,8 @@ def test_inspect_table_and_json(capsys, tiny_dynamo20):
 
 def test_fuse_writes_a_self_contained_directory(capsys, tiny_dynamo20, tmp_path):
     out = tmp_path / "fused" / "model.onnx"
-    code, stdout, err = _run(capsys, "fuse", tiny_dynamo20, "-o", out, "--groups", "2-4,5-6", "--json")
+    code, stdout, err = _run(capsys, "fuse", tiny_dynamo20, "-o", out, "--groups", "2-4,5-6", "--json",
+                             "--target", "gpu")
     assert code == 0, err
     assert json.loads(stdout)["nodes_after"] < json.loads(stdout)["nodes_before"]
     meta = json.loads((out.parent / "ffnfusion.json").read_text())
@@ -39,6 +40,24 @@ def test_fuse_writes_a_self_contained_directory(capsys, tiny_dynamo20, tmp_path)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temporary files left"
     code, stdout, _ = _run(capsys, "inspect", out, "--json")
     assert [b["ffn"]["width"] for b in json.loads(stdout)["blocks"]] == [160, 160, 480, 320, 160]
+
+
+@pytest.mark.parametrize(("gpu_present", "widths"), [(False, [496, 336]), (True, [480, 320])])
+def test_target_auto_picks_the_layout_for_this_machine(capsys, tiny_dynamo20, tmp_path, monkeypatch,
+                                                       gpu_present, widths):
+    from ffnfusion.runtime import model_rewrite
+
+    gpus = tmp_path / "gpus"
+    gpus.mkdir()
+    if gpu_present:
+        (gpus / "0000:01:00.0").mkdir()
+    monkeypatch.setattr(model_rewrite, "NVIDIA_GPUS", gpus)
+    out = tmp_path / "fused.onnx"
+    code, _, err = _run(capsys, "fuse", tiny_dynamo20, "-o", out, "--groups", "2-4,5-6")
+    layout = "gpu layout (auto: an NVIDIA GPU is present)" if gpu_present else "cpu layout (auto: no NVIDIA GPU here)"
+    assert code == 0 and layout in err
+    code, stdout, _ = _run(capsys, "inspect", out, "--json")
+    assert [b["ffn"]["width"] for b in json.loads(stdout)["blocks"]][2:4] == widths
 
 
 def test_fuse_with_plan_file(capsys, tiny_dynamo20, tmp_path):

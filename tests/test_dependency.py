@@ -12,7 +12,7 @@ from torch import nn
 
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.runtime.analysis.dependency import analyze, pairs_to_compute
-from ffnfusion.runtime.stream import StreamRunner
+from ffnfusion.runtime.block_runner import BlockRunner
 
 
 class _Skip(nn.Module):
@@ -44,12 +44,25 @@ def _layer_io(model, input_ids, skip=None):
     return io
 
 
-@pytest.fixture(scope="module")
-def analysis(tiny_dynamo20):
+@pytest.fixture(scope="module", params=[False, True], ids=["in-ram", "streamed"])
+def analysis(tiny_dynamo20, request):
     windows = np.random.default_rng(8).integers(0, 128, (3, 16))
-    report = analyze(StreamRunner(tiny_dynamo20), windows, max_distance=2, dependency_tokens=32,
-                     progress=lambda *a: None)
+    # batch_tokens=16: one window per batch, so batching is exercised too
+    runner = BlockRunner(tiny_dynamo20, streamed=request.param, batch_tokens=16)
+    report = analyze(runner, windows, max_distance=2, dependency_tokens=32, progress=lambda *a: None)
     return windows, report
+
+
+def test_streamed_and_in_ram_analyses_are_equal(tiny_dynamo20):
+    windows = np.random.default_rng(9).integers(0, 128, (4, 16))
+    reports = [analyze(BlockRunner(tiny_dynamo20, streamed=streamed, batch_tokens=32), windows, max_distance=3,
+                       dependency_tokens=48) for streamed in (False, True)]
+    assert reports[0].blocks == reports[1].blocks
+    np.testing.assert_allclose(np.array(reports[0].dependency, dtype=float),
+                               np.array(reports[1].dependency, dtype=float), rtol=1e-6, equal_nan=True)
+    for a, b in zip(reports[0].per_block, reports[1].per_block):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-6 * abs(a[k]) for k in a)
+    assert reports[1].cost["streamed"] and not reports[0].cost["streamed"]
 
 
 def test_blocks_follow_the_residual_stream(analysis):
@@ -100,7 +113,7 @@ def test_dependency_matrix_matches_torch(analysis, tiny_llama):
 
 def test_pairs_cover_runs_and_distance(analysis, tiny_dynamo20):
     _, report = analysis
-    units = StreamRunner(tiny_dynamo20).units
+    units = BlockRunner(tiny_dynamo20, streamed=True).units
     reach = pairs_to_compute(units, [(2, 6)], max_distance=2)
     assert reach[2] == 6 and reach[4] == 6  # whole run, beyond max_distance
     assert reach[0] == 2 and reach[6] == 7

@@ -152,7 +152,7 @@ def run(options: DemoOptions) -> dict:
 
     log(f"[7/7] verify against the original on {held_out.size} tokens of {held_out_name}")
     results = dict(zip(names, compare_many(str(paths["base"]), [str(paths[n]) for n in names], held_out,
-                                           progress=ProgressBar("verify"))))
+                                           progress=ProgressBar("verify", "models"))))
 
     labels = {"dropped": (f"attention dropped ({len(dropped)})", format_ranges(dropped)),
               "fused": ("+ fused, auto plan", plan.describe()),

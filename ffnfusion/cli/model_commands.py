@@ -78,10 +78,11 @@ def _fuse_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--groups", metavar="A-B,C-D",
                        help="inclusive decoder-layer ranges, 0-based as in model.layers.N, e.g. 10-13,14-16")
     which.add_argument("--plan", metavar="PLAN.json", help='a FusionPlan file: {"groups": [[10,11,12,13], ...]}')
-    parser.add_argument("--target", choices=("gpu", "cpu"), default="gpu",
-                        help="runtime the layout is tuned for: gpu (TensorRT/CUDA, default) keeps the fused "
-                             "width; cpu (ONNX Runtime CPU) pads it with zero columns to an odd multiple of 16, "
-                             "which avoids cache aliasing in the wide down projection (same outputs)")
+    parser.add_argument("--target", choices=("auto", "gpu", "cpu"), default="auto",
+                        help="runtime the layout is tuned for: gpu (TensorRT/CUDA) keeps the fused width; cpu "
+                             "(ONNX Runtime CPU) pads it with zero columns to an odd multiple of 16, which avoids "
+                             "cache aliasing in the wide down projection (same outputs); auto (default): cpu unless "
+                             "this machine has an NVIDIA GPU")
     from ffnfusion.runtime.calibration import DEFAULT_REPAIR_TOKENS
 
     repair = parser.add_argument_group(
@@ -101,6 +102,7 @@ def _fuse_arguments(parser: argparse.ArgumentParser) -> None:
                              "and the license texts of Python and the OS)")
     repair.add_argument("--token-ids", "--calib-ids", dest="calib_ids", nargs="+", metavar="IDS.npy",
                         help="token ids instead of text (integer .npy), one source per file")
+    _stream_arguments(repair)
 
 
 @command("fuse", "fuse groups of attention-free FFN layers into wide FFNs",
@@ -117,7 +119,7 @@ def run_fuse(args) -> None:
     repair = None
     if args.repair:
         repair = RepairOptions(args.repair_method, args.repair_tokens, args.repair_lambda,
-                                        args.calib or (), args.calib_ids or ())
+                               args.calib or (), args.calib_ids or (), args.stream)
     elif args.calib or args.calib_ids:
         raise InvalidArgumentError("--calib/--token-ids (--calib-ids) are used by --repair; add --repair")
     summary = fuse_model_file(args.model, args.output, plan, validate=not args.no_validate, target=args.target,
@@ -139,6 +141,16 @@ def _calibration_arguments(parser: argparse.ArgumentParser, flag: str, default_t
     parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens to use (default {tokens})")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                         help=f"tokens per window (default {DEFAULT_WINDOW})")
+    _stream_arguments(parser)
+
+
+def _stream_arguments(parser) -> None:
+    stream = parser.add_mutually_exclusive_group()
+    stream.add_argument("--stream", dest="stream", action="store_const", const=True, default=None,
+                        help="run models block by block, loading one block's weights at a time (default: "
+                             "when a model would not fit in the memory available; the choice is logged)")
+    stream.add_argument("--no-stream", dest="stream", action="store_const", const=False,
+                        help="keep whole models in memory")
 
 
 def _windows(args, model: str, flag: str, default=None):
@@ -183,7 +195,7 @@ def run_analyze(args) -> None:
     windows = _windows(args, args.model, "calib")
     report, plan = analyze_model(args.model, windows, max_distance=args.max_distance,
                                  dependency_tokens=args.dependency_tokens, threshold=args.threshold,
-                                 max_width=args.max_width, include_last=args.include_last,
+                                 max_width=args.max_width, include_last=args.include_last, stream=args.stream,
                                  progress=ProgressBar("analyze"))
     from ffnfusion.core.model_io import model_file
 
@@ -210,7 +222,8 @@ def run_verify(args) -> None:
 
     windows = _windows(args, args.reference, "text", license_text)
     log(f"verify: {args.reference} vs {args.candidate} on {windows.size} tokens")
-    result = compare_models(args.reference, args.candidate, windows, progress=ProgressBar("verify"))
+    result = compare_models(args.reference, args.candidate, windows, progress=ProgressBar("verify", "models"),
+                            stream=args.stream)
     print(json.dumps(result, indent=2) if args.json else format_verification(result))
 
 
@@ -244,7 +257,7 @@ def run_drop_attention(args) -> None:
         if args.count < 1:
             raise InvalidArgumentError("--count must be at least 1")
         layers = least_important_attention(args.model, _windows(args, args.model, "calib"), args.count,
-                                           progress=ProgressBar("analyze"))
+                                           stream=args.stream, progress=ProgressBar("analyze"))
     summary = remove_attention_file(args.model, args.output, layers, validate=not args.no_validate,
                                     keep_kv_io=args.keep_kv_io)
     if args.json:

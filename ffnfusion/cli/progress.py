@@ -36,17 +36,18 @@ def log(message: str) -> None:
 class ProgressBar:
     """Progress on stderr: a bar redrawn in place on a terminal, a line per quarter in a log.
 
-    Called as ``progress(done_windows, total_windows, tokens)`` by the analysis and verification."""
+    Called as ``progress(done, total, tokens)`` by the analysis (blocks) and verification (models)."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, what: str = "blocks"):
         self.label = label
+        self.what = what
         self.start = time.perf_counter()
         self.tty = sys.stderr.isatty()
         self.reported_quarter = 0
 
     def __call__(self, done: int, total: int, tokens: int) -> None:
         elapsed = time.perf_counter() - self.start
-        text = f"{self.label}: {done}/{total} windows, {tokens} tokens, {elapsed:.0f} s"
+        text = f"{self.label}: {done}/{total} {self.what}, {tokens} tokens, {elapsed:.0f} s"
         if self.tty:
             filled = 24 * done // total
             print(f"\r{self.label}: [{'#' * filled}{'.' * (24 - filled)}] {text.split(': ', 1)[1]}",

@@ -7,10 +7,11 @@ For each block (unit) with input ``X`` and output ``f(X)``, contribution ``h(X) 
 * dependency (paper Sec. 3): ``M[i, j] = cosdist(h_j(X), h̃_j^i(X))`` for i < j, where ``h̃_j^i`` is
   block j's contribution when block i is skipped (``x̃_{i+1} = x_i``, blocks i+1..j recomputed).
 
-Cost: one ONNX Runtime pass captures the stream at every block boundary; each skipped block then
-re-runs only the blocks after it, one small session per block, on the first
-``dependency_tokens`` tokens. ``M`` is computed for every pair inside an attention-free run and for
-``j − i ≤ max_distance`` elsewhere; other entries are None.
+Cost: block-major (:class:`~ffnfusion.runtime.block_runner.BlockRunner`): the stream of all tokens
+advances one block at a time, and each skipped block's stream (on the first ``dependency_tokens``
+tokens) advances with it until it leaves the block's reach, so every block is loaded once, streamed
+from disk for models larger than RAM. ``M`` is computed for every pair inside an attention-free run
+and for ``j − i ≤ max_distance`` elsewhere; other entries are None.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import resource
 import time
 
 import numpy as np
@@ -26,7 +28,8 @@ import numpy as np
 from ffnfusion.core.errors import InvalidPlanError
 from ffnfusion.core.files import write_json_atomically
 from ffnfusion.passes.layer_ranges import format_ranges
-from ffnfusion.runtime.stream import StreamRunner, Unit
+from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
+from ffnfusion.runtime.units import Unit
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +100,15 @@ def pairs_to_compute(units: list[Unit], runs: list[tuple[int, int]], max_distanc
     return reach
 
 
-def analyze(runner: StreamRunner, windows: np.ndarray, *, max_distance: int = 8,
+def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
             dependency_tokens: int = 2048, with_dependency: bool = True, progress=None) -> DependencyReport:
     """Per-block metrics on all ``windows`` [n, window] and M on the first ``dependency_tokens``.
 
-    ``with_dependency=False`` measures only the per-block metrics (one capture pass).
-    ``progress(done_windows, total_windows, tokens)``, if given, is called after each window.
+    Block-major: the stream of every window advances one block at a time, and so does, for every
+    skipped block i still in reach, the stream with block i skipped (on the dependency windows). Each
+    block is loaded once (``runner`` streamed) or kept (in RAM); the arithmetic is the same.
+    ``with_dependency=False`` measures only the per-block metrics (one pass).
+    ``progress(done_blocks, total_blocks, tokens)``, if given, is called after each block.
     """
     units = runner.units
     count = len(units)
@@ -111,38 +117,46 @@ def analyze(runner: StreamRunner, windows: np.ndarray, *, max_distance: int = 8,
     runs = runner.block_map.runs
     reach = pairs_to_compute(units, runs, max_distance) if with_dependency else {}
     dep_windows = max(1, min(len(windows), -(-dependency_tokens // windows.shape[1]))) if reach else 0
-    tokens = dep_tokens = 0
+    dep_ids = windows[:dep_windows]
+    tokens, dep_tokens = int(windows.size), int(dep_ids.size)
     capture_seconds = matrix_seconds = 0.0
     evaluations = 0
-    for w, input_ids in enumerate(windows):
-        ids = input_ids[None]
-        start = time.perf_counter()
-        stream = runner.capture(ids, with_logits=False)
-        capture_seconds += time.perf_counter() - start
-        tokens += ids.size
-        for unit in units:
-            x, out = stream[unit.input], stream[unit.output]
-            sums["cosdist"][unit.index] += (1 - _cosine(x, out)).sum()
-            sums["h_ratio"][unit.index] += _ratio(out - x, x).sum()
-            if unit.attention_output:
-                sums["importance"][unit.index] += (1 - _cosine(x, stream[unit.attention_output])).sum()
-            if unit.kind == "layer":
-                y = stream[unit.ffn_input]
-                sums["ffn_h_ratio"][unit.index] += _ratio(out - y, y).sum()
-        if w < dep_windows:
+    start = time.perf_counter()
+    stream = runner.embed(windows)
+    capture_seconds += time.perf_counter() - start
+    chains: dict[int, np.ndarray] = {}  # skipped unit i -> the stream without it, advanced to here
+    for unit in units:
+        j = unit.index
+        with runner.unit(j) as apply:
             start = time.perf_counter()
-            for i, last in reach.items():
-                skipped = stream[units[i].input]  # x̃_{i+1} = x_i: block i contributes nothing
-                for j in range(i + 1, last + 1):
-                    recomputed = runner.run_unit(j, skipped, ids)
-                    h = stream[units[j].output] - stream[units[j].input]
-                    dep_sum[i, j] += (1 - _cosine(h, recomputed - skipped)).sum()
-                    skipped = recomputed
-                    evaluations += 1
+            out, *extras = apply(stream, windows)
+            capture_seconds += time.perf_counter() - start
+            inside = dict(zip(runner.extras(j), extras))
+            x = stream
+            sums["cosdist"][j] += (1 - _cosine(x, out)).sum()
+            sums["h_ratio"][j] += _ratio(out - x, x).sum()
+            if unit.attention_output:
+                sums["importance"][j] += (1 - _cosine(x, inside.get(unit.attention_output, x))).sum()
+            if unit.kind == "layer":
+                y = inside.get(unit.ffn_input, x)
+                sums["ffn_h_ratio"][j] += _ratio(out - y, y).sum()
+            start = time.perf_counter()
+            h = out[:dep_windows] - x[:dep_windows]
+            for i in [i for i in chains if reach[i] >= j]:
+                skipped = chains[i]  # x̃ entering block j, with block i skipped
+                recomputed = apply(skipped, dep_ids)[0]
+                dep_sum[i, j] += (1 - _cosine(h, recomputed - skipped)).sum()
+                evaluations += 1
+                if reach[i] == j:
+                    del chains[i]
+                else:
+                    chains[i] = recomputed
+            if j in reach:
+                chains[j] = x[:dep_windows]  # x̃_{j+1} = x_j: block j contributes nothing
             matrix_seconds += time.perf_counter() - start
-            dep_tokens += ids.size
+        stream = out
         if progress is not None:
-            progress(w + 1, len(windows), tokens)
+            progress(j + 1, count, tokens)
 
     per_block = []
     for unit in units:
@@ -152,7 +166,7 @@ def analyze(runner: StreamRunner, windows: np.ndarray, *, max_distance: int = 8,
         if unit.kind == "layer":
             entry["ffn_h_ratio"] = sums["ffn_h_ratio"][unit.index] / tokens
         per_block.append({k: float(v) for k, v in entry.items()})
-    dependency = [[None] * count for _ in range(count)]
+    dependency: list[list[float | None]] = [[None] * count for _ in range(count)]
     for i, last in reach.items():
         for j in range(i + 1, last + 1):
             dependency[i][j] = float(dep_sum[i, j] / max(dep_tokens, 1))
@@ -162,24 +176,27 @@ def analyze(runner: StreamRunner, windows: np.ndarray, *, max_distance: int = 8,
         entry["width"] = layer.ffn.width if layer.ffn else 0
         blocks.append(entry)
     cost = {
-        "tokens": tokens, "dependency_tokens": dep_tokens, "unit_evaluations_per_window": evaluations // max(dep_windows, 1),
+        "tokens": tokens, "dependency_tokens": dep_tokens if reach else 0, "unit_evaluations": evaluations,
         "capture_seconds": round(capture_seconds, 2), "matrix_seconds": round(matrix_seconds, 2),
-        # Wall time of the whole analysis over one capture pass (~ one full forward over all tokens),
-        # and what the matrix costs per token it is computed on, in full forwards of that token.
+        "session_seconds": round(runner.session_seconds, 2), "streamed": runner.streamed,
+        # Wall time of the whole analysis over one pass (~ one full forward over all tokens), and
+        # what the matrix costs per token it is computed on, in full forwards of that token.
         "full_forward_equivalents": round(1 + matrix_seconds / max(capture_seconds, 1e-9), 2),
         "matrix_forwards_per_token": round(
-            (matrix_seconds / max(dep_tokens, 1)) / max(capture_seconds / max(tokens, 1), 1e-12), 2),
+            (matrix_seconds / max(dep_tokens, 1)) / max(capture_seconds / max(tokens, 1), 1e-12), 2) if reach else 0,
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     return DependencyReport(blocks, per_block, dependency, [list(r) for r in runs], cost)
 
 
 def analyze_model(model_path: str | pathlib.Path, windows: np.ndarray, *, max_distance: int = 8,
                   dependency_tokens: int = 2048, threshold: float | None = None, max_width: int | None = None,
-                  include_last: bool = False, progress=None):
-    """Measure ``model_path`` on ``windows`` and plan groups; returns ``(DependencyReport, FusionPlan)``."""
+                  include_last: bool = False, stream: bool | None = None, progress=None):
+    """Measure ``model_path`` on ``windows`` and plan groups; returns ``(DependencyReport, FusionPlan)``.
+    ``stream``: run block by block (None: when the model would not fit in memory)."""
     from ffnfusion.runtime.analysis.planner import plan_groups
 
-    runner = StreamRunner(model_path)
+    runner = BlockRunner(model_path, streamed=choose_streamed(model_path, stream))
     logger.info(f"analyze: {runner.path}: {len(runner.units)} blocks, runs "
                 f"{', '.join(format_ranges(range(a, b + 1)) for a, b in runner.block_map.runs) or 'none'}; "
                 f"{windows.size} tokens in {len(windows)} windows of {windows.shape[1]}")
@@ -193,9 +210,9 @@ def analyze_model(model_path: str | pathlib.Path, windows: np.ndarray, *, max_di
 
 
 def least_important_attention(model_path: str | pathlib.Path, windows: np.ndarray, count: int,
-                              progress=None) -> list[int]:
+                              stream: bool | None = None, progress=None) -> list[int]:
     """The ``count`` attention branches with the lowest importance 1 − cos(X, X + attn(n(X)))."""
-    runner = StreamRunner(model_path)
+    runner = BlockRunner(model_path, streamed=choose_streamed(model_path, stream))
     report = analyze(runner, windows, with_dependency=False, progress=progress)
     scored = sorted((m["importance"], b["layer"]) for b, m in zip(report.blocks, report.per_block)
                     if "importance" in m)

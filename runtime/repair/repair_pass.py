@@ -21,11 +21,11 @@ Only the values of the fused ``W_down`` change: the repaired model is the same g
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import pathlib
 import resource
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -37,11 +37,10 @@ from ffnfusion.core.model_io import load_model, model_file
 from ffnfusion.passes.blocks import FFNBlock, find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
+from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
 from ffnfusion.runtime.calibration import CalibrationSource, log_softmax
 from ffnfusion.runtime.ffn_reference import down_bias, ffn_activation, sequential_update, update
-from ffnfusion.runtime.onnxruntime import create_session, run_logits
 from ffnfusion.runtime.repair import down_refit
-from ffnfusion.runtime.stream import StreamRunner
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +75,12 @@ class RepairReport:
     sources: list[dict]  # name, fit tokens, held-out tokens
     groups: list[GroupRepair]
     peak_rss_gib: float = 0.0
+    streamed: bool = False
 
     def to_dict(self) -> dict:
         return {"method": self.method, "lambdas": self.lambdas, "sources": self.sources,
-                "groups": [g.to_dict() for g in self.groups], "peak_rss_gib": self.peak_rss_gib}
+                "groups": [g.to_dict() for g in self.groups], "peak_rss_gib": self.peak_rss_gib,
+                "streamed": self.streamed}
 
     def describe(self) -> str:
         parts = []
@@ -107,7 +108,7 @@ class RepairPass(ir.passes.InPlacePass):
     def __init__(self, original: str | pathlib.Path, groups: Sequence[Sequence[int]],
                  sources: Sequence[CalibrationSource], *, method: str = "refit",
                  lambdas: Sequence[float] = down_refit.DEFAULT_LAMBDAS, target: str = "gpu",
-                 threads: int | None = None):
+                 threads: int | None = None, stream: bool | None = None):
         super().__init__()
         if method not in METHODS:
             raise InvalidArgumentError(f"repair method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -122,48 +123,38 @@ class RepairPass(ir.passes.InPlacePass):
         self.lambdas = [float(lam) for lam in lambdas]
         self.target = target  # the fused layout, as FFNFusionPass was given it
         self.threads = threads
+        self.stream = stream  # run block by block (None: when the original would not fit in memory)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         original_blocks = find_blocks(load_model(self.original))
-        reference = self._reference_log_probs()
+        streamed = choose_streamed(self.original, self.stream)
+        reference = _Reference(BlockRunner(self.original, streamed=streamed, threads=self.threads), self.sources)
         repaired: dict[int, np.ndarray] = {}  # first layer of a group -> its refitted W_down
         groups = []
-        with tempfile.TemporaryDirectory(prefix="ffnfusion-repair-") as scratch:
-            for index, group in enumerate(self.groups):
-                # Earlier groups fused and repaired, this one fused, later ones still sequential:
-                # the criterion then measures this group's candidates alone.
-                partial = load_model(self.original)
-                FFNFusionPass(self.groups[:index + 1], self.target)(partial)
-                for first, weight in repaired.items():
-                    _set_down(find_blocks(partial).layer(first).ffn, weight)
-                members = [original_blocks.ffn(layer) for layer in group]
-                result, weight = self._repair_group(partial, group, members, reference, pathlib.Path(scratch))
-                groups.append(result)
-                if weight is not None:
-                    repaired[group[0]] = weight
+        for index, group in enumerate(self.groups):
+            # Earlier groups fused and repaired, this one fused, later ones still sequential: the
+            # criterion then measures this group's candidates alone. Built in memory, never saved.
+            partial = functools.partial(_partial_model, self.original, self.groups[:index + 1], self.target,
+                                        dict(repaired))
+            members = [original_blocks.ffn(layer) for layer in group]
+            runner = BlockRunner(partial, streamed=streamed, threads=self.threads, base_dir=self.original.parent)
+            result, weight = self._repair_group(runner, group, members, reference)
+            groups.append(result)
+            if weight is not None:
+                repaired[group[0]] = weight
         fused_blocks = find_blocks(model)
         for first, weight in repaired.items():
             _set_down(fused_blocks.layer(first).ffn, weight)
         sources = [{"name": s.name, "fit_tokens": int(s.fit.size), "held_out_tokens": int(s.select.size)}
                    for s in self.sources]
         report = RepairReport(self.method, self.lambdas, sources, groups,
-                              round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+                              round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), streamed)
         return RepairResult(model, bool(repaired), report)
 
-    def _reference_log_probs(self) -> list[np.ndarray]:
-        """log-softmax of the original model on each source's held-out windows (float32)."""
-        session = create_session(self.original, threads=self.threads)
-        return [np.concatenate([log_softmax(run_logits(session, w[None]))[0].astype(np.float32)
-                                for w in source.select]) for source in self.sources]
-
-    def _repair_group(self, model: ir.Model, group: list[int], members: list[FFNBlock],
-                      reference: list[np.ndarray], scratch: pathlib.Path) -> tuple[GroupRepair, np.ndarray | None]:
+    def _repair_group(self, runner: BlockRunner, group: list[int], members: list[FFNBlock],
+                      reference: _Reference) -> tuple[GroupRepair, np.ndarray | None]:
         start = time.perf_counter()
         label = format_ranges(group)
-        path = scratch / f"{label}" / "model.onnx"
-        path.parent.mkdir()
-        ir.save(model, path, external_data="model.onnx.data")
-        runner = StreamRunner(path, self.threads)
         layer = runner.block_map.layer(group[0])
         if list(layer.span) != list(group) or layer.ffn is None or layer.attention:
             raise RepairError(f"repair: layer {group[0]} of the fused model is not the fused group {label}")
@@ -171,10 +162,10 @@ class RepairPass(ir.passes.InPlacePass):
         unit = next(u for u in runner.units if u.layer == group[0])
 
         # Rows: every source's fitting windows, then every source's held-out windows.
-        windows = [s.fit for s in self.sources] + [s.select for s in self.sources]
-        x = np.concatenate([runner.capture(w[None], with_logits=False)[unit.input][0]
-                            for part in windows for w in part]).astype(np.float32)
-        window = self.sources[0].fit.shape[1]
+        windows = np.concatenate([s.fit for s in self.sources] + [s.select for s in self.sources])
+        stream = runner.run_units(0, unit.index - 1, runner.embed(windows), windows)
+        x = stream.reshape(-1, stream.shape[-1]).astype(np.float32)
+        del stream
         fit_counts = [s.fit.size for s in self.sources]
         n_fit = sum(fit_counts)
         true_update = sequential_update(members, x)  # what the sequential layers add
@@ -193,14 +184,10 @@ class RepairPass(ir.passes.InPlacePass):
 
         def kl_on(source: int, group_update: np.ndarray) -> float:
             """Mean KL(unfused ‖ candidate) on one source's held-out windows."""
-            stream = x[source_select[source]] + group_update
-            total = 0.0
-            for w, ids in enumerate(self.sources[source].select):
-                part = slice(w * window, (w + 1) * window)
-                logp = log_softmax(runner.run_to_logits(unit.output, stream[None, part], ids[None]))[0]
-                ref = reference[source][part].astype(np.float64)
-                total += float((np.exp(ref) * (ref - logp)).sum())
-            return total / len(stream)
+            ids = self.sources[source].select
+            stream = (x[source_select[source]] + group_update).reshape(*ids.shape, -1)
+            final = runner.run_units(unit.index + 1, len(runner.units) - 1, stream, ids)
+            return reference.kl(source, runner, final.reshape(-1, final.shape[-1]))
 
         candidates = []
         for lam in [None, *self.lambdas]:
@@ -242,6 +229,42 @@ class RepairPass(ir.passes.InPlacePass):
                  f"held-out KL {kl_before:.4f} -> {kl_after:.4f}, fit error {error_before:.3f} -> "
                  f"{error_after:.3f}, {result.seconds:.1f} s")
         return result, weight
+
+
+class _Reference:
+    """The original model's next-token distributions on each source's held-out windows: its final
+    streams are kept (small); log-probabilities come from its head, kept when they fit in
+    ``CACHE_BYTES`` and recomputed slice by slice otherwise (a 128k vocabulary)."""
+
+    CACHE_BYTES = 512 * 2**20
+
+    def __init__(self, runner: BlockRunner, sources: Sequence[CalibrationSource]):
+        self.runner = runner
+        self.finals = []
+        for source in sources:
+            final = runner.final_stream(source.select)
+            self.finals.append(final.reshape(-1, final.shape[-1]))
+        vocab = runner.vocab or 0
+        self.cached = None
+        if vocab and sum(len(f) for f in self.finals) * vocab * 4 <= self.CACHE_BYTES:
+            with runner.head() as head:
+                self.cached = [log_softmax(head(f)).astype(np.float32) for f in self.finals]
+
+    def kl(self, source: int, candidate: BlockRunner, final: np.ndarray) -> float:
+        """Mean KL(original ‖ candidate) over the rows of one source, from the candidate's final stream."""
+        step = max(1, self.CACHE_BYTES // (8 * (self.runner.vocab or 1) * 2))
+        total = 0.0
+        for start in range(0, len(final), step):
+            rows = slice(start, start + step)
+            if self.cached is not None:
+                ref = self.cached[source][rows].astype(np.float64)
+            else:
+                with self.runner.head() as head:
+                    ref = log_softmax(head(self.finals[source][rows]))
+            with candidate.head() as head:
+                logp = log_softmax(head(final[rows]))
+            total += float((np.exp(ref) * (ref - logp)).sum())
+        return total / len(final)
 
 
 class _Refit:
@@ -287,6 +310,16 @@ class _Scale:
 
     def weight(self, lam) -> np.ndarray:
         return self.fused.down.numpy_in_out().astype(np.float32) * self._scales(self.fit_rows, lam)
+
+
+def _partial_model(original: pathlib.Path, groups: list[list[int]], target: str,
+                   repaired: dict[int, np.ndarray]) -> ir.Model:
+    """The original with ``groups`` fused and the ``repaired`` down projections set (lazy weights)."""
+    model = load_model(original)
+    FFNFusionPass(groups, target)(model)
+    for first, weight in repaired.items():
+        _set_down(find_blocks(model).layer(first).ffn, weight)
+    return model
 
 
 def _set_down(fused: FFNBlock, weight: np.ndarray) -> None:

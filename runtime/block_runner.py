@@ -1,0 +1,256 @@
+"""Run a decoder one block at a time: the residual stream of all tokens stays in memory, the weights
+of one block at a time are loaded. ``BlockRunner(model, streamed=True)`` runs models larger than RAM.
+
+The model is cut along its residual stream into pieces, each an ONNX Runtime session built from the
+model's own subgraph (so whatever the exporter wrote runs as it is):
+
+* the embedding: graph inputs -> the first block's input;
+* each unit (:mod:`ffnfusion.runtime.stream`'s blocks): its input stream -> its output, plus the
+  attention output and the FFN's input for the per-block metrics;
+* the head: the last block's output -> ``logits``, position by position (so it runs on any slice of
+  tokens).
+
+``streamed=True`` builds a piece's session when it is needed and drops it afterwards: only that
+piece's weights are resident (ORT reads external data for the initializers the piece uses).
+``streamed=False`` keeps every session: the whole model in memory, no rebuilding. Both compute the
+same numbers, batch for batch. Each piece runs on up to ``batch_tokens`` tokens at a time (whole
+windows), so activations stay bounded too.
+
+bfloat16 models are widened to float32 piece by piece (ONNX Runtime's CPU provider has no bfloat16
+kernels); float16 runs as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from ffnfusion.core.model_io import initializer_bytes, load_model, model_file
+from ffnfusion.passes.blocks import find_blocks, find_embedding_output
+from ffnfusion.passes.dtype_widening import Float32WideningPass
+from ffnfusion.runtime.onnxruntime import default_feeds, session_from_model
+from ffnfusion.runtime.units import Unit, units_of
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_TOKENS = 8192
+HEAD = "head"
+EMBEDDING = "embedding"
+# In-RAM needs the weights (float32 when widened) plus ONNX Runtime's copy while a session loads.
+IN_RAM_FACTOR = 2.0
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); physical memory where that file is missing."""
+    try:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_streamed(model_path: str | os.PathLike, stream: bool | None) -> bool:
+    """``stream`` if given (``--stream``/``--no-stream``); else stream when the model's weights would
+    not fit comfortably in the memory available now. Logs the choice and why."""
+    path = model_file(model_path)
+    weights = initializer_bytes(load_model(path))
+    if _needs_widening(path):
+        weights *= 2
+    available = available_memory()
+    if stream is None:
+        stream = weights * IN_RAM_FACTOR > available
+        why = (f"{weights / 2**30:.1f} GiB of weights x{IN_RAM_FACTOR:g} vs {available / 2**30:.1f} GiB available")
+    else:
+        why = "forced by --stream" if stream else "forced by --no-stream"
+    logger.info(f"run: {'block-streamed' if stream else 'in RAM'} ({why})")
+    return stream
+
+
+def _needs_widening(path: pathlib.Path) -> bool:
+    model = load_model(path)
+    return find_embedding_output(model.graph).producer().inputs[0].const_value.dtype == ir.DataType.BFLOAT16
+
+
+class BlockRunner:
+    """The pieces of one decoder, run block by block on all tokens at once (see module docstring)."""
+
+    def __init__(self, model: str | os.PathLike | Callable[[], ir.Model], *, streamed: bool,
+                 threads: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                 base_dir: str | os.PathLike | None = None):
+        """``model``: a path, or a function returning a fresh ``ir.Model`` each call (e.g. a model
+        being rewritten in memory) whose external data lives in ``base_dir``."""
+        if callable(model):
+            if base_dir is None:
+                raise ValueError("BlockRunner(factory) needs base_dir, where the model's external data lives")
+            self.path, self._fresh = pathlib.Path(base_dir) / "<in memory>", model
+            self.base_dir = pathlib.Path(base_dir)
+        else:
+            self.path = model_file(model)
+            self.base_dir = self.path.parent
+            self._fresh = lambda: load_model(self.path)  # lazy: external tensors are not read here
+        self.streamed = streamed
+        self.threads = threads
+        self.batch_tokens = batch_tokens
+        model = self._fresh()
+        self.block_map = find_blocks(model)
+        self.units = units_of(self.block_map)
+        dtype = find_embedding_output(model.graph).producer().inputs[0].const_value.dtype
+        self.widen = dtype == ir.DataType.BFLOAT16
+        self.stream_dtype = ir.DataType.FLOAT if self.widen else dtype
+        logits = next((v for v in model.graph.outputs if v.name == "logits"), None)
+        last = logits.shape[-1] if logits is not None and logits.shape is not None else None
+        self.vocab = last if isinstance(last, int) else None  # None: unknown until the head runs
+        self._sessions: dict[object, object] = {}
+        self.session_seconds = 0.0  # building sessions (reading weights): the price of streaming
+
+    # --- the pieces ---------------------------------------------------------------------------------
+
+    def embed(self, windows: np.ndarray) -> np.ndarray:
+        """The first block's input for every window: ``[n, window, hidden]``."""
+        with self._session(EMBEDDING) as run:
+            return self._batched(windows, lambda ids, _: run(ids, None)[0])
+
+    def run_unit(self, index: int, stream: np.ndarray, windows: np.ndarray) -> np.ndarray:
+        """Unit ``index`` applied to ``stream`` [n, window, hidden] (loads it, or reuses it in RAM)."""
+        with self.unit(index) as apply:
+            return apply(stream, windows)[0]
+
+    @contextlib.contextmanager
+    def unit(self, index: int) -> Iterator[Callable[[np.ndarray, np.ndarray], list[np.ndarray]]]:
+        """Yields ``apply(stream, windows) -> [output, *extras]`` for unit ``index``; the extras are
+        :meth:`extras` (attention output, FFN input). Streamed: the weights are released on exit."""
+        with self._session(index) as run:
+            def apply(stream: np.ndarray, windows: np.ndarray) -> list[np.ndarray]:
+                return self._batched(windows, run, stream)
+            yield apply
+
+    def extras(self, index: int) -> list[str]:
+        """Names of the extra outputs of unit ``index``: values inside the block the analysis reads."""
+        unit = self.units[index]
+        return [n for n in dict.fromkeys((unit.attention_output, unit.ffn_input)) if n and n != unit.input]
+
+    @contextlib.contextmanager
+    def head(self) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+        """Yields ``logits(final_stream)`` for final-stream rows ``[tokens, hidden]`` (position-wise)."""
+        with self._session(HEAD) as run:
+            def logits(rows: np.ndarray) -> np.ndarray:
+                step = max(1, self.batch_tokens)
+                parts = [run(None, rows[None, start:start + step])[0][0] for start in range(0, len(rows), step)]
+                return np.concatenate(parts)
+            yield logits
+
+    def final_stream(self, windows: np.ndarray, progress=None) -> np.ndarray:
+        """The last block's output for every window (the residual stream before the final norm)."""
+        stream = self.embed(windows)
+        for index in range(len(self.units)):
+            stream = self.run_unit(index, stream, windows)
+            if progress is not None:
+                progress(index + 1, len(self.units), windows.size)
+        return stream
+
+    def run_units(self, first: int, last: int, stream: np.ndarray, windows: np.ndarray) -> np.ndarray:
+        """Units ``first..last`` (inclusive) applied in turn to ``stream`` [n, window, hidden]."""
+        for index in range(first, last + 1):
+            stream = self.run_unit(index, stream, windows)
+        return stream
+
+    def logits(self, windows: np.ndarray) -> np.ndarray:
+        """``[n, window, vocab]`` logits, block by block (for tests and small inputs)."""
+        final = self.final_stream(windows)
+        with self.head() as logits:
+            return logits(final.reshape(-1, final.shape[-1])).reshape(*windows.shape, -1)
+
+    # --- sessions -----------------------------------------------------------------------------------
+
+    def _batched(self, windows: np.ndarray, run, stream: np.ndarray | None = None):
+        """``run(ids, stream)`` on whole windows, ``batch_tokens`` tokens at a time; outputs concatenated."""
+        per_batch = max(1, self.batch_tokens // windows.shape[1])
+        results = [run(windows[s:s + per_batch], None if stream is None else stream[s:s + per_batch])
+                   for s in range(0, len(windows), per_batch)]
+        if isinstance(results[0], list):
+            return [np.concatenate(parts) for parts in zip(*results)]
+        return np.concatenate(results)
+
+    @contextlib.contextmanager
+    def _session(self, key):
+        session = self._sessions.get(key)
+        if session is None:
+            start = time.perf_counter()
+            session = self._build(key)
+            self.session_seconds += time.perf_counter() - start
+            if not self.streamed:
+                self._sessions[key] = session
+        stream_dtype = self.stream_dtype.numpy()
+
+        def run(ids, stream):
+            given = {} if stream is None else {"stream_in": stream.astype(stream_dtype, copy=False)}
+            if ids is None:  # the head: no token inputs
+                return session.run(None, given)
+            return session.run(None, default_feeds(session, ids, **given))
+
+        try:
+            yield run
+        finally:
+            if self.streamed:
+                del session, run
+                gc.collect()  # the session's weights go now, not when the cycle collector gets to them
+
+    def _build(self, key):
+        model = self._fresh()
+        graph = model.graph
+        values = {v.name: v for node in graph for v in node.outputs if v.name}
+        values.update({v.name: v for v in graph.inputs})
+        if key == EMBEDDING:
+            start, ends = None, [self.units[0].input]
+        elif key == HEAD:
+            start, ends = self.units[-1].output, ["logits"]
+        else:
+            unit: Unit = self.units[key]
+            start, ends = unit.input, [unit.output, *self.extras(key)]
+        outputs = [values[name] if name in values else next(v for v in graph.outputs if v.name == name)
+                   for name in ends]
+        if start is not None:
+            value = values[start]
+            hidden = value.shape[-1] if value.shape is not None else None
+            stream_in = ir.val("stream_in", value.dtype or self.stream_dtype, ["batch", "sequence", hidden])
+            ir.convenience.replace_all_uses_with(value, stream_in)
+            graph.inputs.append(stream_in)
+        graph.outputs.clear()
+        graph.outputs.extend(outputs)
+        RemoveUnusedNodesPass()(model)
+        for unused in [v for v in graph.inputs if not v.uses() and v.name != "stream_in"]:
+            graph.inputs.remove(unused)
+        if self.widen:
+            Float32WideningPass()(model)
+        if not self.widen and all(_in_base_dir(v.const_value, self.base_dir) for v in graph.initializers.values()):
+            # ORT reads the piece's initializers from the model's own data file: nothing is copied.
+            return session_from_model(model, self.base_dir, self.threads, arena=not self.streamed)
+        # Widened or computed weights (a fused group, a refit) are in memory: a file of the piece
+        # alone keeps the protobuf under 2 GB and lets ORT map them.
+        scratch = pathlib.Path(tempfile.mkdtemp(prefix="ffnfusion-block-"))
+        try:
+            ir.save(model, scratch / "piece.onnx", external_data="piece.onnx.data")
+            del model, graph, values, outputs
+            return session_from_model(ir.load(scratch / "piece.onnx"), scratch, self.threads, arena=not self.streamed)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _in_base_dir(tensor, base_dir: pathlib.Path) -> bool:
+    """Small constants serialise inline; big in-memory tensors must not (the 2 GB protobuf limit)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        return pathlib.Path(tensor.base_dir).resolve() == base_dir.resolve()
+    return tensor is None or tensor.nbytes < 2**20

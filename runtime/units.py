@@ -1,0 +1,53 @@
+"""The *units* of a decoder's residual stream: the blocks of FFN Fusion's dependency analysis.
+
+An attention-free layer contributes its FFN (kind ``ffn``), any other layer its whole residual
+update (kind ``layer``); a layer with attention and no recognised FFN is kind ``attention``. Each
+unit names the stream values it reads and writes, which is where :class:`~ffnfusion.runtime.block_runner.BlockRunner`
+cuts the graph."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ffnfusion.core.errors import BlockRecognitionError
+from ffnfusion.passes.blocks import BlockMap, DecoderLayer
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    index: int
+    layer: int  # first decoder layer (a previously fused FFN spans several)
+    last_layer: int
+    kind: str  # "layer" | "ffn" | "attention"
+    input: str  # stream value names
+    output: str
+    attention_output: str | None  # x + attn(n(x)), for layers with attention
+    ffn_input: str | None  # the stream value the FFN branch reads (may be a no-op Cast of the above)
+
+    def to_dict(self) -> dict:
+        entry = {"index": self.index, "layer": self.layer, "kind": self.kind}
+        if self.last_layer != self.layer:
+            entry["last_layer"] = self.last_layer
+        return entry
+
+
+def units_of(block_map: BlockMap) -> list[Unit]:
+    units = []
+    for layer in block_map.layers:
+        units.append(_unit(len(units), layer))
+    return units
+
+
+def _unit(index: int, layer: DecoderLayer) -> Unit:
+    attention, ffn = layer.attention_block, layer.ffn
+    if ffn is None and attention is None:
+        raise BlockRecognitionError(f"layer {layer.index} has neither attention nor a recognised FFN")
+    if ffn is None:
+        kind, start, end = "attention", attention.input, attention.output
+    else:
+        kind = "layer" if attention is not None else "ffn"
+        start = attention.input if attention is not None else ffn.input
+        end = ffn.output
+    return Unit(index, layer.index, layer.span[-1], kind, start.name, end.name,
+                attention.output.name if attention is not None else None,
+                ffn.input.name if ffn is not None else None)
