@@ -39,7 +39,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from ffnfusion.core.model_io import initializer_bytes, load_model, model_file
 from ffnfusion.passes.blocks import find_blocks, find_embedding_output
 from ffnfusion.passes.dtype_widening import Float32WideningPass
-from ffnfusion.runtime.onnxruntime import default_feeds, session_from_model
+from ffnfusion.runtime.onnxruntime import default_feeds, session_from_bytes, session_from_model
 from ffnfusion.runtime.units import Unit, units_of
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_TOKENS = 8192
 HEAD = "head"
 EMBEDDING = "embedding"
+SHARED = "shared"
 # In-RAM needs the weights (float32 when widened) plus ONNX Runtime's copy while a session loads.
 IN_RAM_FACTOR = 2.0
 
@@ -87,18 +88,18 @@ def _needs_widening(path: pathlib.Path) -> bool:
 class BlockRunner:
     """The pieces of one decoder, run block by block on all tokens at once (see module docstring)."""
 
-    def __init__(self, model: str | os.PathLike | Callable[[], ir.Model], *, streamed: bool,
+    def __init__(self, source: str | os.PathLike | Callable[[], ir.Model], *, streamed: bool,
                  threads: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                  base_dir: str | os.PathLike | None = None):
-        """``model``: a path, or a function returning a fresh ``ir.Model`` each call (e.g. a model
+        """``source``: a path, or a function returning a fresh ``ir.Model`` each call (e.g. a model
         being rewritten in memory) whose external data lives in ``base_dir``."""
-        if callable(model):
+        if callable(source):
             if base_dir is None:
                 raise ValueError("BlockRunner(factory) needs base_dir, where the model's external data lives")
-            self.path, self._fresh = pathlib.Path(base_dir) / "<in memory>", model
+            self.path, self._fresh = pathlib.Path(base_dir) / "<in memory>", source
             self.base_dir = pathlib.Path(base_dir)
         else:
-            self.path = model_file(model)
+            self.path = model_file(source)
             self.base_dir = self.path.parent
             self._fresh = lambda: load_model(self.path)  # lazy: external tensors are not read here
         self.streamed = streamed
@@ -113,7 +114,13 @@ class BlockRunner:
         logits = next((v for v in model.graph.outputs if v.name == "logits"), None)
         last = logits.shape[-1] if logits is not None and logits.shape is not None else None
         self.vocab = last if isinstance(last, int) else None  # None: unknown until the head runs
+        self.shared = _shared_values(model.graph, find_embedding_output(model.graph))
         self._sessions: dict[object, object] = {}
+        self._piece_bytes: dict[object, bytes] = {}
+        self._slicer = (_ProtoSlicer(self.path, model) if not callable(source) and not self.widen
+                        and all(_in_base_dir(v.const_value, self.base_dir) for v in model.graph.initializers.values())
+                        else None)
+        self._shared_cache: dict[tuple, dict[str, np.ndarray]] = {}
         self.session_seconds = 0.0  # building sessions (reading weights): the price of streaming
 
     # --- the pieces ---------------------------------------------------------------------------------
@@ -129,10 +136,11 @@ class BlockRunner:
             return apply(stream, windows)[0]
 
     @contextlib.contextmanager
-    def unit(self, index: int) -> Iterator[Callable[[np.ndarray, np.ndarray], list[np.ndarray]]]:
-        """Yields ``apply(stream, windows) -> [output, *extras]`` for unit ``index``; the extras are
-        :meth:`extras` (attention output, FFN input). Streamed: the weights are released on exit."""
-        with self._session(index) as run:
+    def unit(self, index: int, extras: bool = False) -> Iterator[Callable[[np.ndarray, np.ndarray], list[np.ndarray]]]:
+        """Yields ``apply(stream, windows) -> [output, *extras]`` for unit ``index``; with ``extras``,
+        also :meth:`extras` (attention output, FFN input: asking for them costs ORT some fusions, so
+        only the analysis does). Streamed: the weights are released on exit."""
+        with self._session(("unit", index, extras)) as run:
             def apply(stream: np.ndarray, windows: np.ndarray) -> list[np.ndarray]:
                 return self._batched(windows, run, stream)
             yield apply
@@ -194,11 +202,14 @@ class BlockRunner:
             if not self.streamed:
                 self._sessions[key] = session
         stream_dtype = self.stream_dtype.numpy()
+        wanted = {i.name for i in session.get_inputs()} & set(self.shared)
 
         def run(ids, stream):
             given = {} if stream is None else {"stream_in": stream.astype(stream_dtype, copy=False)}
             if ids is None:  # the head: no token inputs
                 return session.run(None, given)
+            if wanted:
+                given.update((name, value) for name, value in self._shared_for(ids).items() if name in wanted)
             return session.run(None, default_feeds(session, ids, **given))
 
         try:
@@ -208,18 +219,42 @@ class BlockRunner:
                 del session, run
                 gc.collect()  # the session's weights go now, not when the cycle collector gets to them
 
+    def _shared_for(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The shared values for this batch of token windows (computed once, the last few kept)."""
+        key = (ids.shape, hash(ids.tobytes()))
+        if key not in self._shared_cache:
+            with self._session(SHARED) as run:
+                values = run(ids, None)
+            if len(self._shared_cache) >= 4:
+                self._shared_cache.pop(next(iter(self._shared_cache)))
+            self._shared_cache[key] = dict(zip(self.shared, values))
+        return self._shared_cache[key]
+
+    def _bounds(self, key) -> tuple[str | None, list[str], list[str]]:
+        """``(stream input, outputs, fed shared values)`` of a piece, by value name."""
+        if key == EMBEDDING:
+            return None, [self.units[0].input], []
+        if key == HEAD:
+            return self.units[-1].output, ["logits"], []
+        if key == SHARED:
+            return None, list(self.shared), []
+        _, index, extras = key
+        unit: Unit = self.units[index]
+        return unit.input, [unit.output, *(self.extras(index) if extras else [])], list(self.shared)
+
     def _build(self, key):
+        if key not in self._piece_bytes and self._slicer is not None:
+            piece = self._slicer.piece(*self._bounds(key))
+            if piece is not None:
+                self._piece_bytes[key] = piece
+        if key in self._piece_bytes:
+            return session_from_bytes(self._piece_bytes[key], self.base_dir, self.threads, shared_arena=True)
         model = self._fresh()
         graph = model.graph
         values = {v.name: v for node in graph for v in node.outputs if v.name}
         values.update({v.name: v for v in graph.inputs})
-        if key == EMBEDDING:
-            start, ends = None, [self.units[0].input]
-        elif key == HEAD:
-            start, ends = self.units[-1].output, ["logits"]
-        else:
-            unit: Unit = self.units[key]
-            start, ends = unit.input, [unit.output, *self.extras(key)]
+        start, ends, shared_names = self._bounds(key)
+        shared = [values[name] for name in shared_names]
         outputs = [values[name] if name in values else next(v for v in graph.outputs if v.name == name)
                    for name in ends]
         if start is not None:
@@ -228,25 +263,129 @@ class BlockRunner:
             stream_in = ir.val("stream_in", value.dtype or self.stream_dtype, ["batch", "sequence", hidden])
             ir.convenience.replace_all_uses_with(value, stream_in)
             graph.inputs.append(stream_in)
+        for value in shared:  # computed once per batch by the SHARED piece: fed, not recomputed
+            if value.uses():
+                fed = ir.val(value.name, value.dtype, value.shape)
+                ir.convenience.replace_all_uses_with(value, fed)
+                graph.inputs.append(fed)
         graph.outputs.clear()
         graph.outputs.extend(outputs)
         RemoveUnusedNodesPass()(model)
-        for unused in [v for v in graph.inputs if not v.uses() and v.name != "stream_in"]:
+        for unused in [v for v in graph.inputs if not v.uses() and not v.is_graph_output()
+                       and v.name != "stream_in"]:
             graph.inputs.remove(unused)
         if self.widen:
             Float32WideningPass()(model)
         if not self.widen and all(_in_base_dir(v.const_value, self.base_dir) for v in graph.initializers.values()):
-            # ORT reads the piece's initializers from the model's own data file: nothing is copied.
-            return session_from_model(model, self.base_dir, self.threads, arena=not self.streamed)
+            # ORT reads the piece's initializers from the model's own data file: nothing is copied,
+            # and the serialized piece (graph only, a few KB) is kept to rebuild its session fast.
+            self._piece_bytes[key] = ir.serde.serialize_model(model).SerializeToString()
+            return session_from_bytes(self._piece_bytes[key], self.base_dir, self.threads, shared_arena=True)
         # Widened or computed weights (a fused group, a refit) are in memory: a file of the piece
         # alone keeps the protobuf under 2 GB and lets ORT map them.
         scratch = pathlib.Path(tempfile.mkdtemp(prefix="ffnfusion-block-"))
         try:
             ir.save(model, scratch / "piece.onnx", external_data="piece.onnx.data")
             del model, graph, values, outputs
-            return session_from_model(ir.load(scratch / "piece.onnx"), scratch, self.threads, arena=not self.streamed)
+            return session_from_model(ir.load(scratch / "piece.onnx"), scratch, self.threads,
+                                      shared_arena=True)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+class _ProtoSlicer:
+    """Pieces cut from the model's ``ModelProto`` directly: the nodes a piece needs are copied by
+    protobuf (no onnx-ir round trip per piece), its weights stay references to the model's data file.
+    ~10 ms a piece instead of ~150 ms for a re-load and rewrite, which matters when a streamed run
+    builds every block's session on every pass."""
+
+    def __init__(self, path: pathlib.Path, model: ir.Model):
+        import onnx
+
+        self.proto = onnx.load(str(path), load_external_data=False)
+        graph = self.proto.graph
+        self.producer = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.graph_inputs = {v.name: v for v in graph.input}
+        self.types = {v.name: v for v in model.graph.inputs}
+        self.types.update({v.name: v for node in model.graph for v in node.outputs if v.name})
+
+    def piece(self, start: str | None, ends: list[str], fed: list[str]) -> bytes | None:
+        import onnx
+        from onnx import helper
+
+        graph = self.proto.graph
+        stop = set(fed) | ({start} if start else set())
+        needed, stack, inputs, initializers = set(), list(ends), [], {}
+        while stack:
+            name = stack.pop()
+            if name in stop or name in self.graph_inputs:
+                if name not in inputs:
+                    inputs.append(name)
+                continue
+            if name in self.initializers:
+                initializers[name] = self.initializers[name]
+                continue
+            index = self.producer.get(name)
+            if index is None or index in needed:
+                continue
+            needed.add(index)
+            node = graph.node[index]
+            stack.extend(n for n in node.input if n)
+            for attribute in node.attribute:  # names read inside If/Loop bodies
+                for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    stack.extend(_outer_names(sub))
+        nodes = []
+        for index in sorted(needed):  # graph order: topological
+            node = onnx.NodeProto()
+            node.CopyFrom(graph.node[index])
+            if start:
+                node.input[:] = ["stream_in" if n == start else n for n in node.input]
+            nodes.append(node)
+        value_infos = []
+        for name in inputs:
+            value = self.types.get(name)
+            if value is None or value.dtype is None:
+                return None  # no type recorded for a piece input: the onnx-ir path infers it
+            dims = None if value.shape is None else [d if isinstance(d, int) else str(d) for d in value.shape]
+            value_infos.append(helper.make_tensor_value_info("stream_in" if name == start else name,
+                                                             int(value.dtype), dims))
+        if any(self.types.get(name) is None or self.types[name].dtype is None for name in ends):
+            return None
+        outputs = [helper.make_tensor_value_info(name, int(self.types[name].dtype), None) for name in ends]
+        piece = helper.make_graph(nodes, f"piece_{ends[0]}", value_infos, outputs, list(initializers.values()))
+        model = helper.make_model(piece, opset_imports=self.proto.opset_import, ir_version=self.proto.ir_version)
+        model.functions.extend(self.proto.functions)
+        return model.SerializeToString()
+
+
+def _outer_names(graph) -> list[str]:
+    """Names a subgraph reads from its enclosing scope (inputs of its nodes it does not produce)."""
+    produced = {n for node in graph.node for n in node.output} | {v.name for v in graph.input} \
+        | {init.name for init in graph.initializer}
+    return [n for node in graph.node for n in node.input if n and n not in produced]
+
+
+def _shared_values(graph: ir.Graph, embedding: ir.Value) -> list[str]:
+    """Values every block reads that do not depend on the residual stream: computed from the graph
+    inputs alone (the causal mask, rotary cos/sin), they would otherwise be recomputed in every
+    block's piece. Constants (initializers, Constant nodes and what folds from them) are left out."""
+    on_stream: set[ir.Value] = set()
+    variable: set[ir.Value] = set(graph.inputs)
+    for node in graph:  # graph order is topological
+        inputs = [v for v in node.inputs if v is not None]
+        if node.outputs and node.outputs[0] is embedding or any(v in on_stream for v in inputs):
+            on_stream.update(node.outputs)
+        elif any(v in variable for v in inputs):
+            variable.update(node.outputs)
+    shared = {}
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and value in variable and value not in on_stream and value.producer() is not None \
+                    and any(v in on_stream for v in node.outputs) and value is not embedding \
+                    and value.dtype is not None:  # fed values need a declared type
+                shared[value.name] = None
+    return [name for name in shared if name]
 
 
 def _in_base_dir(tensor, base_dir: pathlib.Path) -> bool:

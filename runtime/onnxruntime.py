@@ -58,19 +58,41 @@ def create_session(path: str | os.PathLike, threads: int | None = None, provider
 
 
 def session_from_model(model: ir.Model, base_dir: str | os.PathLike, threads: int | None = None, *,
-                       arena: bool = True):
+                       arena: bool = True, shared_arena: bool = False):
     """A session for an in-memory model whose external weights live in ``base_dir`` (nothing is
     written to disk: ORT reads the serialized graph and memory-maps the original data file).
     ``arena=False`` returns the session's activation memory to the system when it is dropped (for
     the short-lived sessions of a block-streamed run)."""
+    return session_from_bytes(ir.serde.serialize_model(model).SerializeToString(), base_dir, threads, arena=arena,
+                              shared_arena=shared_arena)
+
+
+def session_from_bytes(data: bytes, base_dir: str | os.PathLike, threads: int | None = None, *,
+                       arena: bool = True, shared_arena: bool = False):
+    """:func:`session_from_model` for an already serialized model. ``shared_arena``: allocate from
+    one process-wide CPU arena (many sessions kept side by side would each grow their own)."""
     import onnxruntime as ort
 
     options = _options(threads)
     options.enable_cpu_mem_arena = arena
+    if shared_arena:
+        _register_shared_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
     options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                      str(pathlib.Path(base_dir).resolve()))
-    data = ir.serde.serialize_model(model).SerializeToString()
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+_SHARED_ARENA: list[bool] = []
+
+
+def _register_shared_arena() -> None:
+    import onnxruntime as ort
+
+    if not _SHARED_ARENA:
+        memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))
+        _SHARED_ARENA.append(True)
 
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,

@@ -40,7 +40,7 @@ else:
     logits = runner.logits(ids)
 seconds = time.perf_counter() - start
 np.save(sys.argv[5], logits[:, -4:])  # a slice, to compare the modes' numbers
-print(json.dumps({"seconds": seconds, "build_seconds": build}))
+print(json.dumps({"seconds": seconds + build, "forward_seconds": seconds, "load_seconds": build}))
 """
 
 
@@ -62,6 +62,7 @@ def run_measured(argv: list[str]) -> tuple[float, float, str]:
 
 
 def smollm2(work: pathlib.Path, tokens: int, window: int, repeats: int) -> list[dict]:
+    """Rows of ``{"mode", "seconds" (load + forward), ...}``; the modes interleaved ``repeats`` times."""
     import numpy as np
 
     model = work / "smollm2" / "model.onnx"
@@ -73,7 +74,8 @@ def smollm2(work: pathlib.Path, tokens: int, window: int, repeats: int) -> list[
             out = work / f"logits-{mode}.npy"
             seconds, peak, stdout = run_measured(
                 [sys.executable, "-c", FORWARD, mode, str(model), str(tokens), str(window), str(out)])
-            rows.append({"mode": mode, "repeat": repeat, "peak_rss_gib": round(peak, 2), **json.loads(stdout)})
+            rows.append({"mode": mode, "tokens": tokens, "repeat": repeat, "peak_rss_gib": round(peak, 2),
+                         **json.loads(stdout)})
     reference = np.load(work / "logits-session.npy")
     for row in rows:
         other = np.load(work / f"logits-{row['mode']}.npy")
@@ -118,30 +120,41 @@ def llama_8b(work: pathlib.Path) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="out/streaming", help="exports and scratch models (default out/streaming)")
-    parser.add_argument("--tokens", type=int, default=2048, help="SmolLM2 forward tokens (default 2048)")
+    parser.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 8192],
+                        help="SmolLM2 forward tokens, comma-separated (default 2048,8192)")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per mode (default 3)")
-    parser.add_argument("--llama-8b", action="store_true", help="also the llama-8b preset (~15 GB disk, ~40 min)")
+    parser.add_argument("--llama-8b", action="store_true", help="also the llama-8b preset (~30 GB disk, ~1 h)")
+    parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 comparison")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     work = pathlib.Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    rows = smollm2(work, args.tokens, args.window, args.repeats)
-    by_mode: dict[str, list[dict]] = {}
-    for row in rows:
-        by_mode.setdefault(row["mode"], []).append(row)
-    median = {m: sorted(r["seconds"] for r in rs)[len(rs) // 2] for m, rs in by_mode.items()}
-    print(f"\nSmolLM2-135M, {args.tokens} tokens in windows of {args.window}, median of {args.repeats} "
-          "interleaved runs, one process each\n")
-    print("| mode | forward s | ratio to one session | peak RSS GiB | logits rel. err vs one session |")
-    print("|---|---|---|---|---|")
+    rows = []
     labels = {"session": "one ORT session (in RAM)", "in-ram": "block by block, sessions kept",
               "streamed": "block-streamed"}
-    for mode, mode_rows in by_mode.items():
-        peak = max(r["peak_rss_gib"] for r in mode_rows)
-        print(f"| {labels[mode]} | {median[mode]:.2f} | {median[mode] / median['session']:.2f} | {peak:.2f} | "
-              f"{mode_rows[0]['rel_err_vs_session']:.1e} |")
+    print("\nSmolLM2-135M, windows of 512, median of interleaved runs, each run in its own process; time =\n"
+          "loading + forward to logits (one session: its load is also shown apart)\n")
+    print("| tokens | mode | load + forward s | ratio to one session | forward only s | peak RSS GiB | logits rel. err vs one session |")
+    print("|---|---|---|---|---|---|---|")
+    for tokens in [] if args.no_smollm2 else args.tokens:
+        measured = smollm2(work, tokens, args.window, args.repeats)
+        rows += measured
+        by_mode: dict[str, list[dict]] = {}
+        for row in measured:
+            by_mode.setdefault(row["mode"], []).append(row)
+
+        def median(mode: str, key: str, by_mode=by_mode) -> float:
+            values = sorted(r[key] for r in by_mode[mode])
+            return values[len(values) // 2]
+
+        for mode, mode_rows in by_mode.items():
+            forward = f"{median(mode, 'forward_seconds'):.2f}" if mode == "session" else ""
+            print(f"| {tokens} | {labels[mode]} | {median(mode, 'seconds'):.2f} | "
+                  f"{median(mode, 'seconds') / median('session', 'seconds'):.2f} | {forward} | "
+                  f"{max(r['peak_rss_gib'] for r in mode_rows):.2f} | {mode_rows[0]['rel_err_vs_session']:.1e} |",
+                  flush=True)
     result = {"smollm2": rows}
     if args.llama_8b:
         steps = llama_8b(work)

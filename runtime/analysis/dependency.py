@@ -127,7 +127,7 @@ def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
     chains: dict[int, np.ndarray] = {}  # skipped unit i -> the stream without it, advanced to here
     for unit in units:
         j = unit.index
-        with runner.unit(j) as apply:
+        with runner.unit(j, extras=True) as apply:
             start = time.perf_counter()
             out, *extras = apply(stream, windows)
             capture_seconds += time.perf_counter() - start
