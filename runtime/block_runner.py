@@ -48,6 +48,8 @@ DEFAULT_BATCH_TOKENS = 8192
 HEAD = "head"
 EMBEDDING = "embedding"
 SHARED = "shared"
+HEAD_SLICED = "head (projection fed by vocabulary slices)"
+HEAD_SLICE_BYTES = 128 * 2**20  # of the output projection fed at a time
 # In-RAM needs the weights (float32 when widened) plus ONNX Runtime's copy while a session loads.
 IN_RAM_FACTOR = 2.0
 
@@ -115,6 +117,7 @@ class BlockRunner:
         last = logits.shape[-1] if logits is not None and logits.shape is not None else None
         self.vocab = last if isinstance(last, int) else None  # None: unknown until the head runs
         self.shared = _shared_values(model.graph, find_embedding_output(model.graph))
+        self._head_projection = _HeadProjection.find(model, self._fresh)
         self._sessions: dict[object, object] = {}
         self._piece_bytes: dict[object, bytes] = {}
         self._slicer = (_ProtoSlicer(self.path, model) if not callable(source) and not self.widen
@@ -152,11 +155,23 @@ class BlockRunner:
 
     @contextlib.contextmanager
     def head(self) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
-        """Yields ``logits(final_stream)`` for final-stream rows ``[tokens, hidden]`` (position-wise)."""
-        with self._session(HEAD) as run:
+        """Yields ``logits(final_stream)`` for final-stream rows ``[tokens, hidden]`` (position-wise).
+
+        A large output projection (a 128k vocabulary is 1 GB in float16, and ORT holds two to three
+        times that while it loads) is not loaded whole: the head's session takes the projection as an
+        input and runs once per slice of the vocabulary, each slice read from the data file when fed."""
+        sliced = self._head_projection is not None
+        with self._session(HEAD_SLICED if sliced else HEAD) as run:
             def logits(rows: np.ndarray) -> np.ndarray:
                 step = max(1, self.batch_tokens)
-                parts = [run(None, rows[None, start:start + step])[0][0] for start in range(0, len(rows), step)]
+                parts = []
+                for start in range(0, len(rows), step):
+                    chunk = rows[None, start:start + step]
+                    if not sliced:
+                        parts.append(run(None, chunk)[0][0])
+                        continue
+                    columns = [run(None, chunk, **fed)[0][0] for fed in self._head_projection.slices()]
+                    parts.append(np.concatenate(columns, axis=-1))
                 return np.concatenate(parts)
             yield logits
 
@@ -204,8 +219,9 @@ class BlockRunner:
         stream_dtype = self.stream_dtype.numpy()
         wanted = {i.name for i in session.get_inputs()} & set(self.shared)
 
-        def run(ids, stream):
+        def run(ids, stream, **fed):
             given = {} if stream is None else {"stream_in": stream.astype(stream_dtype, copy=False)}
+            given.update(fed)
             if ids is None:  # the head: no token inputs
                 return session.run(None, given)
             if wanted:
@@ -234,7 +250,7 @@ class BlockRunner:
         """``(stream input, outputs, fed shared values)`` of a piece, by value name."""
         if key == EMBEDDING:
             return None, [self.units[0].input], []
-        if key == HEAD:
+        if key in (HEAD, HEAD_SLICED):
             return self.units[-1].output, ["logits"], []
         if key == SHARED:
             return None, list(self.shared), []
@@ -243,7 +259,7 @@ class BlockRunner:
         return unit.input, [unit.output, *(self.extras(index) if extras else [])], list(self.shared)
 
     def _build(self, key):
-        if key not in self._piece_bytes and self._slicer is not None:
+        if key not in self._piece_bytes and self._slicer is not None and key != HEAD_SLICED:
             piece = self._slicer.piece(*self._bounds(key))
             if piece is not None:
                 self._piece_bytes[key] = piece
@@ -270,6 +286,8 @@ class BlockRunner:
                 graph.inputs.append(fed)
         graph.outputs.clear()
         graph.outputs.extend(outputs)
+        if key == HEAD_SLICED:
+            self._head_projection.feed_as_input(model)
         RemoveUnusedNodesPass()(model)
         for unused in [v for v in graph.inputs if not v.uses() and not v.is_graph_output()
                        and v.name != "stream_in"]:
@@ -291,6 +309,99 @@ class BlockRunner:
                                       shared_arena=True)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+class _HeadProjection:
+    """The head's output projection ``logits = h·W (+ b)``, when big enough to feed in slices."""
+
+    def __init__(self, linear_output: str, weight_name: str, transposed: bool, bias_name: str | None, fresh):
+        self.linear_output, self.weight_name, self.transposed, self.bias_name = (
+            linear_output, weight_name, transposed, bias_name)
+        self._fresh = fresh
+
+    @classmethod
+    def find(cls, model: ir.Model, fresh) -> _HeadProjection | None:
+        """The last linear layer before ``logits``, through position-wise ops only (Cast, a softcap's
+        Div/Tanh/Mul by constants): None when there is none or it is small."""
+        from ffnfusion.passes import op_matchers
+
+        value = next((v for v in model.graph.outputs if v.name == "logits"), None)
+        while value is not None:
+            linear = op_matchers.match_linear(value)
+            if linear is not None:
+                tensor = linear.weight.tensor
+                if tensor.nbytes <= 2 * HEAD_SLICE_BYTES or linear.input is None:
+                    return None
+                return cls(value.name, linear.weight.value.name, linear.weight.transposed,
+                           linear.bias.name if linear.bias is not None else None, fresh)
+            node = value.producer()
+            if node is None or node.op_type not in ("Cast", "Div", "Mul", "Tanh", "Identity"):
+                return None
+            value = next((v for v in node.inputs if v is not None and v.const_value is None), None)
+        return None
+
+    def feed_as_input(self, model: ir.Model) -> None:
+        """Replace the projection by ``MatMul(h, head_weight) (+ head_bias)``, both graph inputs."""
+        from ffnfusion.passes import op_matchers
+
+        graph = model.graph
+        output = next(v for node in graph for v in node.outputs if v.name == self.linear_output)
+        linear = op_matchers.match_linear(output)
+        hidden, vocab = linear.weight.shape_in_out
+        weight = ir.val("head_weight", linear.weight.tensor.dtype, [hidden, "vocab_slice"])
+        graph.inputs.append(weight)
+        product = ir.node("MatMul", [linear.input, weight], name="ffnfusion/head/sliced_projection")
+        graph.append(product)
+        result = product.outputs[0]
+        if linear.bias is not None:
+            bias = ir.val("head_bias", linear.bias.const_value.dtype, ["vocab_slice"])
+            graph.inputs.append(bias)
+            add = ir.node("Add", [result, bias], name="ffnfusion/head/sliced_bias")
+            graph.append(add)
+            result = add.outputs[0]
+        if output.is_graph_output():
+            index, name = graph.outputs.index(output), output.name
+            output.name = f"{name}/unsliced"  # removed with its node below
+            graph.outputs[index] = result
+            result.name = name
+        ir.convenience.replace_all_uses_with(output, result)
+
+    def slices(self) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds ``{head_weight[, head_bias]}`` for consecutive slices of the vocabulary, each read
+        from the (memory-mapped) data file when it is made."""
+        model = self._fresh()
+        tensor = model.graph.initializers[self.weight_name].const_value
+        bias = model.graph.initializers[self.bias_name].const_value.numpy() if self.bias_name else None
+        rows, cols = tensor.shape.numpy()
+        vocab, hidden = (rows, cols) if self.transposed else (cols, rows)
+        step = max(1, HEAD_SLICE_BYTES // (hidden * tensor.dtype.numpy().itemsize))
+        for start in range(0, vocab, step):
+            stop = min(vocab, start + step)
+            fed = {"head_weight": _read_slice(tensor, start, stop, self.transposed)}
+            if bias is not None:
+                fed["head_bias"] = np.ascontiguousarray(bias[start:stop])
+            yield fed
+
+
+def _read_slice(tensor, start: int, stop: int, transposed: bool) -> np.ndarray:
+    """``W[:, start:stop]`` as ``[hidden, stop - start]`` (``W[start:stop].T`` when stored transposed),
+    read with plain reads from an external data file: memory-mapping it would leave the whole
+    projection resident."""
+    rows, cols = tensor.shape.numpy()
+    dtype = tensor.dtype.numpy()
+    if not isinstance(tensor, ir.ExternalTensor):
+        array = tensor.numpy()
+        return np.ascontiguousarray(array[start:stop].T if transposed else array[:, start:stop])
+    base = tensor.offset or 0
+    with open(tensor.path, "rb") as data:
+        if transposed:  # rows start..stop are contiguous
+            data.seek(base + start * cols * dtype.itemsize)
+            return np.ascontiguousarray(np.fromfile(data, dtype, (stop - start) * cols).reshape(stop - start, cols).T)
+        out = np.empty((rows, stop - start), dtype)
+        for row in range(rows):  # one contiguous run of columns per row
+            data.seek(base + (row * cols + start) * dtype.itemsize)
+            out[row] = np.fromfile(data, dtype, stop - start)
+        return out
 
 
 class _ProtoSlicer:

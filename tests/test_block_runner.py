@@ -29,6 +29,17 @@ def test_logits_equal_one_session(variant, streamed, request):
     assert (len(runner._sessions) == 0) == streamed  # streamed: nothing kept
 
 
+@pytest.mark.parametrize("variant", ["tiny_dynamo20", "tiny_torchscript"])
+def test_head_fed_by_vocabulary_slices(variant, request, monkeypatch):
+    path = request.getfixturevalue(variant)
+    monkeypatch.setattr(block_runner, "HEAD_SLICE_BYTES", 96 * 4 * 10)  # 10 of 128 columns a slice
+    runner = BlockRunner(path, streamed=True)
+    assert runner._head_projection is not None
+    expected = run_logits(create_session(path), WINDOWS)
+    assert rel_err(runner.logits(WINDOWS), expected) < 1e-5
+    assert len(list(runner._head_projection.slices())) == 13
+
+
 def test_bfloat16_runs_widened(tmp_path):
     from ffnfusion.exporters.synthetic import write_synthetic
 

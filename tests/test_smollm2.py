@@ -35,7 +35,7 @@ def exported(smollm2, tmp_path_factory):
     base = export_model(copy.deepcopy(model), out / "base", ExportOptions(drop_attention=list(range(10, 18))),
                         tokenizer=tokenizer, source="smollm2")
     fused = out / "fused" / "model.onnx"
-    fuse_model_file(str(base), str(fused), FusionPlan.parse("10-13,14-16"))
+    fuse_model_file(str(base), str(fused), FusionPlan.parse("10-13,14-16"), target="gpu")
     return base, fused
 
 
