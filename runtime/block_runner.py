@@ -264,7 +264,8 @@ class BlockRunner:
             if piece is not None:
                 self._piece_bytes[key] = piece
         if key in self._piece_bytes:
-            return session_from_bytes(self._piece_bytes[key], self.base_dir, self.threads, shared_arena=True)
+            return session_from_bytes(self._piece_bytes[key], self.base_dir, self.threads, shared_arena=True,
+                                      prepack=not self.streamed)
         model = self._fresh()
         graph = model.graph
         values = {v.name: v for node in graph for v in node.outputs if v.name}
@@ -298,7 +299,8 @@ class BlockRunner:
             # ORT reads the piece's initializers from the model's own data file: nothing is copied,
             # and the serialized piece (graph only, a few KB) is kept to rebuild its session fast.
             self._piece_bytes[key] = ir.serde.serialize_model(model).SerializeToString()
-            return session_from_bytes(self._piece_bytes[key], self.base_dir, self.threads, shared_arena=True)
+            return session_from_bytes(self._piece_bytes[key], self.base_dir, self.threads, shared_arena=True,
+                                      prepack=not self.streamed)
         # Widened or computed weights (a fused group, a refit) are in memory: a file of the piece
         # alone keeps the protobuf under 2 GB and lets ORT map them.
         scratch = pathlib.Path(tempfile.mkdtemp(prefix="ffnfusion-block-"))
@@ -306,7 +308,7 @@ class BlockRunner:
             ir.save(model, scratch / "piece.onnx", external_data="piece.onnx.data")
             del model, graph, values, outputs
             return session_from_model(ir.load(scratch / "piece.onnx"), scratch, self.threads,
-                                      shared_arena=True)
+                                      shared_arena=True, prepack=not self.streamed)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -57,9 +57,19 @@ def down_bias(block: FFNBlock) -> np.ndarray:
     return block.down_bias.const_value.numpy().astype(np.float32)
 
 
+COLUMN_BLOCK = 4096  # FFN columns evaluated at a time: a wide fused group never holds [tokens, width]
+
+
 def update(block: FFNBlock, x: np.ndarray) -> np.ndarray:
-    """The block's residual update ``down(ffn_activation(x)) + b_d`` for stream rows ``x``."""
-    return ffn_activation(block, x) @ block.down.numpy_in_out().astype(np.float32) + _const(block.down_bias)
+    """The block's residual update ``down(ffn_activation(x)) + b_d`` for stream rows ``x``, summed
+    over blocks of ``COLUMN_BLOCK`` columns (8 fused Llama-8B FFNs on 4096 tokens would otherwise
+    hold 2 × 1.9 GB of activations)."""
+    down = block.down.numpy_in_out()
+    total = np.zeros((len(x), block.hidden), np.float32)
+    for start in range(0, block.width, COLUMN_BLOCK):
+        columns = slice(start, min(block.width, start + COLUMN_BLOCK))
+        total += ffn_activation(block, x, columns) @ down[columns].astype(np.float32)
+    return total + _const(block.down_bias)
 
 
 def sequential_update(blocks: Sequence[FFNBlock], x: np.ndarray) -> np.ndarray:

@@ -58,23 +58,27 @@ def create_session(path: str | os.PathLike, threads: int | None = None, provider
 
 
 def session_from_model(model: ir.Model, base_dir: str | os.PathLike, threads: int | None = None, *,
-                       arena: bool = True, shared_arena: bool = False):
+                       arena: bool = True, shared_arena: bool = False, prepack: bool = True):
     """A session for an in-memory model whose external weights live in ``base_dir`` (nothing is
     written to disk: ORT reads the serialized graph and memory-maps the original data file).
     ``arena=False`` returns the session's activation memory to the system when it is dropped (for
     the short-lived sessions of a block-streamed run)."""
     return session_from_bytes(ir.serde.serialize_model(model).SerializeToString(), base_dir, threads, arena=arena,
-                              shared_arena=shared_arena)
+                              shared_arena=shared_arena, prepack=prepack)
 
 
 def session_from_bytes(data: bytes, base_dir: str | os.PathLike, threads: int | None = None, *,
-                       arena: bool = True, shared_arena: bool = False):
+                       arena: bool = True, shared_arena: bool = False, prepack: bool = True):
     """:func:`session_from_model` for an already serialized model. ``shared_arena``: allocate from
-    one process-wide CPU arena (many sessions kept side by side would each grow their own)."""
+    one process-wide CPU arena (many sessions kept side by side would each grow their own).
+    ``prepack=False``: no packed copy of the weights (for a session run once or twice, the copy
+    costs more time and memory than it saves)."""
     import onnxruntime as ort
 
     options = _options(threads)
     options.enable_cpu_mem_arena = arena
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if shared_arena:
         _register_shared_arena()
         options.add_session_config_entry("session.use_env_allocators", "1")

@@ -17,7 +17,7 @@ import numpy as np
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
 from ffnfusion.runtime.calibration import log_softmax
 
-HEAD_BUDGET_BYTES = 256 * 2**20  # float64 log-probabilities held per slice of tokens
+HEAD_BUDGET_BYTES = 64 * 2**20  # float64 log-probabilities held per slice of tokens
 
 
 def compare_models(reference: str, candidate: str, windows: np.ndarray, threads: int | None = None,

@@ -237,6 +237,7 @@ class _Reference:
     ``CACHE_BYTES`` and recomputed slice by slice otherwise (a 128k vocabulary)."""
 
     CACHE_BYTES = 512 * 2**20
+    SLICE_BYTES = 64 * 2**20  # float64 log-probabilities per slice of rows
 
     def __init__(self, runner: BlockRunner, sources: Sequence[CalibrationSource]):
         self.runner = runner
@@ -252,7 +253,7 @@ class _Reference:
 
     def kl(self, source: int, candidate: BlockRunner, final: np.ndarray) -> float:
         """Mean KL(original ‖ candidate) over the rows of one source, from the candidate's final stream."""
-        step = max(1, self.CACHE_BYTES // (8 * (self.runner.vocab or 1) * 2))
+        step = max(1, self.SLICE_BYTES // (8 * (self.runner.vocab or 1)))
         total = 0.0
         for start in range(0, len(final), step):
             rows = slice(start, start + step)
