@@ -5,7 +5,7 @@ The model is cut along its residual stream into pieces, each an ONNX Runtime ses
 model's own subgraph (so whatever the exporter wrote runs as it is):
 
 * the embedding: graph inputs -> the first block's input;
-* each unit (:mod:`ffnfusion.runtime.stream`'s blocks): its input stream -> its output, plus the
+* each unit (:mod:`ffnfusion.runtime.units`): its input stream -> its output, plus the
   attention output and the FFN's input for the per-block metrics;
 * the head: the last block's output -> ``logits``, position by position (so it runs on any slice of
   tokens).
@@ -17,7 +17,7 @@ same numbers, batch for batch. Each piece runs on up to ``batch_tokens`` tokens 
 windows), so activations stay bounded too.
 
 bfloat16 models are widened to float32 piece by piece (ONNX Runtime's CPU provider has no bfloat16
-kernels); float16 runs as it is.
+kernels); float16 runs as it is. How the pieces are cut from the model: :mod:`.model_pieces`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from ffnfusion.core.model_io import initializer_bytes, load_model, model_file
 from ffnfusion.passes.blocks import find_blocks, find_embedding_output
 from ffnfusion.passes.dtype_widening import Float32WideningPass
-from ffnfusion.runtime.onnxruntime import default_feeds, session_from_bytes, session_from_model
+from ffnfusion.runtime.model_pieces import HeadProjection, ProtoSlicer, shared_values, weights_in_dir
+from ffnfusion.runtime.onnxruntime import default_feeds, session_from_bytes
 from ffnfusion.runtime.units import Unit, units_of
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ HEAD = "head"
 EMBEDDING = "embedding"
 SHARED = "shared"
 HEAD_SLICED = "head (projection fed by vocabulary slices)"
-HEAD_SLICE_BYTES = 128 * 2**20  # of the output projection fed at a time
 # In-RAM needs the weights (float32 when widened) plus ONNX Runtime's copy while a session loads.
 IN_RAM_FACTOR = 2.0
 
@@ -68,10 +68,10 @@ def available_memory() -> int:
 def choose_streamed(model_path: str | os.PathLike, stream: bool | None) -> bool:
     """``stream`` if given (``--stream``/``--no-stream``); else stream when the model's weights would
     not fit comfortably in the memory available now. Logs the choice and why."""
-    path = model_file(model_path)
-    weights = initializer_bytes(load_model(path))
-    if _needs_widening(path):
-        weights *= 2
+    model = load_model(model_file(model_path))
+    weights = initializer_bytes(model)
+    if _stream_dtype(model) == ir.DataType.BFLOAT16:
+        weights *= 2  # widened to float32 to run
     available = available_memory()
     if stream is None:
         stream = weights * IN_RAM_FACTOR > available
@@ -82,9 +82,9 @@ def choose_streamed(model_path: str | os.PathLike, stream: bool | None) -> bool:
     return stream
 
 
-def _needs_widening(path: pathlib.Path) -> bool:
-    model = load_model(path)
-    return find_embedding_output(model.graph).producer().inputs[0].const_value.dtype == ir.DataType.BFLOAT16
+def _stream_dtype(model: ir.Model) -> ir.DataType:
+    """The dtype of the embedding table, which is the residual stream's."""
+    return find_embedding_output(model.graph).producer().inputs[0].const_value.dtype
 
 
 class BlockRunner:
@@ -110,19 +110,18 @@ class BlockRunner:
         model = self._fresh()
         self.block_map = find_blocks(model)
         self.units = units_of(self.block_map)
-        dtype = find_embedding_output(model.graph).producer().inputs[0].const_value.dtype
+        dtype = _stream_dtype(model)
         self.widen = dtype == ir.DataType.BFLOAT16
         self.stream_dtype = ir.DataType.FLOAT if self.widen else dtype
         logits = next((v for v in model.graph.outputs if v.name == "logits"), None)
         last = logits.shape[-1] if logits is not None and logits.shape is not None else None
         self.vocab = last if isinstance(last, int) else None  # None: unknown until the head runs
-        self.shared = _shared_values(model.graph, find_embedding_output(model.graph))
-        self._head_projection = _HeadProjection.find(model, self._fresh)
+        self.shared = shared_values(model.graph, find_embedding_output(model.graph))
+        self._head_projection = HeadProjection.find(model)
         self._sessions: dict[object, object] = {}
         self._piece_bytes: dict[object, bytes] = {}
-        self._slicer = (_ProtoSlicer(self.path, model) if not callable(source) and not self.widen
-                        and all(_in_base_dir(v.const_value, self.base_dir) for v in model.graph.initializers.values())
-                        else None)
+        self._slicer = (ProtoSlicer(self.path, model) if not callable(source) and not self.widen
+                        and weights_in_dir(model, self.base_dir) else None)
         self._shared_cache: dict[tuple, dict[str, np.ndarray]] = {}
         self.session_seconds = 0.0  # building sessions (reading weights): the price of streaming
 
@@ -264,8 +263,7 @@ class BlockRunner:
             if piece is not None:
                 self._piece_bytes[key] = piece
         if key in self._piece_bytes:
-            return session_from_bytes(self._piece_bytes[key], self.base_dir, self.threads, shared_arena=True,
-                                      prepack=not self.streamed)
+            return self._session_from(self._piece_bytes[key], self.base_dir)
         model = self._fresh()
         graph = model.graph
         values = {v.name: v for node in graph for v in node.outputs if v.name}
@@ -295,214 +293,23 @@ class BlockRunner:
             graph.inputs.remove(unused)
         if self.widen:
             Float32WideningPass()(model)
-        if not self.widen and all(_in_base_dir(v.const_value, self.base_dir) for v in graph.initializers.values()):
+        if not self.widen and weights_in_dir(model, self.base_dir):
             # ORT reads the piece's initializers from the model's own data file: nothing is copied,
             # and the serialized piece (graph only, a few KB) is kept to rebuild its session fast.
             self._piece_bytes[key] = ir.serde.serialize_model(model).SerializeToString()
-            return session_from_bytes(self._piece_bytes[key], self.base_dir, self.threads, shared_arena=True,
-                                      prepack=not self.streamed)
+            return self._session_from(self._piece_bytes[key], self.base_dir)
         # Widened or computed weights (a fused group, a refit) are in memory: a file of the piece
         # alone keeps the protobuf under 2 GB and lets ORT map them.
         scratch = pathlib.Path(tempfile.mkdtemp(prefix="ffnfusion-block-"))
         try:
             ir.save(model, scratch / "piece.onnx", external_data="piece.onnx.data")
             del model, graph, values, outputs
-            return session_from_model(ir.load(scratch / "piece.onnx"), scratch, self.threads,
-                                      shared_arena=True, prepack=not self.streamed)
+            piece = ir.serde.serialize_model(ir.load(scratch / "piece.onnx")).SerializeToString()
+            return self._session_from(piece, scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-
-class _HeadProjection:
-    """The head's output projection ``logits = h·W (+ b)``, when big enough to feed in slices."""
-
-    def __init__(self, linear_output: str, weight_name: str, transposed: bool, bias_name: str | None, fresh):
-        self.linear_output, self.weight_name, self.transposed, self.bias_name = (
-            linear_output, weight_name, transposed, bias_name)
-        self._fresh = fresh
-
-    @classmethod
-    def find(cls, model: ir.Model, fresh) -> _HeadProjection | None:
-        """The last linear layer before ``logits``, through position-wise ops only (Cast, a softcap's
-        Div/Tanh/Mul by constants): None when there is none or it is small."""
-        from ffnfusion.passes import op_matchers
-
-        value = next((v for v in model.graph.outputs if v.name == "logits"), None)
-        while value is not None:
-            linear = op_matchers.match_linear(value)
-            if linear is not None:
-                tensor = linear.weight.tensor
-                if tensor.nbytes <= 2 * HEAD_SLICE_BYTES or linear.input is None:
-                    return None
-                return cls(value.name, linear.weight.value.name, linear.weight.transposed,
-                           linear.bias.name if linear.bias is not None else None, fresh)
-            node = value.producer()
-            if node is None or node.op_type not in ("Cast", "Div", "Mul", "Tanh", "Identity"):
-                return None
-            value = next((v for v in node.inputs if v is not None and v.const_value is None), None)
-        return None
-
-    def feed_as_input(self, model: ir.Model) -> None:
-        """Replace the projection by ``MatMul(h, head_weight) (+ head_bias)``, both graph inputs."""
-        from ffnfusion.passes import op_matchers
-
-        graph = model.graph
-        output = next(v for node in graph for v in node.outputs if v.name == self.linear_output)
-        linear = op_matchers.match_linear(output)
-        hidden, vocab = linear.weight.shape_in_out
-        weight = ir.val("head_weight", linear.weight.tensor.dtype, [hidden, "vocab_slice"])
-        graph.inputs.append(weight)
-        product = ir.node("MatMul", [linear.input, weight], name="ffnfusion/head/sliced_projection")
-        graph.append(product)
-        result = product.outputs[0]
-        if linear.bias is not None:
-            bias = ir.val("head_bias", linear.bias.const_value.dtype, ["vocab_slice"])
-            graph.inputs.append(bias)
-            add = ir.node("Add", [result, bias], name="ffnfusion/head/sliced_bias")
-            graph.append(add)
-            result = add.outputs[0]
-        if output.is_graph_output():
-            index, name = graph.outputs.index(output), output.name
-            output.name = f"{name}/unsliced"  # removed with its node below
-            graph.outputs[index] = result
-            result.name = name
-        ir.convenience.replace_all_uses_with(output, result)
-
-    def slices(self) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds ``{head_weight[, head_bias]}`` for consecutive slices of the vocabulary, each read
-        from the (memory-mapped) data file when it is made."""
-        model = self._fresh()
-        tensor = model.graph.initializers[self.weight_name].const_value
-        bias = model.graph.initializers[self.bias_name].const_value.numpy() if self.bias_name else None
-        rows, cols = tensor.shape.numpy()
-        vocab, hidden = (rows, cols) if self.transposed else (cols, rows)
-        step = max(1, HEAD_SLICE_BYTES // (hidden * tensor.dtype.numpy().itemsize))
-        for start in range(0, vocab, step):
-            stop = min(vocab, start + step)
-            fed = {"head_weight": _read_slice(tensor, start, stop, self.transposed)}
-            if bias is not None:
-                fed["head_bias"] = np.ascontiguousarray(bias[start:stop])
-            yield fed
-
-
-def _read_slice(tensor, start: int, stop: int, transposed: bool) -> np.ndarray:
-    """``W[:, start:stop]`` as ``[hidden, stop - start]`` (``W[start:stop].T`` when stored transposed),
-    read with plain reads from an external data file: memory-mapping it would leave the whole
-    projection resident."""
-    rows, cols = tensor.shape.numpy()
-    dtype = tensor.dtype.numpy()
-    if not isinstance(tensor, ir.ExternalTensor):
-        array = tensor.numpy()
-        return np.ascontiguousarray(array[start:stop].T if transposed else array[:, start:stop])
-    base = tensor.offset or 0
-    with open(tensor.path, "rb") as data:
-        if transposed:  # rows start..stop are contiguous
-            data.seek(base + start * cols * dtype.itemsize)
-            return np.ascontiguousarray(np.fromfile(data, dtype, (stop - start) * cols).reshape(stop - start, cols).T)
-        out = np.empty((rows, stop - start), dtype)
-        for row in range(rows):  # one contiguous run of columns per row
-            data.seek(base + (row * cols + start) * dtype.itemsize)
-            out[row] = np.fromfile(data, dtype, stop - start)
-        return out
-
-
-class _ProtoSlicer:
-    """Pieces cut from the model's ``ModelProto`` directly: the nodes a piece needs are copied by
-    protobuf (no onnx-ir round trip per piece), its weights stay references to the model's data file.
-    ~10 ms a piece instead of ~150 ms for a re-load and rewrite, which matters when a streamed run
-    builds every block's session on every pass."""
-
-    def __init__(self, path: pathlib.Path, model: ir.Model):
-        import onnx
-
-        self.proto = onnx.load(str(path), load_external_data=False)
-        graph = self.proto.graph
-        self.producer = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
-        self.initializers = {init.name: init for init in graph.initializer}
-        self.graph_inputs = {v.name: v for v in graph.input}
-        self.types = {v.name: v for v in model.graph.inputs}
-        self.types.update({v.name: v for node in model.graph for v in node.outputs if v.name})
-
-    def piece(self, start: str | None, ends: list[str], fed: list[str]) -> bytes | None:
-        import onnx
-        from onnx import helper
-
-        graph = self.proto.graph
-        stop = set(fed) | ({start} if start else set())
-        needed, stack, inputs, initializers = set(), list(ends), [], {}
-        while stack:
-            name = stack.pop()
-            if name in stop or name in self.graph_inputs:
-                if name not in inputs:
-                    inputs.append(name)
-                continue
-            if name in self.initializers:
-                initializers[name] = self.initializers[name]
-                continue
-            index = self.producer.get(name)
-            if index is None or index in needed:
-                continue
-            needed.add(index)
-            node = graph.node[index]
-            stack.extend(n for n in node.input if n)
-            for attribute in node.attribute:  # names read inside If/Loop bodies
-                for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                    stack.extend(_outer_names(sub))
-        nodes = []
-        for index in sorted(needed):  # graph order: topological
-            node = onnx.NodeProto()
-            node.CopyFrom(graph.node[index])
-            if start:
-                node.input[:] = ["stream_in" if n == start else n for n in node.input]
-            nodes.append(node)
-        value_infos = []
-        for name in inputs:
-            value = self.types.get(name)
-            if value is None or value.dtype is None:
-                return None  # no type recorded for a piece input: the onnx-ir path infers it
-            dims = None if value.shape is None else [d if isinstance(d, int) else str(d) for d in value.shape]
-            value_infos.append(helper.make_tensor_value_info("stream_in" if name == start else name,
-                                                             int(value.dtype), dims))
-        if any(self.types.get(name) is None or self.types[name].dtype is None for name in ends):
-            return None
-        outputs = [helper.make_tensor_value_info(name, int(self.types[name].dtype), None) for name in ends]
-        piece = helper.make_graph(nodes, f"piece_{ends[0]}", value_infos, outputs, list(initializers.values()))
-        model = helper.make_model(piece, opset_imports=self.proto.opset_import, ir_version=self.proto.ir_version)
-        model.functions.extend(self.proto.functions)
-        return model.SerializeToString()
-
-
-def _outer_names(graph) -> list[str]:
-    """Names a subgraph reads from its enclosing scope (inputs of its nodes it does not produce)."""
-    produced = {n for node in graph.node for n in node.output} | {v.name for v in graph.input} \
-        | {init.name for init in graph.initializer}
-    return [n for node in graph.node for n in node.input if n and n not in produced]
-
-
-def _shared_values(graph: ir.Graph, embedding: ir.Value) -> list[str]:
-    """Values every block reads that do not depend on the residual stream: computed from the graph
-    inputs alone (the causal mask, rotary cos/sin), they would otherwise be recomputed in every
-    block's piece. Constants (initializers, Constant nodes and what folds from them) are left out."""
-    on_stream: set[ir.Value] = set()
-    variable: set[ir.Value] = set(graph.inputs)
-    for node in graph:  # graph order is topological
-        inputs = [v for v in node.inputs if v is not None]
-        if node.outputs and node.outputs[0] is embedding or any(v in on_stream for v in inputs):
-            on_stream.update(node.outputs)
-        elif any(v in variable for v in inputs):
-            variable.update(node.outputs)
-    shared = {}
-    for node in graph:
-        for value in node.inputs:
-            if value is not None and value in variable and value not in on_stream and value.producer() is not None \
-                    and any(v in on_stream for v in node.outputs) and value is not embedding \
-                    and value.dtype is not None:  # fed values need a declared type
-                shared[value.name] = None
-    return [name for name in shared if name]
-
-
-def _in_base_dir(tensor, base_dir: pathlib.Path) -> bool:
-    """Small constants serialise inline; big in-memory tensors must not (the 2 GB protobuf limit)."""
-    if isinstance(tensor, ir.ExternalTensor):
-        return pathlib.Path(tensor.base_dir).resolve() == base_dir.resolve()
-    return tensor is None or tensor.nbytes < 2**20
+    def _session_from(self, piece: bytes, base_dir: pathlib.Path):
+        # One arena for all pieces; a streamed piece runs once or twice, so packing its weights
+        # would cost more than it saves.
+        return session_from_bytes(piece, base_dir, self.threads, shared_arena=True, prepack=not self.streamed)

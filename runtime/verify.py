@@ -12,6 +12,8 @@ stream; the heads then run on slices of tokens, so neither a whole model nor a w
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
@@ -47,20 +49,20 @@ def compare_many(reference: str, candidates: list[str], windows: np.ndarray, thr
     ref_nll = 0.0
     vocab = runners[0].vocab
     start = 0
-    while start < ids.size:
-        step = window if vocab is None else max(1, HEAD_BUDGET_BYTES // (8 * vocab))
-        rows = slice(start, min(ids.size, start + step))
-        with runners[0].head() as head:
-            logp_ref = log_softmax(head(finals[0][rows]))
-        vocab = logp_ref.shape[-1]
-        ref_nll += _nll(logp_ref, targets[rows])
-        for runner, final, stat in zip(runners[1:], finals[1:], stats):
-            with runner.head() as head:
+    with contextlib.ExitStack() as stack:  # every head open once, over all slices of tokens
+        heads = [stack.enter_context(runner.head()) for runner in runners]
+        while start < ids.size:
+            step = window if vocab is None else max(1, HEAD_BUDGET_BYTES // (8 * vocab))
+            rows = slice(start, min(ids.size, start + step))
+            logp_ref = log_softmax(heads[0](finals[0][rows]))
+            vocab = logp_ref.shape[-1]
+            ref_nll += _nll(logp_ref, targets[rows])
+            for head, final, stat in zip(heads[1:], finals[1:], stats):
                 logp = log_softmax(head(final[rows]))
-            stat["nll"] += _nll(logp, targets[rows])
-            stat["kl"] += float((np.exp(logp_ref) * (logp_ref - logp)).sum())
-            stat["agree"] += int((logp_ref.argmax(-1) == logp.argmax(-1)).sum())
-        start = rows.stop
+                stat["nll"] += _nll(logp, targets[rows])
+                stat["kl"] += float((np.exp(logp_ref) * (logp_ref - logp)).sum())
+                stat["agree"] += int((logp_ref.argmax(-1) == logp.argmax(-1)).sum())
+            start = rows.stop
     tokens = int(ids.size)
     predicted = int((targets >= 0).sum())
     ref_final = finals[0].astype(np.float64)

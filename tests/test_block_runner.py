@@ -11,7 +11,7 @@ from conftest import rel_err
 from ffnfusion.core.model_io import save_model
 from ffnfusion.passes.dtype_widening import Float32WideningPass
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
-from ffnfusion.runtime import block_runner
+from ffnfusion.runtime import block_runner, model_pieces
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
 from ffnfusion.runtime.verify import compare_many
@@ -32,7 +32,7 @@ def test_logits_equal_one_session(variant, streamed, request):
 @pytest.mark.parametrize("variant", ["tiny_dynamo20", "tiny_torchscript"])
 def test_head_fed_by_vocabulary_slices(variant, request, monkeypatch):
     path = request.getfixturevalue(variant)
-    monkeypatch.setattr(block_runner, "HEAD_SLICE_BYTES", 96 * 4 * 10)  # 10 of 128 columns a slice
+    monkeypatch.setattr(model_pieces, "HEAD_SLICE_BYTES", 96 * 4 * 10)  # 10 of 128 columns a slice
     runner = BlockRunner(path, streamed=True)
     assert runner._head_projection is not None
     expected = run_logits(create_session(path), WINDOWS)

@@ -51,9 +51,11 @@ def _check_trt_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @command("check-trt", "static check that TensorRT's ONNX parser supports every node",
-         "Op types/domains against TensorRT's ONNX operator support table (kept as data with its "
-         "TensorRT version), opset and IR version range, no com.microsoft ops. Needs no TensorRT or GPU; "
-         "exit 1 with one line per unsupported node.")
+         "Op types/domains of every node (subgraphs and functions included) against TensorRT's ONNX "
+         "operator support table (kept as data with its TensorRT version), the opset range, no com.microsoft "
+         "ops, and the documented limits that matter for LLMs (Attention I/O, RotaryEmbedding position ids, "
+         "constant ReduceMean axes, ScatterND reduction). Needs no TensorRT or GPU; exit 1 with one line per "
+         "problem.")
 @arguments(_check_trt_arguments)
 def run_check_trt(args) -> None:
     from ffnfusion.runtime.tensorrt_check import check_tensorrt

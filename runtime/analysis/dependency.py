@@ -142,7 +142,7 @@ def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
                 sums["ffn_h_ratio"][j] += _ratio(out - y, y).sum()
             start = time.perf_counter()
             h = out[:dep_windows] - x[:dep_windows]
-            for i in [i for i in chains if reach[i] >= j]:
+            for i in list(chains):  # a chain is dropped once its reach ends, so every one reaches j
                 skipped = chains[i]  # x̃ entering block j, with block i skipped
                 recomputed = apply(skipped, dep_ids)[0]
                 dep_sum[i, j] += (1 - _cosine(h, recomputed - skipped)).sum()

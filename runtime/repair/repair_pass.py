@@ -8,7 +8,7 @@ Groups are repaired in residual order. For group i..j of the fused model:
 2. ``T(x)``: what the original layers i..j add when run one after another from ``x`` (numpy, from
    the original model's weights); ``A(x)·W₀``: what the fused block adds;
 3. candidates: "no repair" and the refit (or per-channel scale, ``method="scale"``) for every λ of the
-   grid (:mod:`ffnfusion.passes.down_refit`);
+   grid (:mod:`ffnfusion.runtime.repair.down_refit`);
 4. criterion: mean ``KL(unfused ‖ candidate)`` of the final logits on held-out tokens. With several
    calibration sources each source is held out in turn: the candidate is fitted on the *other*
    sources' tokens and judged on this one's (a refit that only learned one domain loses here);
@@ -255,16 +255,14 @@ class _Reference:
         """Mean KL(original ‖ candidate) over the rows of one source, from the candidate's final stream."""
         step = max(1, self.SLICE_BYTES // (8 * (self.runner.vocab or 1)))
         total = 0.0
-        for start in range(0, len(final), step):
-            rows = slice(start, start + step)
-            if self.cached is not None:
-                ref = self.cached[source][rows].astype(np.float64)
-            else:
-                with self.runner.head() as head:
-                    ref = log_softmax(head(self.finals[source][rows]))
-            with candidate.head() as head:
+        # Both heads stay open over the slices (streamed, each would otherwise be rebuilt per slice).
+        with self.runner.head() as ref_head, candidate.head() as head:
+            for start in range(0, len(final), step):
+                rows = slice(start, start + step)
+                ref = (self.cached[source][rows].astype(np.float64) if self.cached is not None
+                       else log_softmax(ref_head(self.finals[source][rows])))
                 logp = log_softmax(head(final[rows]))
-            total += float((np.exp(ref) * (ref - logp)).sum())
+                total += float((np.exp(ref) * (ref - logp)).sum())
         return total / len(final)
 
 
