@@ -31,7 +31,7 @@ from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes.blocks import FUSED_GROUPS_METADATA, FFNBlock, find_blocks, fused_spans_of
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan, InvalidPlanError
-from ffnfusion.passes.streaming import folded_columns, stacked_rows
+from ffnfusion.passes.streaming import FoldedColumns, StackedRows
 
 # What the emitted layout is tuned for: "gpu" (TensorRT, CUDA; the default) keeps the width, a sum
 # of the members' tensor-core friendly widths; "cpu" (ONNX Runtime's MLAS kernels) pads it.
@@ -143,11 +143,11 @@ def fuse_group(graph: ir.Graph, label: str, members: Sequence[FFNBlock],
     unit_norm = _unit_gain_norm(first, prefix, new_nodes, graph, doomed)
     # Weights are computed when saved, a block of rows at a time (models larger than RAM).
     gains = [_gain_float32(m) for m in members]
-    up = _register(graph, folded_columns([m.up for m in members], gains, dtype, f"{prefix}.up_proj.weight", pad))
-    down = _register(graph, stacked_rows([m.down for m in members], dtype, f"{prefix}.down_proj.weight", pad))
+    up = _register(graph, FoldedColumns([m.up for m in members], gains, dtype, f"{prefix}.up_proj.weight", pad))
+    down = _register(graph, StackedRows([m.down for m in members], dtype, f"{prefix}.down_proj.weight", pad))
     gate = None
     if first.kind == "gated":
-        gate = _register(graph, folded_columns([m.gate for m in members], gains, dtype, f"{prefix}.gate_proj.weight", pad))
+        gate = _register(graph, FoldedColumns([m.gate for m in members], gains, dtype, f"{prefix}.gate_proj.weight", pad))
 
     def add(op_type, inputs, name, **attributes):
         node = ir.node(op_type, inputs, attributes or None, name=f"{prefix}/{name}")

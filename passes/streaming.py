@@ -31,6 +31,8 @@ def read_rows(weight: Weight, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` of the weight as ``[in, out]``, without mapping the whole file."""
     tensor = weight.value.const_value
     rows, cols = weight.shape_in_out
+    if isinstance(tensor, StackedRows) and not weight.transposed:
+        return tensor.rows(start, stop)
     if isinstance(tensor, ir.ExternalTensor) and not weight.transposed:
         np_dtype = tensor.dtype.numpy()
         offset = (tensor.offset or 0) + start * cols * np_dtype.itemsize
@@ -39,55 +41,108 @@ def read_rows(weight: Weight, start: int, stop: int) -> np.ndarray:
     return np.asarray(weight.numpy_in_out()[start:stop])
 
 
-def folded_columns(weights: list[Weight], gains: list[np.ndarray], dtype: ir.DataType, name: str,
-                   pad: int = 0) -> ChunkedTensor:
+def read_columns(weight: Weight, start: int, stop: int) -> np.ndarray:
+    """Columns ``start:stop`` of the weight as ``[in, out]`` float32, reading only what they need:
+    a fused group's folded columns from its members, stored rows with plain file reads (a memory
+    map would leave every page it touched resident)."""
+    tensor = weight.value.const_value
+    rows, cols = weight.shape_in_out
+    if isinstance(tensor, FoldedColumns) and not weight.transposed:
+        return tensor.columns(start, stop)
+    if isinstance(tensor, ir.ExternalTensor):
+        np_dtype = tensor.dtype.numpy()
+        if weight.transposed:  # stored [out, in]: the columns wanted are contiguous stored rows
+            offset = (tensor.offset or 0) + start * rows * np_dtype.itemsize
+            data = np.fromfile(tensor.path, dtype=np_dtype, count=(stop - start) * rows, offset=offset)
+            return data.reshape(stop - start, rows).T.astype(np.float32)
+        out = np.empty((rows, stop - start), np.float32)
+        step = rows_per_chunk(cols * np_dtype.itemsize)
+        for first in range(0, rows, step):
+            last = min(rows, first + step)
+            out[first:last] = read_rows(weight, first, last)[:, start:stop]
+        return out
+    return np.asarray(weight.numpy_in_out()[:, start:stop], dtype=np.float32)
+
+
+class FoldedColumns(ChunkedTensor):
     """``[diag(s_1)·W_1 | … | diag(s_k)·W_k | 0]`` (gate/up of a fused group, ``pad`` zero columns),
-    folded in float32 and produced a block of input rows at a time."""
-    rows = weights[0].shape_in_out[0]
-    width = sum(w.shape_in_out[1] for w in weights) + pad
+    folded in float32 and produced a block of input rows at a time; :meth:`columns` reads a slice of
+    columns from the members alone."""
 
-    np_dtype = dtype.numpy()
+    __slots__ = ("_members", "_gains", "_offsets")
 
-    columns = np.cumsum([0] + [w.shape_in_out[1] for w in weights])
+    def __init__(self, weights: list[Weight], gains: list[np.ndarray], dtype: ir.DataType, name: str,
+                 pad: int = 0):
+        rows = weights[0].shape_in_out[0]
+        offsets = np.cumsum([0] + [w.shape_in_out[1] for w in weights])
+        width = int(offsets[-1]) + pad
+        np_dtype = dtype.numpy()
 
-    def chunks() -> Iterator[np.ndarray]:
-        step = rows_per_chunk(width * 4)
-        # numpy releases the GIL in ufuncs: members' slices of a block are filled in parallel
-        with ThreadPoolExecutor(max_workers=min(len(weights), os.cpu_count() or 1)) as pool:
-            for start in range(0, rows, step):
-                stop = min(rows, start + step)
-                block = np.empty((stop - start, width), np_dtype)
-                block[:, columns[-1]:] = 0
+        def chunks() -> Iterator[np.ndarray]:
+            step = rows_per_chunk(width * 4)
+            # numpy releases the GIL in ufuncs: members' slices of a block are filled in parallel
+            with ThreadPoolExecutor(max_workers=min(len(weights), os.cpu_count() or 1)) as pool:
+                for start in range(0, rows, step):
+                    stop = min(rows, start + step)
+                    block = np.empty((stop - start, width), np_dtype)
+                    block[:, offsets[-1]:] = 0
 
-                def fill(member: int, block=block, start=start, stop=stop) -> None:
-                    source = read_rows(weights[member], start, stop)
-                    # float32 product of the stored weight and its gain, cast once into the block
-                    block[:, columns[member]:columns[member + 1]] = np.multiply(
-                        source, gains[member][start:stop, None], dtype=np.float32)
+                    def fill(member: int, block=block, start=start, stop=stop) -> None:
+                        source = read_rows(weights[member], start, stop)
+                        # float32 product of the stored weight and its gain, cast once into the block
+                        block[:, offsets[member]:offsets[member + 1]] = np.multiply(
+                            source, gains[member][start:stop, None], dtype=np.float32)
 
-                list(pool.map(fill, range(len(weights))))
-                yield block
+                    list(pool.map(fill, range(len(weights))))
+                    yield block
 
-    return ChunkedTensor(chunks, dtype, (rows, width), name)
+        super().__init__(chunks, dtype, (rows, width), name)
+        self._members, self._gains, self._offsets = weights, gains, offsets
+
+    def columns(self, start: int, stop: int) -> np.ndarray:
+        """Columns ``start:stop`` as float32, rounded to the tensor's dtype as when saved."""
+        out = np.zeros((self.shape[0], stop - start), np.float32)
+        np_dtype = self.dtype.numpy()
+        for weight, gain, lo, hi in zip(self._members, self._gains, self._offsets, self._offsets[1:]):
+            first, last = max(start, int(lo)), min(stop, int(hi))
+            if first < last:
+                folded = read_columns(weight, first - lo, last - lo) * gain[:, None]
+                out[:, first - start:last - start] = folded.astype(np_dtype).astype(np.float32)
+        return out
 
 
-def stacked_rows(weights: list[Weight], dtype: ir.DataType, name: str, pad: int = 0) -> ChunkedTensor:
+class StackedRows(ChunkedTensor):
     """``[D_1; …; D_k; 0]`` (down of a fused group, ``pad`` zero rows): each member's rows in turn,
-    no arithmetic."""
-    cols = weights[0].shape_in_out[1]
-    total = sum(w.shape_in_out[0] for w in weights) + pad
+    no arithmetic; :meth:`rows` reads a slice of rows from the members alone."""
 
-    def chunks() -> Iterator[np.ndarray | FileRange]:
-        step = rows_per_chunk(cols * dtype.numpy().itemsize)
-        for weight in weights:
-            rows = weight.shape_in_out[0]
-            whole = _row_range(weight, 0, rows)
-            if whole is not None and weight.value.const_value.dtype == dtype:
-                yield whole  # stored [in, out] in the right dtype: copy the bytes as they are
-                continue
-            for start in range(0, rows, step):
-                yield read_rows(weight, start, min(rows, start + step))
-        if pad:
-            yield np.zeros((pad, cols), dtype.numpy())
+    __slots__ = ("_members", "_offsets")
 
-    return ChunkedTensor(chunks, dtype, (total, cols), name)
+    def __init__(self, weights: list[Weight], dtype: ir.DataType, name: str, pad: int = 0):
+        cols = weights[0].shape_in_out[1]
+        offsets = np.cumsum([0] + [w.shape_in_out[0] for w in weights])
+
+        def chunks() -> Iterator[np.ndarray | FileRange]:
+            step = rows_per_chunk(cols * dtype.numpy().itemsize)
+            for weight in weights:
+                rows = weight.shape_in_out[0]
+                whole = _row_range(weight, 0, rows)
+                if whole is not None and weight.value.const_value.dtype == dtype:
+                    yield whole  # stored [in, out] in the right dtype: copy the bytes as they are
+                    continue
+                for start in range(0, rows, step):
+                    yield read_rows(weight, start, min(rows, start + step))
+            if pad:
+                yield np.zeros((pad, cols), dtype.numpy())
+
+        super().__init__(chunks, dtype, (int(offsets[-1]) + pad, cols), name)
+        self._members, self._offsets = weights, offsets
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` in the tensor's dtype."""
+        out = np.zeros((stop - start, self.shape[1]), self.dtype.numpy())
+        for weight, lo, hi in zip(self._members, self._offsets, self._offsets[1:]):
+            first, last = max(start, int(lo)), min(stop, int(hi))
+            if first < last:
+                out[first - start:last - start] = read_rows(weight, first - lo, last - lo)
+        return out
+

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ffnfusion.passes.blocks import FFNBlock
+from ffnfusion.passes.streaming import read_columns, read_rows
 
 
 def activation(kind: str, value: np.ndarray) -> np.ndarray:
@@ -39,10 +40,12 @@ def normed(block: FFNBlock, x: np.ndarray) -> np.ndarray:
 def ffn_activation(block: FFNBlock, x: np.ndarray, columns: slice = slice(None)) -> np.ndarray:
     """``act(n(x)·G + b_g) ⊙ (n(x)·U + b_u)`` (or ``act(n(x)·U + b_u)``), restricted to ``columns``."""
     n = normed(block, x.astype(np.float32, copy=False))
+    start, stop, _ = columns.indices(block.width)
 
     def project(weight, bias):
-        out = n @ weight.numpy_in_out()[:, columns].astype(np.float32)
-        return out if bias is None else out + _const(bias)[columns]
+        # only these columns are read: a fused group's weights are never materialised whole
+        out = n @ read_columns(weight, start, stop)
+        return out if bias is None else out + _const(bias)[start:stop]
 
     up = project(block.up, block.up_bias)
     if block.gate is None:
@@ -64,11 +67,10 @@ def update(block: FFNBlock, x: np.ndarray) -> np.ndarray:
     """The block's residual update ``down(ffn_activation(x)) + b_d`` for stream rows ``x``, summed
     over blocks of ``COLUMN_BLOCK`` columns (8 fused Llama-8B FFNs on 4096 tokens would otherwise
     hold 2 × 1.9 GB of activations)."""
-    down = block.down.numpy_in_out()
     total = np.zeros((len(x), block.hidden), np.float32)
     for start in range(0, block.width, COLUMN_BLOCK):
-        columns = slice(start, min(block.width, start + COLUMN_BLOCK))
-        total += ffn_activation(block, x, columns) @ down[columns].astype(np.float32)
+        stop = min(block.width, start + COLUMN_BLOCK)
+        total += ffn_activation(block, x, slice(start, stop)) @ read_rows(block.down, start, stop).astype(np.float32)
     return total + _const(block.down_bias)
 
 

@@ -104,9 +104,9 @@ def test_infinite_lambda_returns_the_original_weights(tiny_dynamo20):
     k = down_refit.kernel(x, fit, [b for _, b in blocks])
     residual = np.random.default_rng(3).standard_normal((40, block.hidden))
     original = block.down.numpy_in_out()
-    huge = down_refit.refit_down(original, x, down_refit.ridge_coefficients(k, residual, 1e12, block.width), blocks)
+    huge = down_refit.refit_down(lambda a, b: original[a:b], x, down_refit.ridge_coefficients(k, residual, 1e12, block.width), blocks)
     np.testing.assert_allclose(huge, original, atol=1e-7)  # λ → ∞ tends to W₀ ...
-    limit = down_refit.refit_down(original, x, down_refit.ridge_coefficients(k, residual, math.inf, block.width), blocks)
+    limit = down_refit.refit_down(lambda a, b: original[a:b], x, down_refit.ridge_coefficients(k, residual, math.inf, block.width), blocks)
     assert np.array_equal(limit, original)  # ... and is W₀ exactly at ∞
     assert np.array_equal(down_refit.channel_scales(np.ones((4, 3)), np.zeros((4, 3)), math.inf), np.ones(3))
 
@@ -120,7 +120,7 @@ def test_kernel_form_equals_the_primal_solution():
     fit = np.arange(30)
     k = down_refit.kernel(a, fit, [lambda rows: rows])
     alpha = down_refit.ridge_coefficients(k, t - a @ w0, lam, 50)
-    kernel_form = down_refit.refit_down(w0, a, alpha, [(slice(0, 50), lambda rows: rows)])
+    kernel_form = down_refit.refit_down(lambda a, b: w0[a:b], a, alpha, [(slice(0, 50), lambda rows: rows)])
     np.testing.assert_allclose(kernel_form, primal, rtol=1e-5, atol=1e-6)
 
 

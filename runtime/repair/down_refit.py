@@ -67,13 +67,15 @@ def refit_update(k_eval_fit: np.ndarray, base: np.ndarray, alpha: np.ndarray) ->
     return base + (k_eval_fit @ alpha).astype(base.dtype)
 
 
-def refit_down(down: np.ndarray, x_fit: np.ndarray, alpha: np.ndarray,
+def refit_down(down_rows: Callable[[int, int], np.ndarray], x_fit: np.ndarray, alpha: np.ndarray,
                blocks: Iterable[tuple[slice, HiddenBlock]]) -> np.ndarray:
-    """``W₀ + A_Fᵀα``, one column block (a slice of W's rows) at a time; float32."""
-    weight = np.array(down, dtype=np.float32)
+    """``W₀ + A_Fᵀα``, one column block (a slice of W's rows, read by ``down_rows(start, stop)``)
+    at a time; float32. The blocks cover every row of W."""
+    parts = []
     for rows, block in blocks:
-        weight[rows] += (block(x_fit).astype(np.float64).T @ alpha).astype(np.float32)
-    return weight
+        delta = block(x_fit).astype(np.float64).T @ alpha
+        parts.append((down_rows(rows.start, rows.stop).astype(np.float64) + delta).astype(np.float32))
+    return np.concatenate(parts)
 
 
 def channel_scales(base: np.ndarray, target: np.ndarray, lam: float) -> np.ndarray:

@@ -37,6 +37,7 @@ from ffnfusion.core.model_io import load_model, model_file
 from ffnfusion.passes.blocks import FFNBlock, find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
+from ffnfusion.passes.streaming import read_rows
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
 from ffnfusion.runtime.calibration import CalibrationSource, log_softmax
 from ffnfusion.runtime.ffn_reference import down_bias, ffn_activation, sequential_update, update
@@ -220,7 +221,7 @@ class RepairPass(ir.passes.InPlacePass):
             if kl_refit < kl_before:
                 chosen, kl_after, error_after = best["lambda"], kl_refit, error_refit
                 reason = "lowest held-out-source KL"
-                weight = fit.weight(chosen)
+                weight = fit.weight(chosen).astype(fused.down.tensor.dtype.numpy())  # held as the model stores it
             else:
                 reason = f"lambda {best['lambda']:g} fitted on all sources raised the held-out KL: rejected"
         result = GroupRepair((group[0], group[-1]), self.method, candidates, chosen, reason, kl_before, kl_after,
@@ -287,7 +288,7 @@ class _Refit:
 
     def weight(self, lam) -> np.ndarray:
         _, alpha = self._alpha(self.fit_rows, lam)
-        return down_refit.refit_down(self.fused.down.numpy_in_out(), self.x[self.fit_rows], alpha,
+        return down_refit.refit_down(functools.partial(read_rows, self.fused.down), self.x[self.fit_rows], alpha,
                                      _column_blocks(self.fused))
 
 
@@ -308,7 +309,7 @@ class _Scale:
         return self.plain[eval_rows] * self._scales(fit_rows, lam) + self.bias
 
     def weight(self, lam) -> np.ndarray:
-        return self.fused.down.numpy_in_out().astype(np.float32) * self._scales(self.fit_rows, lam)
+        return read_rows(self.fused.down, 0, self.fused.width).astype(np.float32) * self._scales(self.fit_rows, lam)
 
 
 def _partial_model(original: pathlib.Path, groups: list[list[int]], target: str,
