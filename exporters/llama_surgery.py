@@ -93,3 +93,32 @@ def parallelize_groups(model: nn.Module, groups: Iterable[Sequence[int]]) -> Non
         layers[group[0]] = ParallelFFNGroup(members)
         for index in group[1:]:
             layers[index] = _PassThrough()
+
+
+class _ZeroFFN(nn.Module):
+    """A removed FFN in a layer that keeps its attention: the layer adds nothing after attention."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def apply_depth_plan(model: nn.Module, plan, down_deltas=None) -> None:
+    """A :class:`~ffnfusion.passes.depth_plan.DepthPlan` in torch, in place (the reference a written
+    frontier model must match): attention dropped, FFNs removed, ``down_deltas`` (first layer ->
+    ``ΔW_down`` as ``[span width, hidden]``) added to the members' down projections, groups in parallel form."""
+    layers = decoder_layers(model)
+    drop_attention(model, plan.removed_attention)
+    with torch.no_grad():
+        for first, delta in (down_deltas or {}).items():
+            last = plan.ffn_span(first)[1]
+            offset = 0
+            for index in range(first, last + 1):
+                down = layers[index].mlp.down_proj.weight  # [hidden, width]
+                down += torch.from_numpy(delta[offset:offset + down.shape[1]].T.copy()).to(down.dtype)
+                offset += down.shape[1]
+    for index in sorted(plan.removed_ffn):
+        if isinstance(layers[index], AttentionFreeDecoderLayer):
+            layers[index] = _PassThrough()
+        else:
+            layers[index].mlp = _ZeroFFN()
+    parallelize_groups(model, [range(a, b + 1) for a, b in plan.groups])

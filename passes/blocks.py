@@ -168,8 +168,14 @@ class BlockMap:
             raise InvalidPlanError(f"layer {index} has no recognised FFN ({layer.unknown or 'none found'})")
         return layer.ffn
 
+    @property
+    def sequential_steps(self) -> int:
+        """Sublayer steps a forward pass runs one after another: attention branches plus FFNs (a
+        fused group is one FFN)."""
+        return sum(int(layer.attention) + int(layer.ffn is not None) for layer in self.layers)
+
     def to_dict(self) -> dict:
-        return {"blocks": [layer.to_dict() for layer in self.layers],
+        return {"sequential_steps": self.sequential_steps, "blocks": [layer.to_dict() for layer in self.layers],
                 "runs": [list(run) for run in self.runs]}
 
 

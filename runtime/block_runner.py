@@ -41,7 +41,7 @@ from ffnfusion.passes.blocks import find_blocks, find_embedding_output
 from ffnfusion.passes.dtype_widening import Float32WideningPass
 from ffnfusion.runtime.model_pieces import HeadProjection, ProtoSlicer, shared_values, weights_in_dir
 from ffnfusion.runtime.onnxruntime import default_feeds, session_from_bytes
-from ffnfusion.runtime.units import Unit, units_of
+from ffnfusion.runtime.units import units_of
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,17 @@ class BlockRunner:
         with self._session(("unit", index, extras)) as run:
             def apply(stream: np.ndarray, windows: np.ndarray) -> list[np.ndarray]:
                 return self._batched(windows, run, stream)
+            yield apply
+
+    @contextlib.contextmanager
+    def attention(self, index: int) -> Iterator[Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+        """Yields ``apply(stream, windows) -> x + attn(n(x))`` for unit ``index``'s attention branch
+        alone (the depth search runs FFNs itself)."""
+        if self.units[index].attention_output is None:
+            raise ValueError(f"unit {index} has no attention branch")
+        with self._session(("attention", index)) as run:
+            def apply(stream: np.ndarray, windows: np.ndarray) -> np.ndarray:
+                return self._batched(windows, run, stream)[0]
             yield apply
 
     def extras(self, index: int) -> list[str]:
@@ -253,8 +264,11 @@ class BlockRunner:
             return self.units[-1].output, ["logits"], []
         if key == SHARED:
             return None, list(self.shared), []
+        if key[0] == "attention":
+            unit = self.units[key[1]]
+            return unit.input, [unit.attention_output], list(self.shared)
         _, index, extras = key
-        unit: Unit = self.units[index]
+        unit = self.units[index]
         return unit.input, [unit.output, *(self.extras(index) if extras else [])], list(self.shared)
 
     def _build(self, key):

@@ -72,7 +72,7 @@ def test_fused_logits_equal_the_parallel_form(exported, smollm2):
 def test_demo_pipeline(tmp_path):
     # Importance is measured on the first 4096 calibration tokens, as in the default demo.
     summary = run(DemoOptions(workdir=str(tmp_path), calib_tokens=4096, dependency_tokens=512,
-                              verify_tokens=1024, threshold=1.0))
+                              verify_tokens=1024, threshold=1.0, frontier_steps=(2,), frontier_fit_tokens=1024))
     assert len(summary["dropped_attention"]) == 8
     assert summary["fused_vs_torch_parallel_rel_err"] <= 1e-5
     verification = summary["verification"]
@@ -88,6 +88,14 @@ def test_demo_pipeline(tmp_path):
     fused, repaired = (load_model(tmp_path / name / "model.onnx") for name in ("fused", "repaired"))
     assert [n.op_type for n in fused.graph] == [n.op_type for n in repaired.graph]
     assert check_tensorrt(tmp_path / "repaired" / "model.onnx").ok
+    # The frontier's search beats every single-method baseline at its budget, on held-out text, and
+    # its written model is the torch model with the same plan.
+    frontier = summary["frontier"]
+    assert frontier["original_steps"] == 60 and frontier["checked"]["vs_torch_rel_err"] <= 1e-5
+    (point,) = frontier["points"]
+    assert point["steps"] == 2 and (tmp_path / "frontier" / point["model"]).is_file()
+    for name, baseline in frontier["baselines"].items():
+        assert point["ppl"] < baseline[0]["ppl"], name
     runs = summary["runs"]
     assert summary["plan"]["groups"]
     for group in summary["plan"]["groups"]:  # inside one run, never its last FFN

@@ -43,6 +43,9 @@ class DemoOptions:
     verify_tokens: int = 4096
     window: int = 512
     threshold: float | None = None  # None: the planner's default
+    frontier_steps: tuple[int, ...] = (8, 14, 20)  # empty: no frontier
+    frontier_fit_tokens: int = 2048
+    frontier_select_tokens: int = 512
 
 
 def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
@@ -93,7 +96,8 @@ def run(options: DemoOptions) -> dict:
     paths = {name: work / name / MODEL_FILE for name in ("base", "dropped", "fused", "repaired", "naive", "removed")}
     source = resolve_source(options.source)
 
-    log(f"[1/7] load {source.describe()}")
+    total = 8 if options.frontier_steps else 7
+    log(f"[1/{total}] load {source.describe()}")
     model, tokenizer = load_causal_lm(source)
     calib = calibration.token_windows(tokenizer, calibration.python_docs_text(), options.window,
                                       options.calib_tokens // options.window)
@@ -107,20 +111,20 @@ def run(options: DemoOptions) -> dict:
 
     from ffnfusion.exporters.onnx_export import ExportOptions, export_model  # torch: only for the demo itself
 
-    log("[2/7] export (dynamo, opset 20)")
+    log(f"[2/{total}] export (dynamo, opset 20)")
     if _reusable_export(paths["base"].parent, options.source):
         log(f"export: reusing {paths['base']} (delete it to export again)")
     else:
         export_model(copy.deepcopy(model), paths["base"].parent, ExportOptions(), tokenizer=tokenizer,
                      source=options.source)
 
-    log(f"[3/7] drop the {options.drop_count} least important attention layers")
+    log(f"[3/{total}] drop the {options.drop_count} least important attention layers")
     dropped = least_important_attention(str(paths["base"]), calib[: max(1, 4096 // options.window)],
                                         options.drop_count, progress=ProgressBar("analyze"))
     remove_attention_file(str(paths["base"]), str(paths["dropped"]), dropped)
     print(inspect(str(paths["dropped"]), as_json=False), flush=True)
 
-    log("[4/7] analyze dependencies and plan")
+    log(f"[4/{total}] analyze dependencies and plan")
     report, plan = analyze_model(str(paths["dropped"]), calib, dependency_tokens=options.dependency_tokens,
                                  threshold=options.threshold, progress=ProgressBar("analyze"))
     write_analysis(report, plan, work / "report", str(paths["dropped"]))
@@ -131,7 +135,7 @@ def run(options: DemoOptions) -> dict:
     if not plan.groups:
         log("demo: no group passes the planner's threshold (see report/report.md); only baselines follow")
 
-    log(f"[5/7] fuse the auto plan {plan.describe() or '(empty)'} (plain and repaired) and, for comparison, whole runs")
+    log(f"[5/{total}] fuse the auto plan {plan.describe() or '(empty)'} (plain and repaired) and, for comparison, whole runs")
     names = ["dropped"]
     fused = repaired = None
     if plan.groups:
@@ -147,10 +151,10 @@ def run(options: DemoOptions) -> dict:
         names.append("removed")
 
     checked_plan, checked_path = (plan, paths["fused"]) if plan.groups else (naive, paths["naive"])
-    log(f"[6/7] exactness: fused ONNX ({checked_plan.describe()}) vs torch parallel form")
+    log(f"[6/{total}] exactness: fused ONNX ({checked_plan.describe()}) vs torch parallel form")
     exact = _exactness(model, dropped, checked_plan, checked_path, held_out[:2])
 
-    log(f"[7/7] verify against the original on {held_out.size} tokens of {held_out_name}")
+    log(f"[7/{total}] verify against the original on {held_out.size} tokens of {held_out_name}")
     results = dict(zip(names, compare_many(str(paths["base"]), [str(paths[n]) for n in names], held_out,
                                            progress=ProgressBar("verify", "models"))))
 
@@ -181,10 +185,54 @@ def run(options: DemoOptions) -> dict:
         f"({'OK' if exact <= EXACTNESS_TOLERANCE else 'FAILED'}, tolerance {EXACTNESS_TOLERANCE:.0e})",
         flush=True,
     )
-    write_json_atomically(work / "demo.json", summary)
     if exact > EXACTNESS_TOLERANCE:
+        write_json_atomically(work / "demo.json", summary)
         raise ModelRunError("demo: the fused model does not match the parallel-form reference")
+    if options.frontier_steps:
+        summary["frontier"] = _frontier(options, model, tokenizer, paths["base"], work / "frontier", held_out,
+                                        held_out_name)
+    write_json_atomically(work / "demo.json", summary)
     return summary
+
+
+def _frontier(options: DemoOptions, model, tokenizer, base: pathlib.Path, out: pathlib.Path, held_out: np.ndarray,
+              held_out_name: str) -> dict:
+    """The depth-reduction frontier from the full export; the middle budget's model checked against
+    a torch model with the same plan and verified against the original on the held-out text."""
+    import torch
+
+    from ffnfusion.cli.frontier_command import write_frontier
+    from ffnfusion.exporters import llama_surgery
+    from ffnfusion.runtime.frontier.frontier import run_frontier
+
+    log(f"[8/8] depth-reduction frontier at {', '.join(map(str, options.frontier_steps))} steps saved: fit on "
+        f"Python docs, choose on license texts, perplexity on {held_out_name}")
+    fit = calibration.token_windows(tokenizer, calibration.python_docs_text(), options.window,
+                                    options.frontier_fit_tokens // options.window)
+    select = calibration.token_windows(tokenizer, calibration.license_text(), options.window,
+                                       max(1, options.frontier_select_tokens // options.window))
+    result = run_frontier(base, fit=fit, select=select, evaluation=held_out, steps=options.frontier_steps)
+    write_frontier(result, base, out, held_out)
+    print((out / "frontier.md").read_text(), flush=True)
+    steps = sorted(options.frontier_steps)
+    chosen = next((p for p in result.points if p.steps_saved == steps[len(steps) // 2]), None)
+    if chosen is None:
+        return result.to_dict()
+    reference = copy.deepcopy(model)
+    llama_surgery.apply_depth_plan(reference, chosen.plan, chosen.deltas)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(held_out[:2]), use_cache=False).logits.float().numpy()
+    path = out / chosen.model
+    exact = relative_error(run_logits(create_session(path), held_out[:2]), expected)
+    verified = compare_many(str(base), [str(path)], held_out, progress=ProgressBar("verify", "models"))[0]
+    print(f"{chosen.steps_saved} steps saved ({path}): perplexity {verified['new']['ppl']:.2f} vs "
+          f"{verified['ref']['ppl']:.2f}, top-1 agreement {verified['top1_agreement']:.3f}, KL {verified['kl']:.3f} "
+          f"on {held_out.size} tokens of {held_out_name}; vs torch with the same plan rel err {exact:.2e} "
+          f"({'OK' if exact <= EXACTNESS_TOLERANCE else 'FAILED'})", flush=True)
+    if exact > EXACTNESS_TOLERANCE:
+        raise ModelRunError(f"demo: {path} does not match the torch model with the same plan")
+    return {**result.to_dict(), "checked": {"steps": chosen.steps_saved, "vs_torch_rel_err": exact,
+                                            "verification": verified}}
 
 
 def _repair_choice(report: dict) -> str:

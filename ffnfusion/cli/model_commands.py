@@ -11,7 +11,7 @@ import dataclasses
 import json
 
 from ffnfusion.cli.progress import ProgressBar, log
-from ffnfusion.cli.registry import arguments, command, parse_layer_list
+from ffnfusion.cli.registry import arguments, command, parse_int_list, parse_layer_list
 from ffnfusion.core.errors import InvalidArgumentError
 
 # --- export -------------------------------------------------------------------------------------
@@ -281,12 +281,18 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-tokens", type=int, default=defaults.verify_tokens,
                         help=f"held-out tokens of license text (default {defaults.verify_tokens})")
     parser.add_argument("--threshold", type=float, help="planner threshold on M (default: the planner's)")
+    parser.add_argument("--frontier-steps", type=lambda text: () if text == "none" else tuple(parse_int_list(text)),
+                        default=defaults.frontier_steps,
+                        help="budgets of the depth-reduction frontier that ends the demo, comma-separated, or "
+                             f"'none' (default {','.join(map(str, defaults.frontier_steps))})")
 
 
 @command("demo", "the main job on the embedded default model",
          "Export SmolLM2-135M, drop its least important attention layers, analyze dependencies, fuse by "
          "the automatic plan, check the fused graph against a torch reference of the parallel form, and "
-         "compare perplexity/top-1 agreement with whole-run fusion and FFN removal on held-out text.")
+         "compare perplexity/top-1 agreement with whole-run fusion and FFN removal on held-out text; then "
+         "the depth-reduction frontier (see `ffnfusion frontier`), its middle model checked against torch "
+         "and verified on the held-out text.")
 @arguments(_demo_arguments)
 def run_demo(args) -> None:
     from ffnfusion.cli import demo
@@ -314,6 +320,7 @@ def format_block_table(block_map) -> str:
         )
     described = [f"{format_ranges(range(a, b + 1))} ({b - a + 1} layer{'s' if b > a else ''})" for a, b in runs]
     lines.append(f"attention-free runs: {', '.join(described) or 'none'}")
+    lines.append(f"sequential steps: {block_map.sequential_steps} (attention branches + FFNs)")
     return "\n".join(lines)
 
 

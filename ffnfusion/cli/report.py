@@ -110,3 +110,63 @@ and `plan`.
 """
     write_text_atomically(out / "report.md", text)
     return out
+
+
+# --- frontier -------------------------------------------------------------------------------------
+
+def _frontier_rows(result) -> list[tuple[str, object]]:
+    rows = [(result.method, p) for p in result.points]
+    for name, points in result.baselines.items():
+        rows += [(name, p) for p in points]
+    return sorted(rows, key=lambda row: (row[1].steps_saved, row[1].ppl or float("inf")))
+
+
+def write_frontier_markdown(result, path: pathlib.Path) -> None:
+    """All methods at every budget, sorted by held-out perplexity; losing rows stay in."""
+    lines = [f"# Depth-reduction frontier ({result.original_steps} sequential steps, held-out perplexity "
+             f"{result.original_ppl:.2f} before)", "",
+             f"Fitting tokens {result.tokens['fit']}, selection tokens {result.tokens['select']} (another text), "
+             f"held-out tokens {result.tokens['evaluation']} (used for nothing but this table). "
+             f"Search: {result.seconds.get(result.method, 0):.0f} s, "
+             f"{result.full_forward_equivalents:.1f} full-forward equivalents of the selection tokens.", "",
+             "| steps saved | method | KL (selection) | held-out perplexity | prefill vs original | decode vs original | moves |",
+             "|---|---|---|---|---|---|---|"]
+    for method, point in _frontier_rows(result):
+        latency = point.latency or {}
+        moves = ", ".join(_move_text(m) for m in point.moves)
+        lines.append(f"| {point.steps_saved} | {method} | {point.kl:.4f} | "
+                     f"{'-' if point.ppl is None else f'{point.ppl:.2f}'} | "
+                     f"{latency.get('prefill_vs_original', '-')} | {latency.get('decode_vs_original', '-')} | {moves} |")
+    write_text_atomically(path, "\n".join(lines) + "\n")
+
+
+def _move_text(move: dict) -> str:
+    layers = move["layers"]
+    text = f"fuse {layers[0]}-{layers[1]}" if move["move"] == "fuse" else f"{move['move']} {layers}"
+    return text + ("+r" if move.get("refit") else "")
+
+
+def plot_frontier(result, path: pathlib.Path) -> None:
+    """KL and held-out perplexity against steps saved, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = {result.method: result.points, **result.baselines}
+    fig, (kl_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, points in methods.items():
+        points = sorted(points, key=lambda p: p.steps_saved)
+        xs = [p.steps_saved for p in points]
+        style = dict(marker="o", lw=2.5 if name == result.method else 1.2, label=name)
+        kl_ax.plot(xs, [p.kl for p in points], **style)
+        ppl_ax.plot(xs, [p.ppl for p in points], **style)
+    kl_ax.set(xlabel="sequential steps saved", ylabel="KL(original || model), selection text", yscale="log")
+    ppl_ax.set(xlabel="sequential steps saved", ylabel="perplexity, held-out text", yscale="log")
+    ppl_ax.axhline(result.original_ppl, color="gray", ls=":", label="original")
+    ppl_ax.legend(fontsize=8)
+    fig.suptitle(f"Depth-reduction frontier ({result.original_steps} steps originally)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,357 @@
+"""Run a decoder under any :class:`~ffnfusion.passes.depth_plan.DepthPlan`, incrementally.
+
+The search needs thousands of "what if" forwards. They are cheap here because
+
+* the model runs sublayer by sublayer: attention branches as ONNX Runtime pieces cut from the model
+  (:meth:`BlockRunner.attention`), FFNs in numpy from their weights, so removing, fusing (the members'
+  updates at one input, exact) or refitting a down projection needs no new graph;
+* the streams of the current plan at every sublayer position are kept, for the fitting and the
+  selection tokens: a candidate runs from the first position it changes, never from the embedding;
+* the original model's next-token distributions on the selection tokens are kept: a candidate's score
+  is its final stream through the head, and one KL.
+
+A *refit* (ReplaceMe's idea, arXiv 2505.02819, merged into existing weights): after a move, the down
+projection of the last FFN before the cut gets ``W += Δ`` so that the stream after the cut matches the
+*original* model's on the fitting tokens; ``Δ`` is a ridge least-squares solution whose strength is
+chosen on held-out fitting windows (no repair when none helps). No step is added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from ffnfusion.passes.blocks import FFNBlock
+from ffnfusion.passes.depth_plan import DepthPlan, Move
+from ffnfusion.passes.streaming import read_columns, read_rows
+from ffnfusion.runtime.block_runner import BlockRunner
+from ffnfusion.runtime.ffn_reference import activation, down_bias, normed
+
+logger = logging.getLogger(__name__)
+
+REFIT_LAMBDAS = (1e-2, 1e-1, 1.0, 10.0)  # relative to mean(diag(AᵀA)); float32 AᵀA is safe down to ~1e-3
+HEAD_ROWS = 1024  # rows of logits at a time
+
+
+@dataclasses.dataclass
+class Streams:
+    """Stream at the input of every sublayer position ``0..2L`` (``2L``: the final stream) for one
+    set of token windows under one plan. Positions a plan skips share the array before them."""
+
+    windows: np.ndarray
+    at: list[np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Refit:
+    layer: int  # the FFN whose down projection moved (a member of ``span``)
+    span: tuple[int, int]
+    lam: float
+    held_out_residual: float  # ‖AΔ − R‖ / ‖R‖ on the held-out fitting windows (1: no better than Δ = 0)
+
+    def to_dict(self) -> dict:
+        return {"ffn": self.layer, "lambda": self.lam, "held_out_residual": round(self.held_out_residual, 4)}
+
+
+@dataclasses.dataclass
+class State:
+    plan: DepthPlan
+    deltas: dict[int, np.ndarray]  # first layer of an FFN span -> ΔW_down [span width, hidden]
+    fit: Streams
+    select: Streams
+    kl: float
+
+
+@dataclasses.dataclass
+class Candidate:
+    move: Move
+    plan: DepthPlan
+    deltas: dict[int, np.ndarray]
+    start: int  # first position that differs from the current state
+    kl: float
+    refit: Refit | None
+
+    def score(self, current_kl: float) -> float:
+        return (self.kl - current_kl) / self.move.saved
+
+
+class DepthEvaluator:
+    """Incremental forwards and scores for depth plans of one model (see the module docstring).
+
+    ``fit``: windows the refits fit on (a quarter of them held out to choose λ); ``select``: windows
+    of another text whose KL(original ‖ candidate) scores candidates."""
+
+    def __init__(self, runner: BlockRunner, fit: np.ndarray, select: np.ndarray):
+        self.runner = runner
+        self.plan0 = DepthPlan.of(runner.block_map)
+        self.num_layers = self.plan0.num_layers
+        self.blocks: dict[int, FFNBlock] = {layer.index: layer.ffn for layer in runner.block_map.layers}
+        self.unit_of = {unit.layer: unit.index for unit in runner.units}
+        self.hidden = next(iter(self.blocks.values())).hidden
+        self._weights: dict[int, tuple] = {}
+        self.token_positions = 0  # tokens × sublayer positions run: the search's cost
+        original_fit = self.capture(self.plan0, {}, fit)
+        original_select = self.capture(self.plan0, {}, select)
+        self.original = original_fit.at
+        self.reference = _Reference(self._logits(original_select.at[-1]))
+        self._initial = State(self.plan0, {}, original_fit, original_select, 0.0)
+        self.state = self._initial
+        self.val_rows = len(fit) // 4 * fit.shape[1]  # the last quarter of the fitting windows chooses λ
+
+    # --- forwards ------------------------------------------------------------------------------------
+
+    @property
+    def positions(self) -> int:
+        return 2 * self.num_layers
+
+    def run(self, plan: DepthPlan, deltas: dict, stream: np.ndarray, windows: np.ndarray, start: int,
+            stop: int | None = None, capture: list | None = None) -> np.ndarray:
+        """Positions ``start..stop-1`` under ``plan`` applied to ``stream`` (the input of ``start``)."""
+        stop = self.positions if stop is None else stop
+        self.token_positions += (stop - start) * windows.size
+        for position in range(start, stop):
+            if capture is not None:
+                capture[position] = stream
+            layer, is_ffn = divmod(position, 2)
+            if not is_ffn:
+                if layer not in plan.removed_attention:
+                    with self.runner.attention(self.unit_of[layer]) as apply:
+                        stream = apply(stream, windows).astype(np.float32, copy=False)
+                continue
+            span = plan.ffn_span(layer)
+            if span is not None and span[0] == layer:
+                stream = stream + self.ffn_update(span, stream, deltas.get(layer))
+        if capture is not None:
+            capture[stop] = stream
+        return stream
+
+    def capture(self, plan: DepthPlan, deltas: dict, windows: np.ndarray) -> Streams:
+        at: list = [None] * (self.positions + 1)
+        self.run(plan, deltas, self.runner.embed(windows).astype(np.float32), windows, 0, capture=at)
+        return Streams(windows, at)
+
+    def ffn_update(self, span: tuple[int, int], stream: np.ndarray, delta: np.ndarray | None) -> np.ndarray:
+        """``Σ_j down_j(act_j(x))`` over the span's members at one input (exactly the fused FFN), with
+        ``delta`` added to the stacked down projection."""
+        x = stream.reshape(-1, stream.shape[-1])
+        total = np.zeros_like(x)
+        offset = 0
+        for layer in range(span[0], span[1] + 1):
+            down, bias = self._down(layer)
+            if delta is not None:
+                down = down + delta[offset:offset + len(down)]
+                offset += len(down)
+            total += self.activation(layer, x) @ down + bias
+        return total.reshape(stream.shape)
+
+    def activation(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """``act(n(x)·G) ⊙ n(x)·U`` of FFN ``layer`` (what its down projection reads)."""
+        block = self.blocks[layer]
+        gate, up, gate_bias, up_bias = self._in_weights(layer)
+        n = normed(block, x)
+        value = n @ up + up_bias
+        if gate is None:
+            return activation(block.activation, value)
+        return activation(block.activation, n @ gate + gate_bias) * value
+
+    def _in_weights(self, layer: int):
+        if layer not in self._weights:
+            block = self.blocks[layer]
+
+            def bias(value, width):
+                return np.zeros(width, np.float32) if value is None else value.const_value.numpy().astype(np.float32)
+
+            weights = (None if block.gate is None else read_columns(block.gate, 0, block.width),
+                       read_columns(block.up, 0, block.width), bias(block.gate_bias, block.width),
+                       bias(block.up_bias, block.width),
+                       read_rows(block.down, 0, block.width).astype(np.float32), down_bias(block))
+            if self.runner.streamed:  # larger than RAM: read per use
+                return weights[:4]
+            self._weights[layer] = weights
+        return self._weights[layer][:4]
+
+    def _down(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        if layer in self._weights:
+            return self._weights[layer][4:]
+        block = self.blocks[layer]
+        return read_rows(block.down, 0, block.width).astype(np.float32), down_bias(block)
+
+    def _logits(self, final: np.ndarray) -> np.ndarray:
+        rows = final.reshape(-1, final.shape[-1])
+        with self.runner.head() as head:
+            return np.concatenate([head(rows[i:i + HEAD_ROWS]).astype(np.float32, copy=False)
+                                   for i in range(0, len(rows), HEAD_ROWS)])
+
+    def kl(self, final: np.ndarray) -> float:
+        """Mean KL(original ‖ this) over the selection tokens, from a final stream."""
+        return self.reference.kl(self._logits(final))
+
+    def score_plan(self, plan: DepthPlan, deltas: dict) -> float:
+        """KL(original ‖ plan) on the selection tokens, run from the plan's first change."""
+        start = first_difference(self.plan0, plan, deltas)
+        select = self._initial.select
+        return self.kl(self.run(plan, deltas, select.at[start], select.windows, start))
+
+    def perplexity(self, plan: DepthPlan, deltas: dict, windows: np.ndarray) -> float:
+        """exp(mean next-token NLL) of ``plan`` on ``windows`` (e.g. a held-out text)."""
+        final = self.run(plan, deltas, self.runner.embed(windows).astype(np.float32), windows, 0)
+        nll = []
+        for window, stream in zip(windows, final):  # one window of logits at a time
+            logits = self._logits(stream[:-1])
+            nll.append(logsumexp(logits) - logits[np.arange(len(logits)), window[1:]])
+        return float(np.exp(np.mean(np.concatenate(nll), dtype=np.float64)))
+
+    def reset(self) -> None:
+        """Back to the original model."""
+        self.state = self._initial
+
+    # --- candidates ----------------------------------------------------------------------------------
+
+    def candidate(self, move: Move, refit: bool) -> Candidate:
+        """The current plan after ``move`` (and its refit), scored on the selection tokens."""
+        state = self.state
+        plan = state.plan.apply(move)
+        deltas = remap_deltas(state.plan, plan, state.deltas, self._width, self.hidden)
+        start = change_position(move)
+        fitted = None
+        if refit:
+            fitted, deltas, repair_start = self._refit(move, plan, deltas)
+            start = min(start, repair_start) if fitted else start
+        final = self.run(plan, deltas, state.select.at[start], state.select.windows, start)
+        return Candidate(move, plan, deltas, start, self.kl(final), fitted)
+
+    def accept(self, candidate: Candidate) -> None:
+        """Make ``candidate`` the current state: its streams from its first change onwards."""
+        state = self.state
+        updated = []
+        for streams in (state.fit, state.select):
+            at = list(streams.at)
+            self.run(candidate.plan, candidate.deltas, at[candidate.start], streams.windows, candidate.start,
+                     capture=at)
+            updated.append(Streams(streams.windows, at))
+        self.state = State(candidate.plan, candidate.deltas, *updated, candidate.kl)
+
+    def _width(self, layer: int) -> int:
+        return self.blocks[layer].width
+
+    def _refit(self, move: Move, plan: DepthPlan, deltas: dict) -> tuple[Refit | None, dict, int]:
+        """Refit the down projection of the last FFN before the cut toward the original stream after it."""
+        cut = cut_position(move)
+        if move.kind == "fuse":
+            span, member = (move.layers[0], move.layers[-1]), move.layers[-1]
+        else:
+            before = change_position(move)
+            span = next((s for layer in range((before - 1) // 2, -1, -1)
+                         if (s := plan.ffn_span(layer)) is not None), None)
+            if span is None:
+                return None, deltas, cut
+            member = span[1]
+        start = 2 * span[0] + 1
+        fit = self.state.fit
+        x = fit.at[start]
+        after = self.run(plan, deltas, x, fit.windows, start, cut)
+        residual = (self.original[cut] - after).reshape(-1, self.hidden)
+        a = self.activation(member, x.reshape(-1, self.hidden))
+        chosen = _ridge(a, residual, self.val_rows)
+        if chosen is None:
+            return None, deltas, cut
+        delta, lam, held_out_residual = chosen
+        offset = sum(self._width(layer) for layer in range(span[0], member))
+        width = sum(self._width(layer) for layer in range(span[0], span[1] + 1))
+        total = deltas.get(span[0], np.zeros((width, self.hidden), np.float32)).copy()
+        total[offset:offset + len(delta)] += delta
+        return Refit(member, span, lam, held_out_residual), {**deltas, span[0]: total}, start
+
+
+def first_difference(base: DepthPlan, plan: DepthPlan, deltas: dict) -> int:
+    """The first sublayer position where ``plan`` (with ``deltas``) differs from ``base``."""
+    positions = [2 * j for j in plan.removed_attention - base.removed_attention]
+    positions += [2 * j + 1 for j in plan.removed_ffn - base.removed_ffn]
+    positions += [2 * first + 1 for first, _ in plan.groups] + [2 * first + 1 for first in deltas]
+    return min(positions, default=2 * plan.num_layers)
+
+
+def change_position(move: Move) -> int:
+    """The first sublayer position a move changes."""
+    first = move.layers[0]
+    if move.kind in ("attention", "block"):
+        return 2 * first
+    if move.kind == "ffn":
+        return 2 * first + 1
+    return 2 * first + 1  # fuse: the group now computes at its first member's position
+
+
+def cut_position(move: Move) -> int:
+    """The position whose input is the stream right after what the move changed."""
+    last = move.layers[-1]
+    return 2 * last + 1 if move.kind == "attention" else 2 * last + 2
+
+
+def remap_deltas(old: DepthPlan, new: DepthPlan, deltas: dict, width, hidden: int) -> dict:
+    """Down-projection updates carried from ``old`` to ``new``: removed FFNs lose theirs, merged
+    groups stack their members'."""
+    if not deltas:
+        return {}
+    rows: dict[int, np.ndarray] = {}  # per single layer
+    for first, delta in deltas.items():
+        offset = 0
+        for layer in range(first, old.ffn_span(first)[1] + 1):
+            rows[layer] = delta[offset:offset + width(layer)]
+            offset += width(layer)
+    result = {}
+    for first in sorted({span[0] for layer in range(new.num_layers) if (span := new.ffn_span(layer))}):
+        last = new.ffn_span(first)[1]
+        members = range(first, last + 1)
+        if any(layer in rows for layer in members):
+            result[first] = np.concatenate([rows.get(layer, np.zeros((width(layer), hidden), np.float32))
+                                            for layer in members])
+    return result
+
+
+def _ridge(a: np.ndarray, residual: np.ndarray, val_rows: int):
+    """``Δ = argmin ‖AΔ − R‖² + λ'‖Δ‖²`` with λ chosen on the last ``val_rows`` rows; None when no λ
+    beats Δ = 0 there. Returns (Δ float32, λ, held-out relative residual)."""
+    val = slice(len(a) - val_rows, len(a))
+    gram_val = (a[val].T @ a[val]).astype(np.float64)
+    gram = (a.T @ a).astype(np.float64)
+    cross_val = (a[val].T @ residual[val]).astype(np.float64)
+    cross = (a.T @ residual).astype(np.float64)
+    gram_train, cross_train = gram - gram_val, cross - cross_val
+    norm = float(np.linalg.norm(residual[val])) or 1.0
+    scale = np.trace(gram_train) / len(gram_train)
+    best = None
+    for lam in REFIT_LAMBDAS:
+        delta = np.linalg.solve(gram_train + lam * scale * np.eye(len(gram)), cross_train)
+        error = float(np.linalg.norm(a[val] @ delta.astype(np.float32) - residual[val])) / norm
+        if best is None or error < best[1]:
+            best = (lam, error)
+    if best is None or best[1] >= 1.0:
+        return None
+    lam = best[0]
+    scale_all = np.trace(gram) / len(gram)
+    delta = np.linalg.solve(gram + lam * scale_all * np.eye(len(gram)), cross).astype(np.float32)
+    return delta, lam, best[1]
+
+
+class _Reference:
+    """The original's next-token distributions ``p`` on the selection tokens."""
+
+    def __init__(self, logits: np.ndarray):
+        logp = logits - logsumexp(logits)[:, None]
+        self.p = np.exp(logp)
+        self.neg_entropy = float(np.sum(self.p * logp, dtype=np.float64))
+        self.rows = len(logits)
+
+    def kl(self, logits: np.ndarray) -> float:
+        """Σ p (log p − log q) = Σ p log p − (Σ p·z − Σ lse(z)), since each row of p sums to 1."""
+        cross = float(np.sum(self.p * logits, dtype=np.float64)) - float(np.sum(logsumexp(logits), dtype=np.float64))
+        return (self.neg_entropy - cross) / self.rows
+
+
+def logsumexp(logits: np.ndarray) -> np.ndarray:
+    top = logits.max(-1)
+    shifted = np.subtract(logits, top[:, None], dtype=np.float32)
+    np.exp(shifted, out=shifted)
+    return top + np.log(shifted.sum(-1, dtype=np.float64)).astype(np.float32)

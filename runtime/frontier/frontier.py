@@ -1,0 +1,148 @@
+"""``run_frontier``: how much depth a model can lose, at what quality, and how.
+
+For each requested number of sequential steps saved, the chosen method's model (a runnable directory),
+its KL on the selection tokens, its perplexity on a held-out text, its ONNX Runtime latency against the
+original, and the single-method baselines at the same budgets, side by side. The search and the
+baselines run on one :class:`~.evaluator.DepthEvaluator`; each written model is the plan applied to
+the original file by :class:`~ffnfusion.passes.depth_plan.DepthReductionPass`, and its perplexity is
+measured again on the written file (the search's numpy FFNs and ONNX Runtime agree to ~1e-6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from ffnfusion.core.errors import InvalidArgumentError
+from ffnfusion.core.model_io import model_file
+from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
+from ffnfusion.runtime.frontier import search
+from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, logsumexp
+from ffnfusion.runtime.frontier.search import FrontierPoint
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("block-removal", "attention-removal", "ffn-removal", "fusion")
+
+
+@dataclasses.dataclass
+class FrontierResult:
+    method: str
+    original_steps: int
+    original_ppl: float
+    points: list[FrontierPoint]
+    baselines: dict[str, list[FrontierPoint]]
+    tokens: dict[str, int]
+    seconds: dict[str, float]
+    full_forward_equivalents: float  # the search's sublayer forwards, in full forwards of its tokens
+
+    def to_dict(self) -> dict:
+        return {"original_steps": self.original_steps, "original_ppl": round(self.original_ppl, 3),
+                "method": self.method, "tokens": self.tokens, "seconds": self.seconds,
+                "search_full_forward_equivalents": round(self.full_forward_equivalents, 1),
+                "points": [p.to_dict() for p in self.points],
+                "baselines": {name.replace("-", "_"): [p.to_dict() for p in points]
+                              for name, points in self.baselines.items()}}
+
+
+def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.ndarray, evaluation: np.ndarray,
+                 steps: Sequence[int], method: str = "auto", baselines: Sequence[str] = BASELINES,
+                 threads: int | None = None, stream: bool | None = None) -> FrontierResult:
+    """Search ``method``'s frontier at ``steps`` saved and score it with ``baselines``.
+
+    ``fit``: windows the refits fit on; ``select``: windows of *another* text that score candidates;
+    ``evaluation``: held-out windows for perplexity, used for nothing else."""
+    if method not in search.METHODS:
+        raise InvalidArgumentError(f"--method must be one of {', '.join(search.METHODS)}, not {method!r}")
+    unknown = sorted(set(baselines) - set(search.METHODS) - {"greedy-plain"})
+    if unknown:
+        raise InvalidArgumentError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(search.METHODS[1:])}")
+    steps = sorted(set(int(s) for s in steps))
+    path = model_file(model_path)
+    runner = BlockRunner(path, streamed=choose_streamed(path, stream), threads=threads)
+    check_steps(runner.block_map.num_layers, steps)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    evaluator = DepthEvaluator(runner, fit, select)
+    seconds["capture"] = round(time.perf_counter() - clock, 1)
+    logger.info(f"frontier: {path}, {evaluator.plan0.original_steps} sequential steps; fit {fit.size} tokens, "
+                f"selection {select.size}, held-out perplexity {evaluation.size} ({seconds['capture']} s to capture)")
+
+    def points_of(name: str) -> list[FrontierPoint]:
+        clock = time.perf_counter()
+        start_positions = evaluator.token_positions
+        if name in ("auto", "greedy-plain"):
+            found = search.greedy(evaluator, steps, refit=name == "auto", lazy=name == "auto", method=name,
+                                  progress=logger.info)
+        elif name == "fusion":
+            found = search.fusion_runs(evaluator, steps, progress=logger.info)
+        else:
+            found = search.ranked_removal(evaluator, steps, name.removesuffix("-removal"), progress=logger.info)
+        seconds[name] = round(time.perf_counter() - clock, 1)
+        if name == method:
+            nonlocal forwards
+            forwards = (evaluator.token_positions - start_positions) / (evaluator.positions * select.size)
+        return found
+
+    forwards = 0.0
+    points = points_of(method)
+    others = {name: points_of(name) for name in baselines if name != method}
+    clock = time.perf_counter()
+    original_ppl = evaluator.perplexity(evaluator.plan0, {}, evaluation)
+    for point in [*points, *(p for found in others.values() for p in found)]:
+        point.ppl = evaluator.perplexity(point.plan, point.deltas, evaluation)
+        logger.info(f"{point.method}: {point.steps_saved} steps saved: KL {point.kl:.4f}, held-out perplexity "
+                    f"{point.ppl:.2f} (original {original_ppl:.2f})")
+    seconds["perplexity"] = round(time.perf_counter() - clock, 1)
+    missing = sorted(set(steps) - {p.steps_saved for p in points})
+    if missing:
+        logger.warning(f"frontier: {method} found no point at {missing} steps saved")
+    tokens = {"fit": int(fit.size), "select": int(select.size), "evaluation": int(evaluation.size)}
+    return FrontierResult(method, evaluator.plan0.original_steps, original_ppl, points, others, tokens, seconds,
+                          forwards)
+
+
+def check_steps(num_layers: int, steps: Sequence[int]) -> None:
+    if min(steps) < 1 or max(steps) >= 2 * num_layers:
+        raise InvalidArgumentError(f"--steps must be between 1 and {2 * num_layers - 1} for {num_layers} layers, "
+                                   f"got {','.join(map(str, steps))}")
+
+
+def write_point_model(model_path: str | os.PathLike, point: FrontierPoint, out_dir: pathlib.Path, *,
+                      target: str = "auto", validate: bool = True) -> pathlib.Path:
+    """The point's plan applied to the original model, written to ``out_dir/model.onnx`` with the
+    tokenizer, config and an ``ffnfusion.json`` that records the moves and refits."""
+    from ffnfusion.passes.depth_plan import DepthReductionPass
+    from ffnfusion.runtime.model_rewrite import resolve_target, rewrite_model_file
+
+    layout, _ = resolve_target(target)
+    reduction = DepthReductionPass(point.plan, point.deltas, target=layout)
+
+    def record(metadata: dict) -> None:
+        metadata["depth_reduction"] = {"method": point.method, "steps_saved": point.steps_saved,
+                                       "moves": point.moves, "plan": point.plan.to_dict(),
+                                       "refitted_ffns": sorted(point.deltas)}
+
+    summary = rewrite_model_file(model_path, out_dir, reduction, f"{point.method}: {point.steps_saved} steps saved",
+                                 record, validate)
+    return pathlib.Path(summary["output"])
+
+
+def file_perplexity(model_path: str | os.PathLike, windows: np.ndarray, *, threads: int | None = None,
+                    stream: bool | None = None) -> float:
+    """Perplexity of a model file on ``windows``, block by block through ONNX Runtime."""
+    path = model_file(model_path)
+    runner = BlockRunner(path, streamed=choose_streamed(path, stream), threads=threads)
+    final = runner.final_stream(windows)
+    nll = []
+    with runner.head() as head:
+        for window, stream_rows in zip(windows, final):
+            logits = head(stream_rows[:-1]).astype(np.float32, copy=False)
+            nll.append(logsumexp(logits) - logits[np.arange(len(logits)), window[1:]])
+    return float(np.exp(np.mean(np.concatenate(nll), dtype=np.float64)))

@@ -1,0 +1,189 @@
+"""Depth-reduction searches on a :class:`~.evaluator.DepthEvaluator`.
+
+``auto``: greedy over every move (remove attention j, FFN j or block j; fuse neighbouring
+attention-free FFNs), keeping at each step the smallest increase of KL(original ‖ candidate) per step saved on the
+selection tokens. *Lazy*: a move's score from an earlier step is a good guess of its score now, so
+moves are scored best-guess first and the step stops once no stale guess beats the best fresh score
+(at least ``MIN_FRESH`` fresh; moves next to the last change are always fresh). The ``REFITTED``
+best are then scored again with their refit, which is kept only where it lowers the selection KL
+(tokens held out from its fit).
+
+``greedy-plain``: the prototype this project was measured against — every move scored afresh each
+step, no refit. The single-method baselines remove whole blocks, attention or FFN sublayers in order
+of an importance ranking (``1 − cos(x_in, x_out)`` on the fitting tokens, ShortGPT's for blocks), and
+``fusion`` is ffnfusion's original recipe: attention removed in a run of layers and their FFNs fused
+(plus the refit), the run chosen by KL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ffnfusion.passes.depth_plan import DepthPlan, Move
+from ffnfusion.runtime.frontier.evaluator import DepthEvaluator
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("auto", "greedy-plain", "fusion", "block-removal", "attention-removal", "ffn-removal")
+MIN_FRESH = 4  # lazy greedy: moves scored afresh per step at least
+NEAR = 1  # ... and every move within this many layers of the last change
+REFITTED = 4  # auto: the best plain candidates of a step that are tried again with their refit
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class FrontierPoint:
+    method: str
+    steps_saved: int
+    moves: list[dict]
+    kl: float
+    plan: DepthPlan
+    deltas: dict[int, np.ndarray] = dataclasses.field(repr=False, default_factory=dict)
+    ppl: float | None = None
+    latency: dict | None = None
+    model: str | None = None
+
+    def to_dict(self) -> dict:
+        entry = {"steps": self.steps_saved, "sequential_steps": self.plan.steps, "moves": self.moves,
+                 "kl": round(self.kl, 5), "ppl": None if self.ppl is None else round(self.ppl, 3),
+                 "plan": self.plan.to_dict(), "refitted_ffns": sorted(self.deltas)}
+        if self.latency is not None:
+            entry["latency"] = self.latency
+        if self.model is not None:
+            entry["model"] = self.model
+        return entry
+
+
+def greedy(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool, lazy: bool, method: str,
+           progress: Progress | None = None) -> list[FrontierPoint]:
+    """The greedy path from the original model to ``max(budgets)`` steps saved; a point at each budget."""
+    evaluator.reset()
+    budgets = sorted(set(budgets))
+    stale: dict[Move, float] = {}
+    path: list[dict] = []
+    points = []
+    clock = time.perf_counter()
+    while evaluator.state.plan.saved < budgets[-1]:
+        state = evaluator.state
+        saved = state.plan.saved
+        budget = min(b for b in budgets if b > saved)
+        moves = [m for m in state.plan.legal_moves() if saved + m.saved <= budget]
+        if not moves:
+            break
+        # Plain scores first (lazily: stale guesses in order), then the refit of the most promising few.
+        scored: list = []
+        best_score, fresh = math.inf, 0
+        for move in sorted(moves, key=lambda m: stale.get(m, -math.inf)):
+            if lazy and fresh >= MIN_FRESH and stale.get(move, -math.inf) >= best_score:
+                break
+            candidate = evaluator.candidate(move, refit=False)
+            stale[move] = score = candidate.score(state.kl)
+            scored.append((score, candidate))
+            best_score = min(best_score, score)
+            fresh += 1
+        scored.sort(key=lambda pair: pair[0])
+        best = scored[0][1]
+        if refit:
+            # A refit is kept only where it lowers the selection KL (tokens it was not fitted on).
+            for _, plain in scored[:REFITTED]:
+                refitted = evaluator.candidate(plain.move, refit=True)
+                if refitted.refit is not None and refitted.score(state.kl) < best.score(state.kl):
+                    best = refitted
+        evaluator.accept(best)
+        path.append({**best.move.to_dict(), "kl": round(best.kl, 5),
+                     "refit": best.refit.to_dict() if best.refit else None})
+        for move in [m for m in stale if _distance(m, best.move) <= NEAR]:
+            del stale[move]
+        done = evaluator.state.plan.saved
+        if progress:
+            progress(f"{method}: {best.move}{' + refit' if best.refit else ''} -> {done} steps saved, "
+                     f"KL {best.kl:.4f} ({fresh} of {len(moves)} moves scored, {time.perf_counter() - clock:.0f} s)")
+        if done in budgets:
+            points.append(FrontierPoint(method, done, list(path), best.kl, evaluator.state.plan,
+                                        dict(evaluator.state.deltas)))
+    return points
+
+
+def _distance(a: Move, b: Move) -> int:
+    return min(abs(x - y) for x in a.layers for y in b.layers)
+
+
+def importances(evaluator: DepthEvaluator) -> dict[str, np.ndarray]:
+    """``1 − mean cos(x_in, x_out)`` per layer on the fitting tokens, for blocks, attention and FFNs."""
+    at = evaluator.original
+
+    def one_minus_cos(a: np.ndarray, b: np.ndarray) -> float:
+        a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+        return float(1 - cos.mean())
+
+    layers = range(evaluator.num_layers)
+    return {"block": np.array([one_minus_cos(at[2 * j], at[2 * j + 2]) for j in layers]),
+            "attention": np.array([one_minus_cos(at[2 * j], at[2 * j + 1]) for j in layers]),
+            "ffn": np.array([one_minus_cos(at[2 * j + 1], at[2 * j + 2]) for j in layers])}
+
+
+def ranked_removal(evaluator: DepthEvaluator, budgets: Sequence[int], kind: str,
+                   progress: Progress | None = None) -> list[FrontierPoint]:
+    """Remove ``kind`` ("block", "attention", "ffn") sublayers in order of least importance."""
+    ranking = np.argsort(importances(evaluator)[kind], kind="stable")
+    method = f"{kind}-removal"
+    points = []
+    for budget in sorted(set(budgets)):
+        plan, moves = evaluator.plan0, []
+        for layer in ranking:
+            move = Move(kind, (int(layer),))
+            if plan.saved + move.saved > budget:
+                break
+            if move in plan.legal_moves():
+                plan = plan.apply(move)
+                moves.append(move.to_dict())
+        kl = evaluator.score_plan(plan, {})
+        points.append(FrontierPoint(method, plan.saved, moves, kl, plan))
+        if progress:
+            progress(f"{method}: {plan.saved} steps saved, KL {kl:.4f}")
+    return points
+
+
+def fusion_runs(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool = True,
+                progress: Progress | None = None) -> list[FrontierPoint]:
+    """Attention removed in layers ``a+1..a+k`` and FFNs ``a..a+k`` fused (2k steps; one more attention
+    removed, layer ``a+k+1``, for an odd budget), ``a`` chosen by KL; then the fused group's refit."""
+    points = []
+    for budget in sorted(set(budgets)):
+        k = budget // 2
+        best = None
+        for first in range(0, evaluator.num_layers - k - budget % 2):
+            moves = [Move("attention", (layer,)) for layer in range(first + 1, first + k + 1 + budget % 2)]
+            moves.append(Move("fuse", tuple(range(first, first + k + 1))))
+            plan = evaluator.plan0
+            for move in moves:
+                plan = plan.apply(move)
+            kl = evaluator.score_plan(plan, {})
+            if best is None or kl < best[0]:
+                best = (kl, moves)
+        kl, moves = best
+        evaluator.reset()
+        for move in moves[:-1]:
+            evaluator.accept(evaluator.candidate(move, refit=False))
+        last = evaluator.candidate(moves[-1], refit=False)
+        if refit:
+            refitted = evaluator.candidate(moves[-1], refit=True)
+            last = refitted if refitted.kl < last.kl else last
+        evaluator.accept(last)
+        described = [m.to_dict() for m in moves]
+        if last.refit:
+            described[-1]["refit"] = last.refit.to_dict()
+        state = evaluator.state
+        points.append(FrontierPoint("fusion", state.plan.saved, described, state.kl, state.plan, dict(state.deltas)))
+        if progress:
+            progress(f"fusion: {moves[-1]} with attention removed in {moves[0].layers[0]}-{moves[-2].layers[0]} -> "
+                     f"{state.plan.saved} steps saved, KL {state.kl:.4f}")
+    return points

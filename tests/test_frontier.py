@@ -1,0 +1,197 @@
+"""The depth-reduction frontier: step counting, moves, the incremental evaluator against written models,
+refits, and the CLI (tiny random Llamas; one slow SmolLM2 run in test_smollm2.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CONFIG, rel_err
+
+from ffnfusion.cli import main
+from ffnfusion.core.errors import InvalidPlanError
+from ffnfusion.core.model_io import load_model
+from ffnfusion.exporters.onnx_export import ExportOptions, export_model
+from ffnfusion.passes.blocks import find_blocks
+from ffnfusion.passes.depth_plan import DepthPlan, DepthReductionPass, Move
+from ffnfusion.runtime.block_runner import BlockRunner
+from ffnfusion.runtime.frontier import search
+from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, _ridge
+
+
+@pytest.fixture(scope="module")
+def tiny_full(tmp_path_factory, tiny_llama):
+    """The tiny Llama with attention in every layer (what a frontier starts from)."""
+    return export_model(copy.deepcopy(tiny_llama), tmp_path_factory.mktemp("full"), ExportOptions(opset=20))
+
+
+@pytest.fixture(scope="module")
+def windows():
+    rng = np.random.default_rng(0)
+    vocab = TINY_CONFIG["vocab_size"]
+    return {name: rng.integers(0, vocab, (count, 32)) for name, count in (("fit", 8), ("select", 4), ("eval", 4))}
+
+
+@pytest.fixture(scope="module")
+def evaluator(tiny_full, windows):
+    return DepthEvaluator(BlockRunner(tiny_full, streamed=False), windows["fit"], windows["select"])
+
+
+# --- step counting ------------------------------------------------------------------------------
+
+def test_steps_per_move():
+    plan = DepthPlan(8)
+    assert (plan.original_steps, plan.steps, plan.saved) == (16, 16, 0)
+    plan = plan.apply(Move("attention", (3,))).apply(Move("ffn", (5,))).apply(Move("block", (1,)))
+    assert plan.saved == 1 + 1 + 2
+    plan = plan.apply(Move("attention", (4,)))
+    assert Move("fuse", (3, 4)) in plan.legal_moves()  # FFNs 3 and 4 with no attention between
+    assert Move("fuse", (4, 5)) not in plan.legal_moves()  # FFN 5 is gone
+    fused = plan.apply(Move("fuse", (3, 4)))
+    assert fused.saved == plan.saved + 1 and fused.groups == ((3, 4),)
+    merged = fused.apply(Move("fuse", (2, 3, 4)))  # FFN 2 joins: attention 3 is gone
+    assert merged.groups == ((2, 4),) and merged.saved == plan.saved + 2  # k = 3 FFNs save 2
+    assert merged.steps == 16 - merged.saved
+    with pytest.raises(InvalidPlanError, match="not possible"):
+        merged.apply(Move("ffn", (3,)))  # a member of a fused group
+    assert DepthPlan.from_dict(merged.to_dict()) == merged
+
+
+def test_inspect_reports_sequential_steps(tiny_full, tiny_dynamo20, capsys):
+    for model, steps in ((tiny_full, 16), (tiny_dynamo20, 16 - 5)):
+        assert main(["inspect", str(model), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["sequential_steps"] == steps
+
+
+# --- the evaluator and written models ---------------------------------------------------------------
+
+def test_evaluator_original_streams_equal_onnx_runtime(evaluator, tiny_full, windows):
+    reference = BlockRunner(tiny_full, streamed=False).final_stream(windows["select"])
+    assert rel_err(evaluator.state.select.at[-1], reference) < 1e-5
+    assert evaluator.state.kl == 0 and abs(evaluator.score_plan(evaluator.plan0, {})) < 1e-6
+
+
+def test_written_plan_equals_the_evaluator_and_torch(evaluator, tiny_llama, tiny_full, windows, tmp_path):
+    # Every kind of move, and refits (one into a fused group): the file computes what was scored.
+    evaluator.reset()
+    for move in [Move("attention", (3,)), Move("attention", (4,)), Move("fuse", (3, 4)), Move("ffn", (6,)),
+                 Move("block", (1,))]:
+        evaluator.accept(evaluator.candidate(move, refit=True))
+    state = evaluator.state
+    assert state.deltas and state.plan.saved == 1 + 1 + 1 + 1 + 2
+    model = load_model(tiny_full)
+    DepthReductionPass(state.plan, state.deltas)(model)
+    assert find_blocks(model).sequential_steps == state.plan.steps
+    from ffnfusion.core.model_io import save_model
+
+    written = save_model(model, tmp_path / "model.onnx")
+    final = BlockRunner(written, streamed=False).final_stream(windows["select"])
+    assert rel_err(state.select.at[-1], final) < 1e-5
+    assert abs(evaluator.score_plan(state.plan, state.deltas) - state.kl) < 1e-5
+    # and the same plan and refits applied to the torch model (independent of the graph rewrite)
+    from ffnfusion.exporters.llama_surgery import apply_depth_plan
+
+    reference = copy.deepcopy(tiny_llama)
+    apply_depth_plan(reference, state.plan, state.deltas)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(windows["eval"][:1]), use_cache=False).logits.numpy()
+    assert rel_err(BlockRunner(written, streamed=False).logits(windows["eval"][:1]), expected) < 1e-5
+    evaluator.reset()
+
+
+def test_block_removal_is_an_identity_skip(tiny_llama, tiny_full, windows, tmp_path):
+    # Independent reference: transformers' own model with decoder layer 2 deleted.
+    model = load_model(tiny_full)
+    DepthReductionPass(DepthPlan(8).apply(Move("block", (2,))))(model)
+    from ffnfusion.core.model_io import save_model
+
+    runner = BlockRunner(save_model(model, tmp_path / "model.onnx"), streamed=False)
+    logits = runner.logits(windows["eval"][:1])
+    cut = copy.deepcopy(tiny_llama)
+    del cut.model.layers[2]
+    for index, layer in enumerate(cut.model.layers):
+        layer.self_attn.layer_idx = index
+    cut.config.num_hidden_layers = 7
+    with torch.no_grad():
+        reference = cut(torch.from_numpy(windows["eval"][:1]), use_cache=False).logits.numpy()
+    assert rel_err(logits, reference) < 1e-4
+
+
+def test_refit_lowers_the_stream_error_and_is_refused_when_it_cannot_help():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((400, 20)).astype(np.float32)
+    w = rng.standard_normal((20, 6)).astype(np.float32)
+    fitted = _ridge(a, a @ w + 0.01 * rng.standard_normal((400, 6)).astype(np.float32), val_rows=100)
+    assert fitted is not None and fitted[2] < 0.05
+    assert _ridge(a, rng.standard_normal((400, 6)).astype(np.float32), val_rows=100) is None  # noise: nothing to fit
+
+
+def test_greedy_refit_never_worse_than_plain_on_held_out_tokens(evaluator):
+    points = search.greedy(evaluator, [2, 4], refit=True, lazy=True, method="auto")
+    assert [p.steps_saved for p in points] == [2, 4]
+    for point in points:
+        assert point.plan.saved == point.steps_saved
+        assert abs(evaluator.score_plan(point.plan, point.deltas) - point.kl) < 1e-5
+    evaluator.reset()
+    for step in points[-1].moves:
+        move = _move(step)
+        plain = evaluator.candidate(move, refit=False)
+        chosen = evaluator.candidate(move, refit=step["refit"] is not None)
+        assert chosen.kl <= plain.kl + 1e-9
+        evaluator.accept(chosen)
+    evaluator.reset()
+
+
+def _move(step: dict) -> Move:
+    layers = step["layers"]
+    return Move(step["move"], tuple(range(layers[0], layers[1] + 1)) if step["move"] == "fuse" else (layers,))
+
+
+def test_baselines_save_what_they_say(evaluator):
+    for kind in ("block", "attention", "ffn"):
+        points = search.ranked_removal(evaluator, [2, 4], kind)
+        assert [p.steps_saved for p in points] == [2, 4]
+        assert all(m["move"] == kind for p in points for m in p.moves)
+    fusion = search.fusion_runs(evaluator, [4])
+    assert fusion[0].steps_saved == 4 and fusion[0].plan.groups
+    evaluator.reset()
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+def test_frontier_cli_writes_runnable_points(tiny_full, windows, tmp_path, capsys):
+    ids = {}
+    for name in ("fit", "select", "eval"):
+        ids[name] = tmp_path / f"{name}.npy"
+        np.save(ids[name], windows[name].reshape(-1))
+    out = tmp_path / "frontier"
+    code = main(["frontier", str(tiny_full), "-o", str(out), "--steps", "2,4", "--calib-ids", str(ids["fit"]),
+                 str(ids["select"]), "--eval-ids", str(ids["eval"]), "--tokens", "256", "--select-tokens", "128",
+                 "--eval-tokens", "128", "--window", "32", "--baselines", "block-removal"])
+    assert code == 0
+    result = json.loads((out / "frontier.json").read_text())
+    assert result["original_steps"] == 16
+    assert [p["steps"] for p in result["points"]] == [2, 4]
+    assert [p["steps"] for p in result["baselines"]["block_removal"]] == [2, 4]
+    assert (out / "frontier.png").stat().st_size > 0 and "block-removal" in (out / "frontier.md").read_text()
+    for point in result["points"]:
+        model = out / point["model"]
+        assert point["latency"]["prefill_ms"] > 0 and point["ppl"] > 1
+        capsys.readouterr()
+        assert main(["inspect", str(model), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["sequential_steps"] == 16 - point["steps"]
+        recorded = json.loads((model.parent / "ffnfusion.json").read_text())["depth_reduction"]
+        assert recorded["moves"] == point["moves"]
+    assert not list(out.glob(".steps-*"))  # no staging left behind
+
+
+def test_frontier_cli_rejects_bad_budgets(tiny_full, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frontier", str(tiny_full), "-o", str(tmp_path / "out"), "--steps", "0"])
+    assert exit_info.value.code == 2 and "positive integers" in capsys.readouterr().err
+    assert main(["frontier", str(tiny_full), "-o", str(tmp_path / "out"), "--steps", "4,16"]) == 2
+    assert "--steps must be between 1 and 15" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
