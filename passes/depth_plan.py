@@ -119,8 +119,9 @@ class DepthPlan:
     def can_fuse(self, first: int, last: int) -> bool:
         """FFNs ``first..last`` all present, no attention between them, no group cut in two."""
         spans = [self.ffn_span(layer) for layer in range(first, last + 1)]
-        return (last > first and None not in spans and spans[0][0] == first and spans[-1][1] == last
-                and len(set(spans)) > 1 and all(j in self.removed_attention for j in range(first + 1, last + 1)))
+        present = [span for span in spans if span is not None]
+        return (last > first and len(present) == len(spans) and present[0][0] == first and present[-1][1] == last
+                and len(set(present)) > 1 and all(j in self.removed_attention for j in range(first + 1, last + 1)))
 
     def apply(self, move: Move) -> DepthPlan:
         legal = (self.can_fuse(move.layers[0], move.layers[-1]) and move.layers == tuple(range(move.layers[0], move.layers[-1] + 1))

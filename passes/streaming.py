@@ -69,7 +69,7 @@ class FoldedColumns(ChunkedTensor):
     folded in float32 and produced a block of input rows at a time; :meth:`columns` reads a slice of
     columns from the members alone."""
 
-    __slots__ = ("_members", "_gains", "_offsets")
+    __slots__ = ("_members", "_gains", "_offsets", "_rows")
 
     def __init__(self, weights: list[Weight], gains: list[np.ndarray], dtype: ir.DataType, name: str,
                  pad: int = 0):
@@ -97,11 +97,11 @@ class FoldedColumns(ChunkedTensor):
                     yield block
 
         super().__init__(chunks, dtype, (rows, width), name)
-        self._members, self._gains, self._offsets = weights, gains, offsets
+        self._members, self._gains, self._offsets, self._rows = weights, gains, offsets, rows
 
     def columns(self, start: int, stop: int) -> np.ndarray:
         """Columns ``start:stop`` as float32, rounded to the tensor's dtype as when saved."""
-        out = np.zeros((self.shape[0], stop - start), np.float32)
+        out = np.zeros((self._rows, stop - start), np.float32)
         np_dtype = self.dtype.numpy()
         for weight, gain, lo, hi in zip(self._members, self._gains, self._offsets, self._offsets[1:]):
             first, last = max(start, int(lo)), min(stop, int(hi))
@@ -115,7 +115,7 @@ class StackedRows(ChunkedTensor):
     """``[D_1; …; D_k; 0]`` (down of a fused group, ``pad`` zero rows): each member's rows in turn,
     no arithmetic; :meth:`rows` reads a slice of rows from the members alone."""
 
-    __slots__ = ("_members", "_offsets")
+    __slots__ = ("_members", "_offsets", "_cols")
 
     def __init__(self, weights: list[Weight], dtype: ir.DataType, name: str, pad: int = 0):
         cols = weights[0].shape_in_out[1]
@@ -135,11 +135,11 @@ class StackedRows(ChunkedTensor):
                 yield np.zeros((pad, cols), dtype.numpy())
 
         super().__init__(chunks, dtype, (int(offsets[-1]) + pad, cols), name)
-        self._members, self._offsets = weights, offsets
+        self._members, self._offsets, self._cols = weights, offsets, cols
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` in the tensor's dtype."""
-        out = np.zeros((stop - start, self.shape[1]), self.dtype.numpy())
+        out = np.zeros((stop - start, self._cols), self.dtype.numpy())
         for weight, lo, hi in zip(self._members, self._offsets, self._offsets[1:]):
             first, last = max(start, int(lo)), min(stop, int(hi))
             if first < last:

@@ -195,3 +195,12 @@ def test_frontier_cli_rejects_bad_budgets(tiny_full, tmp_path, capsys):
     assert main(["frontier", str(tiny_full), "-o", str(tmp_path / "out"), "--steps", "4,16"]) == 2
     assert "--steps must be between 1 and 15" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_streamed_evaluator_scores_like_the_in_ram_one(evaluator, tiny_full, windows):
+    # Models larger than RAM: the same search on the block-streamed runner (weights read per use).
+    streamed = DepthEvaluator(BlockRunner(tiny_full, streamed=True), windows["fit"], windows["select"])
+    evaluator.reset()
+    for move in (Move("attention", (3,)), Move("block", (5,))):
+        a, b = evaluator.candidate(move, refit=True), streamed.candidate(move, refit=True)
+        assert abs(a.kl - b.kl) <= 1e-5 * max(1.0, a.kl) and (a.refit is None) == (b.refit is None)
