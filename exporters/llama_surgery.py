@@ -84,15 +84,34 @@ def drop_attention(model: nn.Module, layer_indices: Iterable[int]) -> list[int]:
 
 
 def parallelize_groups(model: nn.Module, groups: Iterable[Sequence[int]]) -> None:
-    """Compute each group of attention-free layers in parallel form, in place (reference model)."""
+    """Compute each group in parallel form, in place (reference model). Members after the first must
+    be attention-free; a first member that keeps its attention runs it, then all members' FFNs read
+    the stream after it."""
     layers = decoder_layers(model)
     for group in groups:
         members = [layers[i] for i in group]
-        if not all(isinstance(m, AttentionFreeDecoderLayer) for m in members):
-            raise InvalidPlanError(f"group {list(group)} contains a layer that still has attention")
-        layers[group[0]] = ParallelFFNGroup(members)
+        if not all(isinstance(m, AttentionFreeDecoderLayer) for m in members[1:]):
+            raise InvalidPlanError(f"group {list(group)} has attention between its FFNs")
+        first = members[0]
+        if isinstance(first, AttentionFreeDecoderLayer):
+            layers[group[0]] = ParallelFFNGroup(members)
+        else:
+            ffns = [AttentionFreeDecoderLayer(first), *members[1:]]
+            first.post_attention_layernorm = nn.Identity()  # each member applies its own norm
+            first.mlp = _SummedFFNs(ffns)
         for index in group[1:]:
             layers[index] = _PassThrough()
+
+
+class _SummedFFNs(nn.Module):
+    """``Σ_i ffn_i(norm_i(h))``: the FFN of a layer that keeps its attention and heads a group."""
+
+    def __init__(self, members: Sequence[AttentionFreeDecoderLayer]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return sum(member.ffn_update(hidden_states) for member in self.members)
 
 
 class _ZeroFFN(nn.Module):

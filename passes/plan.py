@@ -110,21 +110,22 @@ class FusionPlan:
                 raise InvalidPlanError(
                     f"group {label} names layer {missing[0]}, but the model has layers 0-{num_layers - 1}"
                 )
-            run = block_map.run_of(group[0])
-            if run is None:
-                layer = block_map.layer(group[0])
-                why = "has attention" if layer.attention else f"has no recognised FFN ({layer.unknown})"
-                raise InvalidPlanError(
-                    f"group {label} starts at layer {group[0]}, which {why}; "
-                    f"attention-free runs: {_runs_text(block_map)}"
-                )
-            if group[-1] > run[1]:
-                stop = block_map.layer(run[1] + 1)
-                why = "has attention" if stop.attention else f"has no recognised FFN ({stop.unknown})"
-                raise InvalidPlanError(
-                    f"group {label} leaves the attention-free run {run[0]}-{run[1]}: "
-                    f"layer {stop.index} {why}"
-                )
+            # One FFN and the attention-free layers after it: the first member may keep the attention
+            # before its FFN (it reads the stream after it), no attention may sit between members.
+            first = block_map.layer(group[0])
+            if first.ffn is None:
+                raise InvalidPlanError(f"group {label} starts at layer {group[0]}, which has no recognised FFN "
+                                       f"({first.unknown}); attention-free runs: {_runs_text(block_map)}")
+            for index in group[1:]:
+                position = block_map.layer(index)
+                if position.index != index:
+                    continue  # inside an FFN fused earlier: nothing between its members
+                if position.attention or position.ffn is None:
+                    why = "has attention" if position.attention else f"has no recognised FFN ({position.unknown})"
+                    raise InvalidPlanError(
+                        f"group {label}: layer {index} {why}, between FFNs {index - 1} and {index}; a group is "
+                        f"one FFN and attention-free layers after it (attention-free runs: {_runs_text(block_map)})"
+                    )
             positions = list(dict.fromkeys(block_map.layer(i) for i in group))
             for edge, position in ((group[0], positions[0]), (group[-1], positions[-1])):
                 if position.last is not None and edge not in (position.index, position.last):

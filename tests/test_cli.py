@@ -69,8 +69,8 @@ def test_fuse_with_plan_file(capsys, tiny_dynamo20, tmp_path):
 
 @pytest.mark.parametrize("groups, code, message", [
     ("2-3,3-4", 1, "groups 2-3 and 3-4 overlap at layer 3"),
-    ("5-7", 1, "group 5-7 leaves the attention-free run 2-6: layer 7 has attention"),
-    ("0-1", 1, "group 0-1 starts at layer 0, which has attention"),
+    ("5-7", 1, "group 5-7: layer 7 has attention, between FFNs 6 and 7"),
+    ("0-1", 1, "group 0-1: layer 1 has attention, between FFNs 0 and 1"),
     ("6-9", 1, "group 6-9 names layer 8, but the model has layers 0-7"),
     ("2-x", 2, "bad layer range '2-x'"),
 ])
@@ -128,7 +128,7 @@ def test_drop_attention_command(capsys, tiny_dynamo20, tmp_path):
 def test_hand_edited_bad_plan_is_one_line(capsys, tiny_dynamo20, tmp_path):
     plan = tmp_path / "plan.json"
     for text, code, message in (('{"groups": [[2, "3"]]}', 2, "integer layer indices"),
-                                ('{"groups": [[6, 7]]}', 1, "leaves the attention-free run 2-6"),
+                                ('{"groups": [[6, 7]]}', 1, "layer 7 has attention, between FFNs 6 and 7"),
                                 ("[", 2, "cannot read plan")):
         plan.write_text(text)
         returned, _, err = _run(capsys, "fuse", tiny_dynamo20, "-o", tmp_path / "o.onnx", "--plan", plan)

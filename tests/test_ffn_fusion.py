@@ -52,6 +52,18 @@ def test_fused_equals_parallel_form(tiny_variants, tiny_llama, variant, tmp_path
     assert rel_err(fused, unfused) > 1e-3  # the parallel form is not the sequential one
 
 
+@pytest.mark.parametrize("variant", ["dynamo-opset20", "torchscript-opset18"])
+def test_group_headed_by_a_layer_with_attention(tiny_variants, tiny_llama, variant, tmp_path):
+    # FFN 1 (after layer 1's attention) and the attention-free 2-3 read the stream after attention 1.
+    input_ids = np.random.default_rng(2).integers(0, 128, (2, 11))
+    fused_path = _fused_copy(tiny_variants[variant], [[1, 2, 3]], tmp_path)
+    block_map = find_blocks(ir.load(fused_path))
+    assert [(layer.index, layer.attention, list(layer.span)) for layer in block_map.layers][1:3] == \
+        [(1, True, [1, 2, 3]), (4, False, [4])]
+    fused = run_logits(create_session(fused_path), input_ids)
+    assert rel_err(fused, _reference_logits(tiny_llama, input_ids, [[1, 2, 3]])) <= 1e-5
+
+
 def test_group_becomes_one_wide_ffn(tiny_dynamo20, tmp_path):
     model = ir.from_proto(onnx.load(str(_fused_copy(tiny_dynamo20, GROUPS, tmp_path))))
     initializers = model.graph.initializers
@@ -106,8 +118,9 @@ def test_input_model_is_not_modified_on_disk(tiny_dynamo20, tmp_path):
 
 @pytest.mark.parametrize("groups, message", [
     ([[2, 3], [3, 4]], "groups 2-3 and 3-4 overlap at layer 3"),
-    ([[1, 2]], "group 1-2 starts at layer 1, which has attention; attention-free runs: 2-6"),
-    ([[6, 7]], "group 6-7 leaves the attention-free run 2-6: layer 7 has attention"),
+    ([[0, 1]], r"group 0-1: layer 1 has attention, between FFNs 0 and 1; a group is one FFN and attention-free "
+               r"layers after it \(attention-free runs: 2-6\)"),
+    ([[6, 7]], "group 6-7: layer 7 has attention, between FFNs 6 and 7"),
     ([[8, 9]], "group 8-9 names layer 8, but the model has layers 0-7"),
     ([[3]], "group 3 has one layer"),
     ([[2, 4]], "not a range of consecutive layers"),

@@ -77,11 +77,13 @@ def test_evaluator_original_streams_equal_onnx_runtime(evaluator, tiny_full, win
 def test_written_plan_equals_the_evaluator_and_torch(evaluator, tiny_llama, tiny_full, windows, tmp_path):
     # Every kind of move, and refits (one into a fused group): the file computes what was scored.
     evaluator.reset()
-    for move in [Move("attention", (3,)), Move("attention", (4,)), Move("fuse", (3, 4)), Move("ffn", (6,)),
-                 Move("block", (1,))]:
+    # fuse 5-6 keeps attention 5 before the group; block 1 and FFN 7 go
+    for move in [Move("attention", (3,)), Move("attention", (4,)), Move("fuse", (3, 4)), Move("attention", (6,)),
+                 Move("fuse", (5, 6)), Move("ffn", (7,)), Move("block", (1,))]:
         evaluator.accept(evaluator.candidate(move, refit=True))
     state = evaluator.state
-    assert state.deltas and state.plan.saved == 1 + 1 + 1 + 1 + 2
+    assert state.deltas and state.plan.saved == 1 + 1 + 1 + 1 + 1 + 1 + 2
+    assert state.plan.groups == ((3, 4), (5, 6))
     model = load_model(tiny_full)
     DepthReductionPass(state.plan, state.deltas)(model)
     assert find_blocks(model).sequential_steps == state.plan.steps

@@ -172,7 +172,7 @@ CORPUS = {  # name: (builder, command after the model path, exit code)
 GROUP_ERRORS = {
     "overlapping groups": (["--groups", "2-3,3-4"], 1, "overlap at layer 3"),
     "out-of-range group": (["--groups", "4-7"], 1, "names layer 6, but the model has layers 0-5"),
-    "attention-crossing group": (["--groups", "1-2"], 1, "starts at layer 1, which has attention"),
+    "attention-crossing group": (["--groups", "0-1"], 1, "layer 1 has attention, between FFNs 0 and 1"),
     "malformed group": (["--groups", "2-"], 2, "bad layer range"),
 }
 

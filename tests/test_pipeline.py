@@ -100,7 +100,7 @@ def test_errors_inside_pass_managers_reach_the_cli_as_one_line(tiny_dynamo20, tm
     with pytest.raises(ir.passes.PassError) as caught:
         ir.passes.PassManager([FFNFusionPass([[0, 1]])])(model)
     error = user_error(caught.value)
-    assert isinstance(error, InvalidPlanError) and "layer 0, which has attention" in str(error)
+    assert isinstance(error, InvalidPlanError) and "layer 1 has attention, between FFNs 0 and 1" in str(error)
     assert user_error(ir.passes.PassError("no cause")) is None  # not ours: a bug, shown with its traceback
 
     ids = tmp_path / "ids.npy"
@@ -110,5 +110,5 @@ def test_errors_inside_pass_managers_reach_the_cli_as_one_line(tiny_dynamo20, tm
                  "--calib-ids", str(ids)])
     stderr = capsys.readouterr().err
     assert code == 1 and "Traceback" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1].startswith("ffnfusion: error: group 0-1 starts at layer 0, which has attention")
+    assert stderr.strip().splitlines()[-1].startswith("ffnfusion: error: group 0-1: layer 1 has attention")
     assert not out.parent.exists()

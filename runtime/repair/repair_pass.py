@@ -157,8 +157,11 @@ class RepairPass(ir.passes.InPlacePass):
         start = time.perf_counter()
         label = format_ranges(group)
         layer = runner.block_map.layer(group[0])
-        if list(layer.span) != list(group) or layer.ffn is None or layer.attention:
+        if list(layer.span) != list(group) or layer.ffn is None:
             raise RepairError(f"repair: layer {group[0]} of the fused model is not the fused group {label}")
+        if layer.attention:  # its unit's input is before the attention, not the group's input
+            raise RepairError(f"repair: group {label} starts at a layer that keeps its attention; fuse --repair "
+                              "refits groups of attention-free layers (ffnfusion frontier refits any)")
         fused = layer.ffn
         unit = next(u for u in runner.units if u.layer == group[0])
 
