@@ -20,6 +20,7 @@ DEFAULT_EVAL_TOKENS = 4096
 
 
 def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
+    from ffnfusion.cli.model_commands import _stream_arguments
     from ffnfusion.runtime.calibration import DEFAULT_WINDOW
     from ffnfusion.runtime.frontier.frontier import BASELINES
     from ffnfusion.runtime.frontier.search import METHODS
@@ -56,10 +57,7 @@ def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-latency", dest="latency", action="store_false",
                         help="skip the ONNX Runtime latency of the written models")
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
-    stream = parser.add_mutually_exclusive_group()
-    stream.add_argument("--stream", dest="stream", action="store_const", const=True, default=None,
-                        help="run the model block by block (default: when it would not fit in memory)")
-    stream.add_argument("--no-stream", dest="stream", action="store_const", const=False)
+    _stream_arguments(parser)
 
 
 @command("frontier", "how much depth to take out, at what quality, and how",
