@@ -44,7 +44,7 @@ class DemoOptions:
     window: int = 512
     threshold: float | None = None  # None: the planner's default
     frontier_steps: tuple[int, ...] = (8, 14, 20)  # empty: no frontier
-    frontier_fit_tokens: int = 2048
+    frontier_fit_tokens: int = 4096
     frontier_select_tokens: int = 512
 
 

@@ -14,7 +14,7 @@ from ffnfusion.cli.progress import log
 from ffnfusion.cli.registry import arguments, command, parse_int_list
 from ffnfusion.core.errors import InvalidArgumentError
 
-DEFAULT_FIT_TOKENS = 2048
+DEFAULT_FIT_TOKENS = 4096
 DEFAULT_SELECT_TOKENS = 512
 DEFAULT_EVAL_TOKENS = 4096
 
