@@ -169,4 +169,4 @@ def _write_models(result, path: pathlib.Path, out: pathlib.Path, evaluation: np.
             point.latency = {f"{row.phase}_ms": round(row.median_ms, 2) for row in rows if row.model == str(model)}
             point.latency.update({f"{row.phase}_vs_original": round(row.ratio_to_first, 3)
                                   for row in rows if row.model == str(model)})
-    log("frontier: " + json.dumps({p.steps_saved: p.latency for p in result.points}))
+        log("frontier: latency " + json.dumps({p.steps_saved: p.latency for p in result.points}))

@@ -197,11 +197,8 @@ class DepthEvaluator:
     def perplexity(self, plan: DepthPlan, deltas: dict, windows: np.ndarray) -> float:
         """exp(mean next-token NLL) of ``plan`` on ``windows`` (e.g. a held-out text)."""
         final = self.run(plan, deltas, self.runner.embed(windows).astype(np.float32), windows, 0)
-        nll = []
-        for window, stream in zip(windows, final):  # one window of logits at a time
-            logits = self._logits(stream[:-1])
-            nll.append(logsumexp(logits) - logits[np.arange(len(logits)), window[1:]])
-        return float(np.exp(np.mean(np.concatenate(nll), dtype=np.float64)))
+        with self.runner.head() as head:  # opened once: streamed, each opening rebuilds it
+            return windowed_perplexity(final, windows, head)
 
     def reset(self) -> None:
         """Back to the original model."""
@@ -348,6 +345,16 @@ class _Reference:
         """Σ p (log p − log q) = Σ p log p − (Σ p·z − Σ lse(z)), since each row of p sums to 1."""
         cross = float(np.sum(self.p * logits, dtype=np.float64)) - float(np.sum(logsumexp(logits), dtype=np.float64))
         return (self.neg_entropy - cross) / self.rows
+
+
+def windowed_perplexity(final: np.ndarray, windows: np.ndarray, head) -> float:
+    """exp(mean NLL of ``windows[:, 1:]``) from final streams ``[n, window, hidden]`` and a head
+    ``head(rows) -> logits``, one window of logits at a time (a 49k-128k vocabulary)."""
+    nll = []
+    for window, rows in zip(windows, final):
+        logits = head(rows[:-1]).astype(np.float32, copy=False)
+        nll.append(logsumexp(logits) - logits[np.arange(len(logits)), window[1:]])
+    return float(np.exp(np.mean(np.concatenate(nll), dtype=np.float64)))
 
 
 def logsumexp(logits: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.model_io import model_file
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
 from ffnfusion.runtime.frontier import search
-from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, logsumexp
+from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, windowed_perplexity
 from ffnfusion.runtime.frontier.search import FrontierPoint
 
 logger = logging.getLogger(__name__)
@@ -140,9 +140,5 @@ def file_perplexity(model_path: str | os.PathLike, windows: np.ndarray, *, threa
     path = model_file(model_path)
     runner = BlockRunner(path, streamed=choose_streamed(path, stream), threads=threads)
     final = runner.final_stream(windows)
-    nll = []
     with runner.head() as head:
-        for window, stream_rows in zip(windows, final):
-            logits = head(stream_rows[:-1]).astype(np.float32, copy=False)
-            nll.append(logsumexp(logits) - logits[np.arange(len(logits)), window[1:]])
-    return float(np.exp(np.mean(np.concatenate(nll), dtype=np.float64)))
+        return windowed_perplexity(final, windows, head)
