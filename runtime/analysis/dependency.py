@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 EPS = 1e-12
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-token cosine similarity over the last axis (float64)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + EPS)
@@ -133,10 +133,10 @@ def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
             capture_seconds += time.perf_counter() - start
             inside = dict(zip(runner.extras(j), extras))
             x = stream
-            sums["cosdist"][j] += (1 - _cosine(x, out)).sum()
+            sums["cosdist"][j] += (1 - cosine(x, out)).sum()
             sums["h_ratio"][j] += _ratio(out - x, x).sum()
             if unit.attention_output:
-                sums["importance"][j] += (1 - _cosine(x, inside.get(unit.attention_output, x))).sum()
+                sums["importance"][j] += (1 - cosine(x, inside.get(unit.attention_output, x))).sum()
             if unit.kind == "layer":
                 y = inside.get(unit.ffn_input, x)
                 sums["ffn_h_ratio"][j] += _ratio(out - y, y).sum()
@@ -145,7 +145,7 @@ def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
             for i in list(chains):  # a chain is dropped once its reach ends, so every one reaches j
                 skipped = chains[i]  # x̃ entering block j, with block i skipped
                 recomputed = apply(skipped, dep_ids)[0]
-                dep_sum[i, j] += (1 - _cosine(h, recomputed - skipped)).sum()
+                dep_sum[i, j] += (1 - cosine(h, recomputed - skipped)).sum()
                 evaluations += 1
                 if reach[i] == j:
                     del chains[i]

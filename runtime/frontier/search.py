@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ffnfusion.passes.depth_plan import DepthPlan, Move
+from ffnfusion.runtime.analysis.dependency import cosine
 from ffnfusion.runtime.frontier.evaluator import DepthEvaluator
 
 logger = logging.getLogger(__name__)
@@ -120,9 +121,7 @@ def importances(evaluator: DepthEvaluator) -> dict[str, np.ndarray]:
     at = evaluator.original
 
     def one_minus_cos(a: np.ndarray, b: np.ndarray) -> float:
-        a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
-        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
-        return float(1 - cos.mean())
+        return float(1 - cosine(a, b).mean())
 
     layers = range(evaluator.num_layers)
     return {"block": np.array([one_minus_cos(at[2 * j], at[2 * j + 2]) for j in layers]),
