@@ -46,6 +46,7 @@ from ffnfusion.runtime.units import units_of
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_TOKENS = 8192
+HEAD_ROWS = 1024  # final-stream rows per head run: [1024, vocab] logits at a time
 HEAD = "head"
 EMBEDDING = "embedding"
 SHARED = "shared"
@@ -173,16 +174,22 @@ class BlockRunner:
         sliced = self._head_projection is not None
         with self._session(HEAD_SLICED if sliced else HEAD) as run:
             def logits(rows: np.ndarray) -> np.ndarray:
-                step = max(1, self.batch_tokens)
-                parts = []
+                # Row blocks written into one array: no second copy of [tokens, vocab] to concatenate,
+                # and ORT's arena reuses one block-sized output buffer.
+                step = max(1, min(self.batch_tokens, HEAD_ROWS))
+                out = None
                 for start in range(0, len(rows), step):
                     chunk = rows[None, start:start + step]
-                    if not sliced:
-                        parts.append(run(None, chunk)[0][0])
-                        continue
-                    columns = [run(None, chunk, **fed)[0][0] for fed in self._head_projection.slices()]
-                    parts.append(np.concatenate(columns, axis=-1))
-                return np.concatenate(parts)
+                    if sliced:
+                        part = np.concatenate([run(None, chunk, **fed)[0][0]
+                                               for fed in self._head_projection.slices()], axis=-1)
+                    else:
+                        part = run(None, chunk)[0][0]
+                    if out is None:
+                        out = np.empty((len(rows), part.shape[-1]), part.dtype)
+                    out[start:start + len(part)] = part
+                assert out is not None, "no rows"
+                return out
             yield logits
 
     def final_stream(self, windows: np.ndarray, progress=None) -> np.ndarray:

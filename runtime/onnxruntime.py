@@ -80,6 +80,9 @@ def session_from_bytes(data: bytes, base_dir: str | os.PathLike, threads: int | 
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     if shared_arena:
+        # Many sessions run one after another, each with its own thread pool: a finished session's
+        # workers would spin on the cores the next one needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         _register_shared_arena()
         options.add_session_config_entry("session.use_env_allocators", "1")
     options.add_session_config_entry("session.model_external_initializers_file_folder_path",
