@@ -35,6 +35,43 @@ class AttentionFreeDecoderLayer(nn.Module):
         return hidden_states + self.ffn_update(hidden_states)
 
 
+class AttentionOnlyDecoderLayer(nn.Module):
+    """A decoder layer without FFN (Nemotron-NAS ``ffn: no_op``): ``y = x + attn(input_layernorm(x))``."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.input_layernorm = layer.input_layernorm
+        self.self_attn = layer.self_attn
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        update = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
+        return hidden_states + update
+
+
+class EmptyDecoderLayer(nn.Module):
+    """A layer with neither attention nor FFN (Nemotron-NAS no-op/no-op placeholders)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def attention_layers(model: nn.Module) -> list[int]:
+    """Indices of the decoder layers that still run attention (and so carry a KV cache)."""
+    return [i for i, layer in enumerate(decoder_layers(model)) if hasattr(layer, "self_attn")]
+
+
+def layer_metadata(model: nn.Module) -> dict[str, str]:
+    """ONNX metadata naming the layers that leave no residual branch of their own (no-op/no-op) or
+    keep attention without an FFN, so block recognition keeps the checkpoint's layer numbers."""
+    from ffnfusion.passes.blocks import ATTENTION_ONLY_METADATA, EMPTY_LAYERS_METADATA
+    from ffnfusion.passes.layer_ranges import format_ranges
+
+    layers = decoder_layers(model)
+    kinds = {EMPTY_LAYERS_METADATA: EmptyDecoderLayer, ATTENTION_ONLY_METADATA: AttentionOnlyDecoderLayer}
+    found = {key: [i for i, layer in enumerate(layers) if isinstance(layer, kind)] for key, kind in kinds.items()}
+    return {key: format_ranges(indices) for key, indices in found.items() if indices}
+
+
 class ParallelFFNGroup(nn.Module):
     """Members of a fused group all read the same input: ``x + Σ_i ffn_i(x)``."""
 

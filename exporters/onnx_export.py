@@ -104,10 +104,13 @@ def _attention_layers_cache(dynamic_cache_class):
     return AttentionLayersCache
 
 
-def _kv_shape(config) -> tuple[int, int]:
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+def _kv_shape(model: nn.Module, layer: int, past_len: int) -> tuple[int, int, int]:
+    """``(kv heads, past length, head dim)`` of one layer's cache (Nemotron-NAS layers differ)."""
+    config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return heads, head_dim
+    attention = llama_surgery.decoder_layers(model)[layer].self_attn
+    heads = attention.k_proj.out_features // head_dim
+    return heads, past_len, head_dim
 
 
 def export_model(
@@ -136,15 +139,14 @@ def export_model(
     attention_mask = torch.ones(batch, seq, dtype=torch.int64)
     batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("sequence")
     if options.kv_cache:
-        attention_layers = [i for i in range(num_layers) if i not in dropped]
+        attention_layers = llama_surgery.attention_layers(model)
         if not attention_layers:
             raise InvalidArgumentError("--kv-cache needs at least one layer with attention; all are dropped")
-        heads, head_dim = _kv_shape(config)
         past_len = 3
         wrapper = _WithKVCache(model, attention_layers)
         past = [
-            torch.zeros(batch, heads, past_len, head_dim, dtype=getattr(torch, options.dtype))
-            for _ in range(2 * len(attention_layers))
+            torch.zeros(batch, *_kv_shape(model, layer, past_len), dtype=getattr(torch, options.dtype))
+            for layer in attention_layers for _ in range(2)
         ]
         attention_mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
         position_ids = torch.arange(past_len, past_len + seq).expand(batch, seq)
@@ -179,11 +181,12 @@ def export_model(
                 output_names=output_names, dynamic_shapes=shapes, optimize=True, verbose=False,
             )
             program.model.ir_version = min(program.model.ir_version, 10)
+            program.model.metadata_props.update(llama_surgery.layer_metadata(model))
             _save_atomically(lambda p: program.save(p, external_data=external), path, external)
         else:
             _save_atomically(
                 lambda p: _legacy_export(wrapper, args, p, options.opset, input_names, output_names,
-                                         dynamic, external),
+                                         dynamic, external, llama_surgery.layer_metadata(model)),
                 path, external,
             )
     logger.info(f"export: wrote {path} in {time.perf_counter() - start:.1f} s"
@@ -228,7 +231,7 @@ def _dynamo_shapes(dynamic, input_names, batch_dim, seq_dim):
     return tuple(shapes)
 
 
-def _legacy_export(wrapper, args, path, opset, input_names, output_names, dynamic, external):
+def _legacy_export(wrapper, args, path, opset, input_names, output_names, dynamic, external, metadata):
     dynamic_axes = {**dynamic, "logits": {0: "batch", 1: "sequence"}}
     torch.onnx.export(
         wrapper, args, str(path), dynamo=False, opset_version=opset, input_names=input_names,
@@ -238,6 +241,8 @@ def _legacy_export(wrapper, args, path, opset, input_names, output_names, dynami
 
     model = onnx.load(str(path), load_external_data=False)
     model.ir_version = min(model.ir_version, 10)
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -18,6 +19,7 @@ import tempfile
 import zipfile
 
 from ffnfusion.core.errors import ModelSourceError
+from ffnfusion.exporters import nemotron_nas
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +109,16 @@ def load_causal_lm(source: ModelSource, dtype: str = "float32"):
 
     hf_logging.disable_progress_bar()  # one bar per GGUF tensor group drowns the stage lines
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        with _quiet_gguf_progress():
-            model = AutoModelForCausalLM.from_pretrained(
-                source.directory, dtype=getattr(torch, dtype), **kwargs
-            )
-    except (OSError, ValueError) as err:
-        raise ModelSourceError(f"cannot load {source.describe()}: {err}") from err
+    if not source.gguf_file and _model_type(source.directory) == nemotron_nas.MODEL_TYPE:
+        model = nemotron_nas.build_torch_model(source.directory, dtype)  # transformers has no class for it
+    else:
+        try:
+            with _quiet_gguf_progress():
+                model = AutoModelForCausalLM.from_pretrained(
+                    source.directory, dtype=getattr(torch, dtype), **kwargs
+                )
+        except (OSError, ValueError) as err:
+            raise ModelSourceError(f"cannot load {source.describe()}: {err}") from err
     try:  # the tokenizer is optional: the graph does not need it, only text-based commands do
         tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
     except (OSError, ValueError, ImportError, TypeError) as err:
@@ -127,6 +132,13 @@ def load_causal_lm(source: ModelSource, dtype: str = "float32"):
         del model.config.quantization_config
     model.config.use_cache = False
     return model, tokenizer
+
+
+def _model_type(directory: pathlib.Path) -> str | None:
+    try:
+        return json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 @contextlib.contextmanager

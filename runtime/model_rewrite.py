@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.files import write_json_atomically
-from ffnfusion.core.model_io import METADATA_FILE, MODEL_FILE, load_model, model_file, save_model
+from ffnfusion.core.model_io import COMPANION_FILES, METADATA_FILE, MODEL_FILE, load_model, model_file, save_model
 from ffnfusion.passes.attention_removal import AttentionRemovalPass
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
@@ -31,9 +31,6 @@ logger = logging.getLogger(__name__)
 
 NVIDIA_GPUS = pathlib.Path("/proc/driver/nvidia/gpus")  # one entry per GPU the NVIDIA driver sees
 
-# Files a runtime needs beside model.onnx; copied so a rewritten model directory is self-contained.
-COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "config.json", "generation_config.json")
 
 
 @dataclasses.dataclass(frozen=True)

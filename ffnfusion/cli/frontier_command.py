@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
-import tempfile
 
 import numpy as np
 
 from ffnfusion.cli.progress import log
 from ffnfusion.cli.registry import arguments, command, parse_int_list
 from ffnfusion.core.errors import InvalidArgumentError
+from ffnfusion.core.files import staged_directory
 
 DEFAULT_FIT_TOKENS = 4096
 DEFAULT_SELECT_TOKENS = 512
@@ -145,19 +144,13 @@ def _write_models(result, path: pathlib.Path, out: pathlib.Path, evaluation: np.
     written = []
     for point in result.points:
         final = out / f"steps-{point.steps_saved}"
-        staging = pathlib.Path(tempfile.mkdtemp(prefix=f".steps-{point.steps_saved}-", dir=out))
-        try:
+        with staged_directory(final) as staging:
             write_point_model(path, point, staging, target=target)
             file_ppl = file_perplexity(staging / "model.onnx", evaluation, threads=threads, stream=stream)
             if abs(file_ppl - point.ppl) > 1e-3 * point.ppl:
                 log(f"frontier: steps-{point.steps_saved}: the written model's perplexity {file_ppl:.3f} differs "
                     f"from the search's {point.ppl:.3f}")
             point.ppl = file_ppl
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         point.model = f"{final.name}/model.onnx"
         written.append(final / "model.onnx")
     if latency and written:

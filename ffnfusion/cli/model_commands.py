@@ -44,6 +44,40 @@ def run_export(args) -> None:
     export_source(resolve_source(args.source), args.output, options)
 
 
+# --- export-hf ----------------------------------------------------------------------------------
+
+def _export_hf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="ONNX model ffnfusion wrote (file, or a directory holding model.onnx)")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="checkpoint directory (replaced whole)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help="check heads for N-way tensor parallelism and pad FFN widths to lcm(256, N) (default 1)")
+    parser.add_argument("--nemotron-nas", action="store_true",
+                        help="write Nemotron-NAS even when every layer is alike (default: plain Llama then)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+@command("export-hf", "write a model as a Hugging Face checkpoint for vLLM / TensorRT-LLM / llama.cpp",
+         "Write an ONNX model ffnfusion produced (attention dropped, fused, repaired, a frontier point) as a "
+         "Nemotron-NAS (DeciLM) checkpoint: safetensors, config.json with one block_configs entry per layer "
+         "(layers fused away are gone, the rest renumbered; a fused FFN is one wide FFN), the config classes "
+         "for --trust-remote-code, tokenizer and generation config. FFN widths are padded with zeros "
+         "(exact) to multiples of 256, the engines' rounding of ffn_mult. A model whose layers are all "
+         "alike is written as a plain Llama.")
+@arguments(_export_hf_arguments)
+def run_export_hf(args) -> None:
+    from ffnfusion.exporters.hf_checkpoint import export_hf  # imports torch: only here
+
+    result = export_hf(args.model, args.output, tensor_parallel=args.tensor_parallel,
+                       llama_if_uniform=not args.nemotron_nas)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        padded = [f"{i}: {layer.ffn_width}->{layer.written_width}" for i, layer in enumerate(result.layers)
+                  if layer.ffn_width and layer.written_width != layer.ffn_width]
+        log(f"export-hf: {result.architecture}, {len(result.layers)} layers, {result.dtype}, "
+            f"{len(result.shards)} shard(s); FFN widths padded: {', '.join(padded) or 'none'}")
+
+
 # --- inspect ------------------------------------------------------------------------------------
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:

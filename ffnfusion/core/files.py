@@ -59,3 +59,19 @@ def staged_model(path: pathlib.Path, *, external: bool) -> Iterator[pathlib.Path
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yields an empty staging folder beside ``path``; on success it replaces ``path`` whole (an
+    earlier folder there is removed first), on failure it is removed and ``path`` is untouched."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield staging
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
