@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.ffnfusion-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench-large clean
+.PHONY: demo test test-fast lint bench-large check-deci clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -31,6 +31,12 @@ lint: $(STAMP)
 # Fuse the ~15 GB llama-8b preset; needs ~35 GB of free disk (all deleted afterwards).
 bench-large: $(STAMP)
 	$(PYTHON) -m ffnfusion.benchmarks.large_model
+
+# llama.cpp's deci architecture runs export-hf's Nemotron-NAS checkpoints of SmolLM2 (fused, repaired) and
+# must agree with ONNX Runtime. Its own venv (transformers < 5, llama-cpp-python compiled once) lives in
+# ~/.cache/ffnfusion/llamacpp: ~8 min the first time, ~3 min after. CI runs it as a slow test.
+check-deci: $(STAMP)
+	$(PYTHON) -m ffnfusion.checks.llamacpp_deci
 
 clean:
 	rm -rf out .pytest_cache
