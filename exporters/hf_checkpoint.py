@@ -29,7 +29,13 @@ from ffnfusion.core.model_io import COMPANION_FILES, METADATA_FILE, load_model, 
 from ffnfusion.exporters import nemotron_nas
 from ffnfusion.passes import op_matchers
 from ffnfusion.passes.attention_branch import match_attention
-from ffnfusion.passes.blocks import DecoderLayer, find_blocks, find_embedding_output
+from ffnfusion.passes.blocks import (
+    DecoderLayer,
+    embedding_table,
+    find_blocks,
+    find_embedding_gather,
+    find_embedding_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +97,11 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, tens
     layers: list[HFLayer] = []
     for position, layer in enumerate(block_map.layers):
         layers.append(_layer_tensors(position, layer, tensors, hidden, heads, head_dim, tensor_parallel))
-    embedding_output = find_embedding_output(graph)
-    gather = embedding_output.producer()
-    if gather is None or gather.op_type != "Gather":
+    gather = find_embedding_gather(graph)
+    if find_embedding_output(graph) is not gather.outputs[0]:
         raise BlockRecognitionError("the embedding is scaled before the first layer (Gemma-style): "
                                     "not a Llama/Nemotron-NAS model")
-    tensors.insert(0, ("model.embed_tokens.weight", gather.inputs[0].const_value, False))
+    tensors.insert(0, ("model.embed_tokens.weight", embedding_table(gather), False))
     last = block_map.layers[-1]
     final_stream = last.ffn.output if last.ffn is not None else last.attention_block.output
     head = _head(graph)

@@ -27,6 +27,8 @@ from ffnfusion.exporters.sources import ModelSource, load_causal_lm
 logger = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(18, 24)
+# The legacy exporter at 17 (optimum's path): LayerNormalization exists, Gelu does not (written out).
+LEGACY_OPSETS = range(17, 24)
 
 
 @dataclasses.dataclass
@@ -125,8 +127,9 @@ def export_model(
 
     Layers in ``options.drop_attention`` are made attention-free first. Returns the model path.
     """
-    if options.opset not in SUPPORTED_OPSETS:
-        raise InvalidArgumentError(f"opset {options.opset} not supported: use 18-23 (default 20)")
+    if options.opset not in SUPPORTED_OPSETS and not (not options.dynamo and options.opset in LEGACY_OPSETS):
+        raise InvalidArgumentError(f"opset {options.opset} not supported: use 18-23 (default 20), or 17 with "
+                                   "--exporter torchscript")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -194,6 +197,8 @@ def export_model(
 
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    if options.kv_cache:
+        write_json_atomically(out_dir / "genai_config.json", genai_config(model, config))
     config_dict = config.to_dict()
     config_dict.pop("quantization_config", None)
     metadata = {
@@ -208,6 +213,34 @@ def export_model(
     }
     write_json_atomically(out_dir / METADATA_FILE, metadata)
     return path
+
+
+def genai_config(model: nn.Module, config) -> dict:
+    """``genai_config.json`` for onnxruntime_genai: our KV names, the ``position_ids`` input, and
+    ``past_present_share_buffer: false`` (our present tensors are the past grown by Concat, not a
+    preallocated buffer). Layers without attention simply have no KV pair, which genai accepts."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = {_kv_shape(model, layer, 0)[0] for layer in llama_surgery.attention_layers(model)}
+    context = getattr(config, "max_position_embeddings", None) or 2048
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": MODEL_FILE, "head_size": head_dim, "hidden_size": config.hidden_size,
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+        "num_attention_heads": config.num_attention_heads, "num_hidden_layers": config.num_hidden_layers,
+        "num_key_value_heads": max(kv_heads),
+    }
+    eos = config.eos_token_id
+    return {
+        "model": {"bos_token_id": config.bos_token_id, "eos_token_id": eos,
+                  "pad_token_id": config.pad_token_id if config.pad_token_id is not None else eos,
+                  "context_length": context, "decoder": decoder, "type": "llama", "vocab_size": config.vocab_size},
+        "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0, "early_stopping": True,
+                   "length_penalty": 1.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0},
+    }
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ class AttentionRemovalPass(ir.passes.InPlacePass):
         graph = model.graph
         inputs_before = list(graph.inputs)
         for block in branches:  # the residual passes straight through
-            ir.convenience.replace_all_uses_with(block.output, block.input)
+            ir.convenience.replace_all_uses_with(block.output, block.passes_through)
         doomed: set[ir.Value] = set()
         for index, block in zip(self.layers, branches):
             for value in _graph_outputs_fed_by(block.nodes, graph):

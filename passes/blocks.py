@@ -21,7 +21,9 @@ import onnx_ir as ir
 
 from ffnfusion.core.errors import BlockRecognitionError, InvalidPlanError
 from ffnfusion.passes import op_matchers
+from ffnfusion.passes.constant_folding import FoldSmallConstantsPass
 from ffnfusion.passes.ffn_branch import match_ffn
+from ffnfusion.passes.skip_norms import SplitSkipNormsPass, has_skip_norms
 
 ATTENTION_OP_TYPES = {
     "Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
@@ -34,8 +36,6 @@ FUSED_GROUPS_METADATA = "ffnfusion.fused_groups"
 EMPTY_LAYERS_METADATA = "ffnfusion.empty_layers"
 # ... and layers that kept their attention but lost their FFN.
 ATTENTION_ONLY_METADATA = "ffnfusion.attention_only_layers"
-# ORT's transformer optimizer folds residual Adds into these; the stream is no longer explicit.
-ORT_SKIP_NORM_OP_TYPES = {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +93,22 @@ class FFNBlock:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionBlock:
-    """One attention residual branch ``y = x + attn(n(x))`` (whatever its internals)."""
+    """One attention residual branch ``y = x + attn(n(x))`` (whatever its internals).
+
+    In a parallel-residual layer (GPT-NeoX, GPT-J, Phi: ``y = x + attn(n1(x)) + mlp(n2(x))``)
+    ``output`` is the sum ``attn(..) + mlp(..)``, ``residual_add`` that Add, and ``bypass`` the FFN's
+    update: removing the attention makes the layer an ordinary FFN layer ``x + mlp(n2(x))``."""
 
     input: ir.Value
     output: ir.Value
     residual_add: ir.Node
     nodes: tuple[ir.Node, ...]  # nodes that depend on x and feed the Add (not the Add itself)
+    bypass: ir.Value | None = None  # parallel residual: what replaces ``output`` when attention goes
+
+    @property
+    def passes_through(self) -> ir.Value:
+        """The value that stands for ``output`` once the attention is removed."""
+        return self.bypass if self.bypass is not None else self.input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +124,7 @@ class DecoderLayer:
     unknown: str | None = None  # why a branch was not recognised
     last: int | None = None  # set when this FFN is an earlier fusion of layers index..last
     attention_block: AttentionBlock | None = None
+    parallel: bool = False  # attention and FFN read the same input (GPT-NeoX style)
 
     @property
     def span(self) -> range:
@@ -124,6 +135,8 @@ class DecoderLayer:
                  "ffn": self.ffn.to_dict() if self.ffn else None}
         if self.last is not None:
             entry["fused_layers"] = [self.index, self.last]
+        if self.parallel:
+            entry["parallel_residual"] = True
         if self.unknown:
             entry["unknown"] = self.unknown
         return entry
@@ -179,20 +192,38 @@ class BlockMap:
                 "runs": [list(run) for run in self.runs]}
 
 
-def find_embedding_output(graph: ir.Graph) -> ir.Value:
-    """``x0``: the output of a Gather from a 2-D constant table indexed by a graph input."""
+def find_embedding_gather(graph: ir.Graph) -> ir.Node:
+    """The token embedding: a Gather from a 2-D weight table (:func:`embedding_table`) indexed by a
+    graph input."""
     inputs = set(graph.inputs)
     for node in graph:
         if node.op_type != "Gather" or len(node.inputs) != 2:
             continue
-        table, indices = node.inputs
-        if op_matchers.const_rank(table) == 2 \
-                and op_matchers.skip_casts(indices) in inputs:
-            return _through_embedding_scale(node.outputs[0])
+        if embedding_table(node) is not None and op_matchers.skip_casts(node.inputs[1]) in inputs:
+            return node
     raise BlockRecognitionError(
         "no token embedding found: expected a Gather from a 2-D weight table indexed by a graph "
         "input (input_ids); is this a decoder-only language model?"
     )
+
+
+def find_embedding_output(graph: ir.Graph) -> ir.Value:
+    """``x0``: the embedding Gather's output (after a Gemma-style constant scaling, if any)."""
+    return _through_embedding_scale(find_embedding_gather(graph).outputs[0])
+
+
+def embedding_table(gather: ir.Node) -> ir.TensorProtocol | None:
+    """The ``[vocab, hidden]`` table a token Gather reads: a 2-D constant, or the transpose of the
+    output projection's ``[hidden, vocab]`` weight (ORT GenAI's tied embeddings)."""
+    table = gather.inputs[0]
+    if op_matchers.const_rank(op_matchers.initializer_of(table)) == 2:
+        return op_matchers.initializer_of(table).const_value
+    transpose = op_matchers.producer(table, "Transpose")
+    if transpose is not None and list(transpose.attributes.get_ints("perm", [1, 0])) == [1, 0]:
+        weight = op_matchers.initializer_of(transpose.inputs[0])
+        if op_matchers.const_rank(weight) == 2:
+            return weight.const_value
+    return None
 
 
 def _through_embedding_scale(x: ir.Value) -> ir.Value:
@@ -293,7 +324,8 @@ def _classify(branch: list[ir.Node], branch_output: ir.Value, x: ir.Value, add: 
     """Returns ``("attention", None)``, ``("ffn", parts)`` or ``("unknown", reason)``."""
     ops = {node.op_type for node in branch}
     if ops & ATTENTION_OP_TYPES:
-        return "attention", None
+        parallel = _parallel_parts(branch, branch_output, x)
+        return ("parallel", parallel) if parallel is not None else ("attention", None)
     parts = match_ffn(branch_output, x)
     if isinstance(parts, str):
         return "unknown", parts
@@ -304,6 +336,24 @@ def _classify(branch: list[ir.Node], branch_output: ir.Value, x: ir.Value, add: 
         return "unknown", f"gated FFN with extra nodes ({kinds}) that ffnfusion cannot fold"
     parts["nodes"] = (*parts["nodes"], add)
     return "ffn", parts
+
+
+def _parallel_parts(branch: list[ir.Node], branch_output: ir.Value, x: ir.Value) -> dict | None:
+    """``branch_output = attn(n1(x)) + ffn(n2(x))``: the FFN's parts plus ``inner_add`` (that sum),
+    ``ffn_output`` and ``attention_nodes``; None when the branch is attention alone."""
+    inner = op_matchers.producer(op_matchers.skip_casts(branch_output), "Add")
+    if inner is None or len(inner.inputs) != 2:
+        return None
+    inside = set(branch)
+    for ffn_value in (inner.inputs[1], inner.inputs[0]):
+        parts = match_ffn(ffn_value, x)
+        if isinstance(parts, str) or not set(parts["nodes"]) <= inside:
+            continue
+        ffn_nodes = set(parts["nodes"]) | set(parts["norm"].nodes)
+        attention_nodes = [n for n in branch if n not in ffn_nodes and n is not inner]
+        if {n.op_type for n in attention_nodes} & ATTENTION_OP_TYPES:
+            return {"ffn": parts, "inner_add": inner, "ffn_output": ffn_value, "attention_nodes": tuple(attention_nodes)}
+    return None
 
 
 def iter_residual_branches(graph: ir.Graph) -> Iterator[tuple[ir.Value, ir.Node, ir.Value, list[ir.Node]]]:
@@ -337,14 +387,15 @@ def layers_in_metadata(model: ir.Model, key: str) -> list[int]:
 
 
 def find_blocks(model: ir.Model) -> BlockMap:
-    """Walk the residual stream of ``model`` and return its :class:`BlockMap`."""
+    """Walk the residual stream of ``model`` and return its :class:`BlockMap`. Two rewrites of the
+    same math happen in place first, where needed: ONNX Runtime's Skip norms are split
+    (:class:`SplitSkipNormsPass`) and small constant arithmetic is folded (:class:`FoldSmallConstantsPass`)."""
     graph = model.graph
-    skip_norms = sorted({node.op_type for node in graph if node.op_type in ORT_SKIP_NORM_OP_TYPES})
-    if skip_norms:
-        raise BlockRecognitionError(
-            f"the graph contains {', '.join(skip_norms)} (from onnxruntime.transformers.optimizer), "
-            "which hides the residual Adds; run ffnfusion on the exported model first, then ORT's optimizer"
-        )
+    if has_skip_norms(model):
+        # ORT GenAI builder graphs (and ORT's transformer optimizer) keep the residual Adds inside
+        # Skip norms: split them in place (same math); model_rewrite restores them before saving.
+        SplitSkipNormsPass()(model)
+    FoldSmallConstantsPass()(model)  # legacy exports keep parameter arithmetic (Gemma's 1 + w)
     fused_spans = fused_spans_of(model)
     empty_layers = set(layers_in_metadata(model, EMPTY_LAYERS_METADATA))
     attention_only = set(layers_in_metadata(model, ATTENTION_ONLY_METADATA))
@@ -355,6 +406,20 @@ def find_blocks(model: ir.Model) -> BlockMap:
     for x, add, branch_output, branch in iter_residual_branches(graph):
         count += 1
         kind, detail = _classify(branch, branch_output, x, add)
+        if kind == "parallel":
+            if pending_attention:
+                layers.append(DecoderLayer(index, True, None, "no FFN branch", attention_block=pending_attention))
+                index, pending_attention = index + 1, None
+            while index in empty_layers:
+                index += 1
+            parts = detail["ffn"]
+            attention = AttentionBlock(x, detail["inner_add"].outputs[0], detail["inner_add"], detail["attention_nodes"],
+                                       bypass=detail["ffn_output"])
+            both = FFNBlock(layer=index, input=x, output=add.outputs[0], residual_add=add,
+                            **{**parts, "nodes": (*parts["nodes"], detail["inner_add"], add)})
+            layers.append(DecoderLayer(index, True, both, attention_block=attention, parallel=True))
+            index += 1
+            continue
         if kind == "attention":
             if pending_attention:  # two attention branches in a row: a layer without FFN
                 layers.append(DecoderLayer(index, True, None, "no FFN branch", attention_block=pending_attention))

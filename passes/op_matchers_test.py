@@ -131,3 +131,36 @@ def test_product_with_the_sigmoid_of_another_value_is_not_silu():
     graph, x = _graph()
     other = _node(graph, "Relu", [x], "relu")
     assert op_matchers.match_activation(_node(graph, "Mul", [x, _node(graph, "Sigmoid", [other], "sig")], "m")) is None
+
+
+def _gelu_tanh_chain(graph: ir.Graph, g: ir.Value, k: float = 0.044715) -> ir.Value:
+    """0.5·g·(1 + tanh(√(2/π)·(g + k·g³))) written out, constants as Constant nodes, in torch's order."""
+    def const(number, name):
+        node = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(number, np.float32))}, name=name)
+        graph.append(node)
+        return node.outputs[0]
+
+    cube = _node(graph, "Pow", [g, const(3.0, "three")], "pow")
+    inner = _node(graph, "Add", [g, _node(graph, "Mul", [const(k, "k"), cube], "k_cube")], "inner")
+    tanh = _node(graph, "Tanh", [_node(graph, "Mul", [const(float(np.sqrt(2 / np.pi)), "c"), inner], "scaled")], "tanh")
+    half = _node(graph, "Mul", [g, _node(graph, "Add", [const(1.0, "one"), tanh], "bracket")], "x_bracket")
+    return _node(graph, "Mul", [const(0.5, "half"), half], "gelu")
+
+
+def test_decomposed_activations_are_recognised_by_their_math():
+    graph, x = _graph()
+    g = _node(graph, "MatMul", [x, _initializer(graph, "w", W_IN_OUT)], "gate")
+    found = op_matchers.match_activation(_gelu_tanh_chain(graph, g))
+    assert found is not None and found[0] == "gelu_tanh" and found[1] is g and len(found[2]) == 8
+    erf = _node(graph, "Erf", [_node(graph, "Div", [g, _initializer(graph, "s2", np.array(np.sqrt(2), np.float32))], "d")], "erf")
+    exact = _node(graph, "Mul", [_node(graph, "Mul", [g, _initializer(graph, "h", np.array(0.5, np.float32))], "hx"),
+                                 _node(graph, "Add", [erf, _initializer(graph, "o", np.array(1.0, np.float32))], "b")], "ge")
+    assert op_matchers.match_activation(exact)[0] == "gelu"
+
+
+def test_a_near_miss_of_gelu_is_not_an_activation():
+    graph, x = _graph()
+    g = _node(graph, "MatMul", [x, _initializer(graph, "w", W_IN_OUT)], "gate")
+    assert op_matchers.match_activation(_gelu_tanh_chain(graph, g, k=0.05)) is None  # not GELU's constant
+    y = _node(graph, "MatMul", [x, _initializer(graph, "w2", W_IN_OUT)], "other")
+    assert op_matchers.match_activation(_node(graph, "Mul", [g, y], "product")) is None  # two inputs

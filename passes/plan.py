@@ -116,6 +116,10 @@ class FusionPlan:
             if first.ffn is None:
                 raise InvalidPlanError(f"group {label} starts at layer {group[0]}, which has no recognised FFN "
                                        f"({first.unknown}); attention-free runs: {_runs_text(block_map)}")
+            if first.parallel and len(group) > 1:
+                raise InvalidPlanError(f"group {label} starts at layer {group[0]}, a parallel-residual layer: its "
+                                       "FFN reads the stream before its attention; drop that attention first "
+                                       f"(attention-free runs: {_runs_text(block_map)})")
             for index in group[1:]:
                 position = block_map.layer(index)
                 if position.index != index:

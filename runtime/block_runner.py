@@ -37,8 +37,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ffnfusion.core.model_io import initializer_bytes, load_model, model_file
-from ffnfusion.passes.blocks import find_blocks, find_embedding_output
+from ffnfusion.passes.blocks import embedding_table, find_blocks, find_embedding_gather, find_embedding_output
 from ffnfusion.passes.dtype_widening import Float32WideningPass
+from ffnfusion.passes.skip_norms import SPLIT_PREFIX, SplitSkipNormsPass, has_skip_norms
 from ffnfusion.runtime.model_pieces import HeadProjection, ProtoSlicer, shared_values, weights_in_dir
 from ffnfusion.runtime.onnxruntime import default_feeds, session_from_bytes
 from ffnfusion.runtime.units import units_of
@@ -83,9 +84,18 @@ def choose_streamed(model_path: str | os.PathLike, stream: bool | None) -> bool:
     return stream
 
 
+def _split_skip_norms(model: ir.Model) -> ir.Model:
+    """Every fresh copy split the same way (:mod:`~ffnfusion.passes.skip_norms`), so value names match."""
+    if has_skip_norms(model):
+        SplitSkipNormsPass()(model)
+    return model
+
+
 def _stream_dtype(model: ir.Model) -> ir.DataType:
     """The dtype of the embedding table, which is the residual stream's."""
-    return find_embedding_output(model.graph).producer().inputs[0].const_value.dtype
+    table = embedding_table(find_embedding_gather(model.graph))
+    assert table is not None  # find_embedding_gather only returns Gathers from a table
+    return table.dtype
 
 
 class BlockRunner:
@@ -104,11 +114,12 @@ class BlockRunner:
         else:
             self.path = model_file(source)
             self.base_dir = self.path.parent
-            self._fresh = lambda: load_model(self.path)  # lazy: external tensors are not read here
+            self._fresh = lambda: _split_skip_norms(load_model(self.path))  # lazy: external tensors are not read here
         self.streamed = streamed
         self.threads = threads
         self.batch_tokens = batch_tokens
         model = self._fresh()
+        self._split = any((n.name or "").startswith(SPLIT_PREFIX) for n in model.graph)
         self.block_map = find_blocks(model)
         self.units = units_of(self.block_map)
         dtype = _stream_dtype(model)
@@ -121,8 +132,10 @@ class BlockRunner:
         self._head_projection = HeadProjection.find(model)
         self._sessions: dict[object, object] = {}
         self._piece_bytes: dict[object, bytes] = {}
+        # Pieces are cut from the file's proto by value name, which only works when the graph is as
+        # stored (Skip norms split in memory are not).
         self._slicer = (ProtoSlicer(self.path, model) if not callable(source) and not self.widen
-                        and weights_in_dir(model, self.base_dir) else None)
+                        and not self._split and weights_in_dir(model, self.base_dir) else None)
         self._shared_cache: dict[tuple, dict[str, np.ndarray]] = {}
         self.session_seconds = 0.0  # building sessions (reading weights): the price of streaming
 

@@ -25,6 +25,7 @@ from ffnfusion.passes.attention_removal import AttentionRemovalPass
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan
+from ffnfusion.passes.skip_norms import RestoreSkipNormsPass, has_skip_norms
 from ffnfusion.runtime.validation import validate_model
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,10 @@ def rewrite_model_file(model_path: str | os.PathLike, out_path: str | os.PathLik
     model = load_model(model_path)
     nodes_before = len(model.graph)
     logger.info(f"{what}: {model_path} ({nodes_before} nodes)")
+    skip_norms = has_skip_norms(model)
     rewrite(model)
+    if skip_norms:  # ONNX Runtime GenAI's conventions (and fused kernels) back where they apply
+        RestoreSkipNormsPass()(model)
     written = save_model(model, out_path, input_path=model_path)
     try:
         if validate:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import pathlib
 
@@ -23,6 +24,7 @@ def _options(threads: int | None):
     return options
 
 
+GENAI_CONFIG = "genai_config.json"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 
@@ -54,7 +56,17 @@ def create_session(path: str | os.PathLike, threads: int | None = None, provider
         ort.set_default_logger_severity(3)
     if providers[0] != PROVIDERS["cpu"] and session.get_providers()[0] != wanted:
         warn(f"warning: {wanted} did not load (no usable GPU or libraries); running on the CPU")
+    session.past_head_size = _genai_head_size(pathlib.Path(path).parent)
     return session
+
+
+def _genai_head_size(directory: pathlib.Path) -> int | None:
+    """ORT GenAI builder models leave the KV head size symbolic in the graph; their
+    ``genai_config.json`` states it (``model.decoder.head_size``)."""
+    try:
+        return int(json.loads((directory / GENAI_CONFIG).read_text())["model"]["decoder"]["head_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def session_from_model(model: ir.Model, base_dir: str | os.PathLike, threads: int | None = None, *,
@@ -124,6 +136,8 @@ def default_feeds(session, input_ids: np.ndarray, **given) -> dict[str, np.ndarr
             feeds[name] = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
         elif name.startswith("past_key_values") and len(spec.shape) == 4:
             _, heads, _, head_dim = spec.shape
+            if not isinstance(head_dim, int):
+                head_dim = getattr(session, "past_head_size", None)
             if not (isinstance(heads, int) and isinstance(head_dim, int)):
                 raise ModelRunError(f"input {name} has no static head sizes {spec.shape}")
             feeds[name] = np.zeros((batch, heads, 0, head_dim), _NUMPY_TYPES.get(spec.type, np.float32))

@@ -48,6 +48,7 @@ def _unit(index: int, layer: DecoderLayer) -> Unit:
         kind = "layer" if attention is not None else "ffn"
         start = attention.input if attention is not None else ffn.input
         end = ffn.output
+    # a parallel-residual layer has no x + attn(n(x)) value: its attention and FFN read x together
     return Unit(index, layer.index, layer.span[-1], kind, start.name, end.name,
-                attention.output.name if attention is not None else None,
+                attention.output.name if attention is not None and not layer.parallel else None,
                 ffn.input.name if ffn is not None else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 from conftest import TINY_CONFIG, TINY_DROPPED
@@ -52,8 +53,13 @@ def test_weights_are_the_layer_weights(tiny_llama, tiny_dynamo20):
     assert (block.norm.gain.const_value.numpy() == gain).all()
 
 
-def test_ort_optimized_model_gets_a_clear_message(tiny_dynamo20, tmp_path):
+def test_ort_optimized_model_is_read_through_its_skip_norms(tiny_dynamo20, tmp_path):
+    """ORT's transformer optimizer folds the residual Adds into Skip norms (as ORT GenAI's builder
+    does): the blocks are found anyway, and fusing there equals fusing the exported model."""
     from onnxruntime.transformers.optimizer import optimize_model
+
+    from ffnfusion.api import fuse_ffn
+    from ffnfusion.runtime.onnxruntime import create_session, run_logits
 
     optimized = optimize_model(str(tiny_dynamo20), model_type="gpt2", num_heads=0, hidden_size=0,
                                opt_level=0, only_onnxruntime=False)
@@ -62,8 +68,15 @@ def test_ort_optimized_model_gets_a_clear_message(tiny_dynamo20, tmp_path):
         pytest.skip(f"this onnxruntime's optimizer did not fuse skip norms (ops: {sorted(ops)[:8]}...)")
     path = tmp_path / "optimized.onnx"
     optimized.save_model_to_file(str(path))
-    with pytest.raises(BlockRecognitionError, match="run ffnfusion on the exported model first"):
-        find_blocks(ir.load(path))
+    plain = find_blocks(ir.load(tiny_dynamo20))
+    found = find_blocks(ir.load(path))
+    assert [(b.attention, b.ffn.width) for b in found.layers] == [(b.attention, b.ffn.width) for b in plain.layers]
+    assert found.runs == plain.runs == [(2, 6)]
+    ids = np.random.default_rng(0).integers(0, 128, (2, 9))
+    fused_optimized = fuse_ffn(path, [[2, 3, 4, 5, 6]], output=tmp_path / "a")
+    fused_plain = fuse_ffn(tiny_dynamo20, [[2, 3, 4, 5, 6]], output=tmp_path / "b")
+    a, b = (run_logits(create_session(f), ids) for f in (fused_optimized, fused_plain))
+    assert np.abs(a - b).max() / np.abs(b).max() < 1e-5
 
 
 def _single_node_model(op_type="Conv"):

@@ -10,7 +10,7 @@ runs it with an f32 KV cache. Its 16 greedy tokens must equal ONNX Runtime's on 
 and its logits at every position must be within 1e-4 relative. Exit status 1 otherwise.
 
 llama.cpp's converter needs transformers < 5 and llama-cpp-python must be compiled (PyPI has only its
-source): both live in their own virtual environment under ``$FFNFUSION_CACHE/llamacpp`` (default
+source): its sources and built wheel under ``$FFNFUSION_CACHE/llamacpp``, its venv under ``envs/`` (default
 ``~/.cache/ffnfusion``), made on first use (~5 min: the wheel is built once and kept).
 """
 
@@ -21,20 +21,18 @@ import json
 import logging
 import os
 import pathlib
-import subprocess
 import sys
 import tarfile
-import time
 
 import numpy as np
 
+from ffnfusion.checks.environments import TORCH, environment, log, run
 from ffnfusion.exporters.sources import cache_dir
 
 logger = logging.getLogger(__name__)
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the deci architecture with FFN-free layers needs >= 0.3.9
 ENGINE_REQUIREMENTS = ["transformers>=4.45,<5", "sentencepiece", "safetensors", "protobuf<5", "numpy<3"]
-TORCH = "torch==2.13.0"  # the converter imports torch; pinned: an unpinned one pulls a CUDA build
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 PROMPT = "The Python programming language is known for"
 STEPS = 16
@@ -42,30 +40,15 @@ TOLERANCE = 1e-4
 SMOLLM2_GROUP = (3, 6)  # fusing it costs a lot and a refit on 1,024 tokens recovers most: kept
 
 
-def _log(message: str) -> None:
-    print(f"[check-deci] {message}", file=sys.stderr, flush=True)
-
-
-def _run(argv: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
-    start = time.perf_counter()
-    result = subprocess.run(argv, capture_output=True, text=True, **kwargs)
-    if result.returncode:
-        raise SystemExit(f"check-deci: {what} failed ({result.returncode}):\n{(result.stderr or result.stdout)[-4000:]}")
-    _log(f"{what}: {time.perf_counter() - start:.0f} s")
-    return result
-
-
 def engine_environment() -> tuple[pathlib.Path, pathlib.Path]:
     """``(python, converter_dir)`` of the llama.cpp environment, made once and cached."""
     root = cache_dir() / "llamacpp"
-    venv = root / f"venv-{LLAMA_CPP_PYTHON}"
-    python = venv / "bin" / "python"
     converter = root / f"converter-{LLAMA_CPP_PYTHON}"
     sdist = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
     if not sdist.is_file():
-        _log(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON} source (~75 MB, once)")
+        log(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON} source (~75 MB, once)")
         root.mkdir(parents=True, exist_ok=True)
-        _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+        run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
               f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(root)], "download")
     if not (converter / "convert_hf_to_gguf.py").is_file():
         staging = root / f".converter-{os.getpid()}"
@@ -77,20 +60,13 @@ def engine_environment() -> tuple[pathlib.Path, pathlib.Path]:
                 member.name = member.name[len(prefix):]
             archive.extractall(staging, members=members, filter="data")
         staging.rename(converter)
-    ready = venv / ".ffnfusion-ready"
-    if not ready.is_file():
-        wheels = root / "wheels"
-        if not list(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}-*.whl")):
-            _log(f"building llama-cpp-python {LLAMA_CPP_PYTHON} (cmake + C++ compiler, ~4 min, once)")
-            _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", str(sdist), "-w", str(wheels)],
-                 "build llama-cpp-python")
-        _log(f"creating {venv} (transformers < 5 for llama.cpp's converter)")
-        _run([sys.executable, "-m", "venv", "--clear", str(venv)], "venv")
-        pip = [str(python), "-m", "pip", "install", "--quiet"]
-        _run([*pip, TORCH], "install torch")
-        _run([*pip, *ENGINE_REQUIREMENTS, "--find-links", str(wheels), f"llama-cpp-python=={LLAMA_CPP_PYTHON}"],
-             "install converter requirements and llama-cpp-python")
-        ready.touch()
+    wheels = root / "wheels"
+    if not list(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}-*.whl")):
+        log(f"building llama-cpp-python {LLAMA_CPP_PYTHON} (cmake + C++ compiler, ~4 min, once)")
+        run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", str(sdist), "-w", str(wheels)],
+            "build llama-cpp-python")
+    python = environment(f"llamacpp-{LLAMA_CPP_PYTHON}", [
+        [TORCH], [*ENGINE_REQUIREMENTS, "--find-links", str(wheels), f"llama-cpp-python=={LLAMA_CPP_PYTHON}"]])
     return python, converter
 
 
@@ -119,7 +95,7 @@ def check_model(model: str | os.PathLike, work: pathlib.Path, python: pathlib.Pa
     request = work / "request.json"
     request.write_text(json.dumps({"prompt": prompt, "steps": steps, "threads": min(4, os.cpu_count() or 1)}))
     result_file = work / "llamacpp.npz"
-    _run([str(python), str(pathlib.Path(__file__).with_name("deci_engine.py")), str(converter),
+    run([str(python), str(pathlib.Path(__file__).with_name("deci_engine.py")), str(converter),
           str(work / "hf"), str(work / "model-f32.gguf"), str(request), str(result_file)],
          f"llama.cpp convert + run {path.parent.name}")
     engine = np.load(result_file)
@@ -137,11 +113,11 @@ def smollm2_models(work: pathlib.Path) -> tuple[list[pathlib.Path], list[int]]:
     first, last = SMOLLM2_GROUP
     base, fused, repaired = work / "smollm2-base", work / "smollm2-fused", work / "smollm2-repaired"
     if not (base / "model.onnx").is_file():
-        _run([*cli, "export", "smollm2", "-o", str(base), "--drop-attention", f"{first}-{last}"], "export SmolLM2")
+        run([*cli, "export", "smollm2", "-o", str(base), "--drop-attention", f"{first}-{last}"], "export SmolLM2")
     if not (fused / "model.onnx").is_file():
-        _run([*cli, "fuse", str(base), "-o", str(fused), "--groups", f"{first}-{last}"], "fuse")
+        run([*cli, "fuse", str(base), "-o", str(fused), "--groups", f"{first}-{last}"], "fuse")
     if not (repaired / "model.onnx").is_file():
-        _run([*cli, "fuse", str(base), "-o", str(repaired), "--groups", f"{first}-{last}", "--repair",
+        run([*cli, "fuse", str(base), "-o", str(repaired), "--groups", f"{first}-{last}", "--repair",
               "--repair-tokens", "1024"], "fuse --repair")
     repair = json.loads((repaired / "ffnfusion.json").read_text())["repair"][-1]["groups"][0]
     if repair["chosen"] is None:  # the check would then run the fused model twice

@@ -16,7 +16,7 @@ MODEL_FILE = "model.onnx"
 METADATA_FILE = "ffnfusion.json"  # beside every model ffnfusion writes: source, config, rewrites
 # Files a runtime needs beside model.onnx; copied so a rewritten model directory is self-contained.
 COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "config.json", "generation_config.json")
+                   "chat_template.jinja", "config.json", "generation_config.json", "genai_config.json")
 EXTERNAL_DATA_THRESHOLD = 256 * 2**20  # bytes of initializers above which weights go to a .data file
 
 

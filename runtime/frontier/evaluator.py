@@ -23,6 +23,7 @@ import logging
 
 import numpy as np
 
+from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes.blocks import FFNBlock
 from ffnfusion.passes.depth_plan import DepthPlan, Move
 from ffnfusion.passes.streaming import read_columns, read_rows
@@ -84,6 +85,10 @@ class DepthEvaluator:
     of another text whose KL(original ‖ candidate) scores candidates."""
 
     def __init__(self, runner: BlockRunner, fit: np.ndarray, select: np.ndarray):
+        parallel = [layer.index for layer in runner.block_map.layers if layer.parallel]
+        if parallel:  # the sublayer runs assume attention, then the FFN on the stream after it
+            raise InvalidArgumentError(f"frontier: layers {parallel} are parallel-residual (attention and FFN read "
+                                       "the same input); the depth search handles sequential layers only")
         self.runner = runner
         self.plan0 = DepthPlan.of(runner.block_map)
         self.num_layers = self.plan0.num_layers

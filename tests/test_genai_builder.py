@@ -1,0 +1,108 @@
+"""ONNX Runtime GenAI's model builder graphs: Skip norms, GroupQueryAttention with rotary inside, tied
+embeddings read through a Transpose, KV inputs without a position input. Dropped and fused in place of
+the exporter's graphs, they stay builder graphs (Skip norms restored) and onnxruntime_genai runs them.
+
+Slow: the first run makes the builder's own environment (onnxruntime-genai depends on onnxruntime,
+which clashes with onnxruntime-gpu), ~1 min."""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+from conftest import TINY_DROPPED, make_tiny_llama, rel_err
+
+from ffnfusion.api import fuse_ffn
+from ffnfusion.checks import genai_builder
+from ffnfusion.exporters import llama_surgery
+from ffnfusion.passes.blocks import find_blocks
+from ffnfusion.runtime.model_rewrite import remove_attention_file
+from ffnfusion.runtime.onnxruntime import create_session, run_logits
+
+pytestmark = pytest.mark.slow
+IDS = np.random.default_rng(1).integers(0, 128, (1, 11))
+PROMPT = [5, 17, 33, 90, 4, 61]
+
+
+def _tiny_tokenizer(directory):
+    """A word-level tokenizer for the tiny vocabulary (the builder saves one beside the model)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(128)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="t1", eos_token="t2", unk_token="t0").save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def builder_fp32(tmp_path_factory):
+    out = tmp_path_factory.mktemp("genai")
+    make_tiny_llama().save_pretrained(out / "hf")
+    _tiny_tokenizer(out / "hf")
+    return genai_builder.build(out / "hf", out / "fp32", "fp32")
+
+
+def _ops(path) -> collections.Counter:
+    return collections.Counter(node.op_type for node in ir.load(path).graph)
+
+
+def test_builder_graph_blocks_are_found(builder_fp32):
+    model = ir.load(builder_fp32 / "model.onnx")
+    assert _ops(builder_fp32 / "model.onnx")["SkipSimplifiedLayerNormalization"] == 16  # no residual Add at all
+    block_map = find_blocks(model)
+    assert [(layer.attention, layer.ffn.width) for layer in block_map.layers] == [(True, 160)] * 8
+    reference = make_tiny_llama()
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(IDS)).logits.numpy()
+    assert rel_err(run_logits(create_session(builder_fp32 / "model.onnx"), IDS), expected) < 1e-5
+
+
+def test_dropped_and_fused_builder_model_is_the_parallel_form_and_runs_in_genai(builder_fp32, tmp_path):
+    remove_attention_file(builder_fp32, tmp_path / "dropped", TINY_DROPPED)
+    fused = fuse_ffn(tmp_path / "dropped", [TINY_DROPPED], output=tmp_path / "fused")
+    reference = make_tiny_llama()
+    llama_surgery.drop_attention(reference, TINY_DROPPED)
+    llama_surgery.parallelize_groups(reference, [TINY_DROPPED])
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(IDS)).logits.numpy()
+    assert rel_err(run_logits(create_session(fused), IDS), expected) < 1e-5
+
+    ops = _ops(fused)
+    assert ops["GroupQueryAttention"] == 3 and ops["SkipSimplifiedLayerNormalization"] >= 5  # the builder's kernels
+    inputs = [v.name for v in ir.load(fused).graph.inputs]
+    assert "past_key_values.2.key" not in inputs and "past_key_values.7.key" in inputs
+    assert (tmp_path / "fused" / "genai_config.json").is_file()
+
+    # onnxruntime_genai on the fused folder: its KV cache for layers 0, 1, 7 only
+    sequence, logits = list(PROMPT), []
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        for _ in range(8):
+            logits.append(model(input_ids=torch.tensor([sequence])).logits[0, -1].numpy())
+            sequence.append(int(logits[-1].argmax()))
+    tokens, genai_logits = genai_builder.greedy(tmp_path / "fused", PROMPT, 8, vocab=128)
+    assert tokens == sequence[len(PROMPT):]
+    assert rel_err(genai_logits, np.array(logits)) < 1e-5
+
+
+def test_onnxruntime_genai_runs_our_kv_cache_export(tiny_kv_cache, tiny_llama):
+    """``export --kv-cache`` writes a genai_config.json that onnxruntime_genai runs as it is."""
+    import json
+
+    config = json.loads((tiny_kv_cache.parent / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is False
+    assert config["model"]["decoder"]["inputs"]["position_ids"] == "position_ids"
+    reference = copy.deepcopy(tiny_llama)
+    llama_surgery.drop_attention(reference, TINY_DROPPED)
+    sequence, logits = list(PROMPT), []
+    with torch.no_grad():
+        for _ in range(8):
+            logits.append(reference(input_ids=torch.tensor([sequence])).logits[0, -1].numpy())
+            sequence.append(int(logits[-1].argmax()))
+    tokens, genai_logits = genai_builder.greedy(tiny_kv_cache.parent, PROMPT, 8, vocab=128)
+    assert tokens == sequence[len(PROMPT):]
+    assert rel_err(genai_logits, np.array(logits)) < 1e-5
