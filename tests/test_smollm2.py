@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -124,3 +125,24 @@ def test_generate_equals_transformers_greedy(smollm2, tmp_path):
         expected = model.generate(ids, max_new_tokens=32, do_sample=False, use_cache=True)[0, ids.shape[1]:]
     assert ours == expected.tolist()
     assert "".join(pieces) == tokenizer.decode(ours, skip_special_tokens=True)
+
+
+def test_repair_streamed_equals_in_ram_on_smollm2(exported):
+    """The refit of group 10-13 (λ fixed; 1,024 fitting tokens and 256 to select from each of Python's
+    docs and the license texts) is the same computed block-streamed or with the model in RAM."""
+    from ffnfusion.passes.ffn_fusion import FFNFusionPass
+    from ffnfusion.runtime.repair import RepairPass
+
+    base = exported[0]
+    sources = calibration.repair_sources(base.parent, tokens=2048, window=256, select_tokens=256)
+    group = [10, 11, 12, 13]
+    downs, kls = [], []
+    for stream in (False, True):
+        model = ir.load(base)
+        FFNFusionPass([group])(model)
+        result = RepairPass(base, [group], sources, lambdas=[1.0], stream=stream)(model)
+        assert result.report.streamed == stream
+        downs.append(find_blocks(result.model).layer(10).ffn.down.numpy_in_out().astype(np.float64))
+        kls.append([c["kl"] for c in result.report.groups[0].candidates])
+    assert np.linalg.norm(downs[1] - downs[0]) / np.linalg.norm(downs[0]) < 1e-5
+    np.testing.assert_allclose(kls[1], kls[0], rtol=1e-5)
