@@ -21,6 +21,7 @@ down row ignores its column) so that the width is an odd multiple of 16 (see :fu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -159,11 +160,24 @@ def fuse_group(graph: ir.Graph, label: str, members: Sequence[FFNBlock],
         out = add("MatMul", [value, weight], name)
         return out if bias is None else add("Add", [out, _register(graph, bias)], f"{name}_bias")
 
+    def scalar(number: float, name: str) -> ir.Value:
+        return _register(graph, ir.tensor(np.array(number, dtype.numpy()), name=f"{prefix}.{name}"))
+
     def activate(value):
         if first.activation == "silu":
             return add("Mul", [value, add("Sigmoid", [value], "sigmoid")], "silu")
         # the members' own GELU (exact or tanh), checked equal across the group
-        return add("Gelu", [value], "gelu", approximate="tanh" if first.activation == "gelu_tanh" else "none")
+        if graph.opset_imports.get("", 20) >= 20:
+            return add("Gelu", [value], "gelu", approximate="tanh" if first.activation == "gelu_tanh" else "none")
+        # no Gelu op before opset 20: the same formula written out, as the exporter wrote it
+        if first.activation == "gelu_tanh":  # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+            cubed = add("Mul", [add("Pow", [value, scalar(3.0, "three")], "cube"), scalar(0.044715, "k")], "k_cube")
+            inner = add("Mul", [add("Add", [value, cubed], "inner_sum"), scalar(math.sqrt(2 / math.pi), "c")], "inner")
+            bracket = add("Add", [add("Tanh", [inner], "tanh"), scalar(1.0, "one")], "bracket")
+        else:  # 0.5·x·(1 + erf(x/√2))
+            bracket = add("Add", [add("Erf", [add("Div", [value, scalar(math.sqrt(2), "sqrt2")], "scaled")], "erf"),
+                                  scalar(1.0, "one")], "bracket")
+        return add("Mul", [add("Mul", [value, scalar(0.5, "half")], "half_x"), bracket], "gelu")
 
     up_out = linear(unit_norm, up, folded_bias(members, "up", dtype, f"{prefix}.up_proj.bias", pad), "up_proj")
     if gate is not None:
