@@ -47,6 +47,7 @@ from ffnfusion.runtime.units import units_of
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_TOKENS = 8192
+FULL_COLLECT_BLOCK_BYTES = 64 << 20  # above this per block, a full gc.collect after each streamed piece
 HEAD_ROWS = 1024  # final-stream rows per head run: [1024, vocab] logits at a time
 HEAD = "head"
 EMBEDDING = "embedding"
@@ -138,6 +139,7 @@ class BlockRunner:
                         and not self._split and weights_in_dir(model, self.base_dir) else None)
         self._shared_cache: dict[tuple, dict[str, np.ndarray]] = {}
         self.session_seconds = 0.0  # building sessions (reading weights): the price of streaming
+        self._full_collect = initializer_bytes(model) / max(1, len(self.units)) > FULL_COLLECT_BLOCK_BYTES
 
     # --- the pieces ---------------------------------------------------------------------------------
 
@@ -263,7 +265,9 @@ class BlockRunner:
         finally:
             if self.streamed:
                 del session, run
-                gc.collect()  # the session's weights go now, not when the cycle collector gets to them
+                # The session's weights go now, not when the cycle collector gets to them. A full
+                # collection costs ~35 ms (the model's graph is large): worth it only for big blocks.
+                gc.collect(2 if self._full_collect else 1)
 
     def _shared_for(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """The shared values for this batch of token windows (computed once, the last few kept)."""
