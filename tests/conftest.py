@@ -31,6 +31,27 @@ def make_tiny_llama(seed: int = 0):
     return model
 
 
+def save_tiny_tokenizer(directory) -> None:
+    """A word-level tokenizer for the tiny vocabulary (``t0`` … ``t127``): exporters that save one
+    beside the model (ORT GenAI's builder, optimum) want it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(TINY_CONFIG["vocab_size"])}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="t1", eos_token="t2", unk_token="t0").save_pretrained(directory)
+
+
+def greedy_reference(model, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens from a torch causal LM (no cache: every step recomputed) and their logits."""
+    sequence, logits = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits.append(model(input_ids=torch.tensor([sequence])).logits[0, -1].numpy())
+            sequence.append(int(logits[-1].argmax()))
+    return sequence[len(prompt):], np.array(logits)
+
+
 def prefill_then_decode(session, input_ids, split: int):
     """Run ``input_ids[:, :split]`` with an empty KV cache, then the rest with the returned cache.
     Returns the two output lists (logits first, then present.* tensors)."""

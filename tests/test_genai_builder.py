@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from conftest import TINY_DROPPED, make_tiny_llama, rel_err
+from conftest import TINY_DROPPED, make_tiny_llama, rel_err, save_tiny_tokenizer
 
 from ffnfusion.api import fuse_ffn
 from ffnfusion.checks import genai_builder
@@ -28,21 +28,11 @@ IDS = np.random.default_rng(1).integers(0, 128, (1, 11))
 PROMPT = [5, 17, 33, 90, 4, 61]
 
 
-def _tiny_tokenizer(directory):
-    """A word-level tokenizer for the tiny vocabulary (the builder saves one beside the model)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(128)}, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="t1", eos_token="t2", unk_token="t0").save_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
 def builder_fp32(tmp_path_factory):
     out = tmp_path_factory.mktemp("genai")
     make_tiny_llama().save_pretrained(out / "hf")
-    _tiny_tokenizer(out / "hf")
+    save_tiny_tokenizer(out / "hf")
     return genai_builder.build(out / "hf", out / "fp32", "fp32")
 
 
