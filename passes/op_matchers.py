@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from ffnfusion.passes import nbits
+
 RMS_OP_TYPES = {"RMSNormalization", "SimplifiedLayerNormalization"}
 NORM_OP_TYPES = RMS_OP_TYPES | {"LayerNormalization"}
 SILU_OP_TYPES = {"Silu", "Swish"}
@@ -190,10 +192,14 @@ def match_linear(value: ir.Value) -> Linear | None:
 
 
 def _match_unbiased_linear(value: ir.Value | None) -> Linear | None:
-    node = producer(value, {"MatMul", "Gemm"})
+    node = producer(value, {"MatMul", "Gemm", "MatMulNBits"})
     if node is None or node.inputs[0] is None:
         return None
     a = node.inputs[0]
+    if node.op_type == "MatMulNBits":  # 4-bit blocks: the weight as a lazily dequantised [K, N] tensor
+        weight = nbits.dequantized_weight(node)
+        has_bias = len(node.inputs) > 5 and node.inputs[5] is not None
+        return None if weight is None or has_bias else Linear(a, Weight(weight, transposed=False), (node,))
     if node.op_type == "Gemm":
         if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
             return None

@@ -8,9 +8,9 @@ its graphs have no residual Adds for :func:`~ffnfusion.passes.blocks.find_blocks
 * :class:`SplitSkipNormsPass` rewrites each into ``s = Add(x, skip)`` (``+ bias``) and the plain norm
   op on ``s`` (``SimplifiedLayerNormalization`` / ``LayerNormalization``, same epsilon), both named
   with :data:`SPLIT_PREFIX` — exactly the same math, now with the residual stream explicit.
-* :class:`RestoreSkipNormsPass` fuses every norm whose input is such a tagged Add back into the Skip
-  norm, so a rewritten builder model keeps the builder's conventions (and kernels) where they still
-  apply. Where a rewrite removed the Add (an attention branch dropped) the norm stays a plain norm,
+* :class:`RestoreSkipNormsPass` fuses every norm whose input is such a tagged Add (or, for a norm
+  that was a Skip norm, any residual Add a rewrite put there) back into the Skip norm, so a rewritten
+  builder model keeps the builder's conventions (and kernels) where they still apply. Where a rewrite removed the Add (an attention branch dropped) the norm stays a plain norm,
   as the builder's own first layer has it.
 """
 
@@ -86,7 +86,13 @@ class RestoreSkipNormsPass(ir.passes.InPlacePass):
             if norm.op_type not in PLAIN_TO_SKIP or norm.domain not in ("", "ai.onnx"):
                 continue
             add = norm.inputs[0].producer() if norm.inputs[0] is not None else None
-            if add is None or add.op_type != "Add" or not (add.name or "").startswith(SPLIT_PREFIX):
+            if add is None or add.op_type != "Add" or len(add.inputs) != 2:
+                continue
+            # A split Add, or (for a norm that was a Skip norm) the residual Add a rewrite put there,
+            # e.g. a fused group's: both operands computed, neither a constant.
+            was_skip_norm = (norm.name or "").startswith(SPLIT_PREFIX)
+            residual = all(v is not None and v.const_value is None and v.producer() is not None for v in add.inputs)
+            if not ((add.name or "").startswith(SPLIT_PREFIX) or (was_skip_norm and residual)):
                 continue
             bias = None
             if (add.name or "").endswith("/bias"):  # Add(Add(x, skip), bias)

@@ -24,6 +24,7 @@ from ffnfusion.core.model_io import COMPANION_FILES, METADATA_FILE, MODEL_FILE, 
 from ffnfusion.passes.attention_removal import AttentionRemovalPass
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
+from ffnfusion.passes.nbits import RequantizeFusedPass
 from ffnfusion.passes.plan import FusionPlan
 from ffnfusion.passes.skip_norms import RestoreSkipNormsPass, has_skip_norms
 from ffnfusion.runtime.validation import validate_model
@@ -139,6 +140,7 @@ def rewrite_model_file(model_path: str | os.PathLike, out_path: str | os.PathLik
     rewrite(model)
     if skip_norms:  # ONNX Runtime GenAI's conventions (and fused kernels) back where they apply
         RestoreSkipNormsPass()(model)
+    RequantizeFusedPass()(model)  # a fused group of 4-bit layers is written 4-bit again
     written = save_model(model, out_path, input_path=model_path)
     try:
         if validate:

@@ -96,3 +96,36 @@ def test_onnxruntime_genai_runs_our_kv_cache_export(tiny_kv_cache, tiny_llama):
     tokens, genai_logits = genai_builder.greedy(tiny_kv_cache.parent, PROMPT, 8, vocab=128)
     assert tokens == sequence[len(PROMPT):]
     assert rel_err(genai_logits, np.array(logits)) < 1e-5
+
+
+def test_int4_builder_model_fuses_into_int4_with_bounded_added_error(tmp_path):
+    """int4 (MatMulNBits, block 32, symmetric): the group is dequantised, folded and requantised in
+    the members' format; its error against the torch parallel form stays within 1.5x the error the
+    int4 model itself has against torch (unfused), and onnxruntime_genai runs it."""
+    out = tmp_path / "int4"
+    make_tiny_llama().save_pretrained(tmp_path / "hf")
+    save_tiny_tokenizer(tmp_path / "hf")
+    genai_builder.build(tmp_path / "hf", out, "int4")
+    remove_attention_file(out, tmp_path / "dropped", TINY_DROPPED)
+    fused = fuse_ffn(tmp_path / "dropped", [TINY_DROPPED], output=tmp_path / "fused")
+    ops = _ops(fused)
+    assert "MatMul" not in ops and ops["MatMulNBits"] == 3 * 5 + 3 + 1  # 3 attention layers, 1 FFN, head
+    written = next(n for n in ir.load(fused).graph if n.name.endswith("/up_proj"))
+    assert {k: v.value for k, v in written.attributes.items() if k != "N"} == \
+        {"K": 96, "bits": 4, "block_size": 32, "accuracy_level": 4}
+
+    reference = make_tiny_llama()
+    llama_surgery.drop_attention(reference, TINY_DROPPED)
+    with torch.no_grad():
+        unfused_expected = reference(input_ids=torch.from_numpy(IDS)).logits.numpy()
+        llama_surgery.parallelize_groups(reference, [TINY_DROPPED])
+        fused_expected = reference(input_ids=torch.from_numpy(IDS)).logits.numpy()
+    own = rel_err(run_logits(create_session(tmp_path / "dropped" / "model.onnx"), IDS), unfused_expected)
+    added = rel_err(run_logits(create_session(fused), IDS), fused_expected)
+    assert added <= 1.5 * own, (added, own)
+    tokens, _ = genai_builder.greedy(tmp_path / "fused", PROMPT, 8)
+    ort = create_session(fused)
+    sequence = list(PROMPT)
+    for _ in range(8):
+        sequence.append(int(run_logits(ort, np.array([sequence]))[0, -1].argmax()))
+    assert tokens == sequence[len(PROMPT):]
