@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import onnx_ir as ir
 
 from ffnfusion.core.errors import BlockRecognitionError, InvalidPlanError
-from ffnfusion.passes import op_matchers
+from ffnfusion.passes import nbits, op_matchers
 from ffnfusion.passes.constant_folding import FoldSmallConstantsPass
 from ffnfusion.passes.ffn_branch import match_ffn
 from ffnfusion.passes.skip_norms import SplitSkipNormsPass, has_skip_norms
@@ -197,7 +197,7 @@ def find_embedding_gather(graph: ir.Graph) -> ir.Node:
     graph input."""
     inputs = set(graph.inputs)
     for node in graph:
-        if node.op_type != "Gather" or len(node.inputs) != 2:
+        if node.op_type not in ("Gather", "GatherBlockQuantized") or len(node.inputs) < 2:
             continue
         if embedding_table(node) is not None and op_matchers.skip_casts(node.inputs[1]) in inputs:
             return node
@@ -213,8 +213,13 @@ def find_embedding_output(graph: ir.Graph) -> ir.Value:
 
 
 def embedding_table(gather: ir.Node) -> ir.TensorProtocol | None:
-    """The ``[vocab, hidden]`` table a token Gather reads: a 2-D constant, or the transpose of the
-    output projection's ``[hidden, vocab]`` weight (ORT GenAI's tied embeddings)."""
+    """The ``[vocab, hidden]`` table a token Gather reads: a 2-D constant, the transpose of the
+    output projection's ``[hidden, vocab]`` weight (ORT GenAI's tied embeddings), or 4-bit blocks
+    (``GatherBlockQuantized``, dequantised when read)."""
+    if gather.op_type == "GatherBlockQuantized":
+        return nbits.dequantized_table(gather)
+    if len(gather.inputs) != 2:
+        return None
     table = gather.inputs[0]
     if op_matchers.const_rank(op_matchers.initializer_of(table)) == 2:
         return op_matchers.initializer_of(table).const_value

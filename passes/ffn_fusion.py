@@ -29,6 +29,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ffnfusion.core.errors import InvalidArgumentError
+from ffnfusion.passes import nbits
 from ffnfusion.passes.blocks import FUSED_GROUPS_METADATA, FFNBlock, find_blocks, fused_spans_of
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan, InvalidPlanError
@@ -141,9 +142,12 @@ def fuse_group(graph: ir.Graph, label: str, members: Sequence[FFNBlock],
             )
 
     new_nodes: list[ir.Node] = []
-    unit_norm = _unit_gain_norm(first, prefix, new_nodes, graph, doomed)
-    # Weights are computed when saved, a block of rows at a time (models larger than RAM).
     gains = [_gain_float32(m) for m in members]
+    shared = _shared_gain(members, gains)
+    unit_norm = _unit_gain_norm(first, prefix, new_nodes, graph, doomed, shared)
+    if shared is not None:  # what is folded is each member's gain relative to the one the norm applies
+        gains = [gain / shared for gain in gains]
+    # Weights are computed when saved, a block of rows at a time (models larger than RAM).
     up = _register(graph, FoldedColumns([m.up for m in members], gains, dtype, f"{prefix}.up_proj.weight", pad))
     down = _register(graph, StackedRows([m.down for m in members], dtype, f"{prefix}.down_proj.weight", pad))
     gate = None
@@ -200,21 +204,40 @@ def fuse_group(graph: ir.Graph, label: str, members: Sequence[FFNBlock],
     return residual
 
 
+def _shared_gain(members: Sequence[FFNBlock], gains: list[np.ndarray]) -> np.ndarray | None:
+    """For members whose weights are block-quantized (:mod:`.nbits`): a gain the fused norm applies
+    itself, the members' mean, so that only each member's gain *relative* to it is folded into weights
+    that are requantised. Norm gains have outlier channels common to all layers; folded whole they
+    would set the scale of every quantization block they fall in. None for float weights (all folded)."""
+    if not any(m.up.value.meta.get(nbits.DEQUANTIZED_META) for m in members):
+        return None
+    mean = np.mean(gains, axis=0)
+    return np.where(np.abs(mean) > 1e-6, mean, 1.0).astype(np.float32)
+
+
 def _unit_gain_norm(first: FFNBlock, prefix: str, new_nodes: list[ir.Node], graph: ir.Graph,
-                    doomed: dict[ir.Node, None]) -> ir.Value:
-    """``x / rms(x)``: reuse the first member's decomposed norm up to its gain Mul, or emit the
-    norm op again with a ones gain."""
+                    doomed: dict[ir.Node, None], shared: np.ndarray | None = None) -> ir.Value:
+    """``x / rms(x)`` (times ``shared`` when given): reuse the first member's decomposed norm up to
+    its gain Mul, or emit the norm op again with a ones (or ``shared``) gain."""
     norm = first.norm
     if norm.kind == "rms_decomposed":
         for node in norm.nodes:
             if node is not norm.gain_node:
                 doomed.pop(node, None)
-        return norm.unit_output
+        if shared is None:
+            return norm.unit_output
+        dtype = first.dtype.numpy()
+        gain = _register(graph, ir.tensor(shared.astype(dtype), name=f"{prefix}.norm.shared_weight"))
+        node = ir.node("Mul", [norm.unit_output, gain], name=f"{prefix}/norm_shared_gain")
+        node.outputs[0].name = f"{prefix}/norm_output"
+        new_nodes.append(node)
+        return node.outputs[0]
     op_node = norm.nodes[0]
     for node in norm.nodes[1:]:  # the Casts feeding the norm op stay
         doomed.pop(node, None)
     gain = norm.gain.const_value
-    ones = _register(graph, ir.tensor(np.ones(tuple(gain.shape), gain.dtype.numpy()), name=f"{prefix}.norm.unit_weight"))
+    weights = np.ones(tuple(gain.shape), np.float32) if shared is None else shared
+    ones = _register(graph, ir.tensor(weights.astype(gain.dtype.numpy()), name=f"{prefix}.norm.unit_weight"))
     node = ir.Node(op_node.domain, op_node.op_type, [op_node.inputs[0], ones],
                    attributes=list(op_node.attributes.values()), name=f"{prefix}/norm",
                    num_outputs=1)

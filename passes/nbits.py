@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 MICROSOFT = "com.microsoft"
 FUSED_PREFIX = "ffnfusion.layers."  # names of the nodes the fusion writes
+DEQUANTIZED_META = "ffnfusion.nbits"  # on a dequantised weight value: the NBitsFormat it came from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +110,66 @@ def dequantized_weight(node: ir.Node) -> ir.Value | None:
     name = f"{packed.name or node.name}.dequantized"
     value = ir.Value(name=name, const_value=ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape([form.k, form.n]),
                                                          cache=True, name=name))
+    value.meta[DEQUANTIZED_META] = form
     node.meta["ffnfusion.dequantized"] = value
     return value
+
+
+def _constant_through_reshape(value: ir.Value | None) -> np.ndarray | None:
+    """A constant, or a constant reshaped by a constant shape (ORT GenAI shares the head's 4-bit codes
+    with the embedding through a Reshape)."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is not None:
+        return tensor.numpy()
+    node = value.producer()
+    if node is None or node.op_type != "Reshape" or len(node.inputs) < 2:
+        return None
+    data, shape = (ir.convenience.get_const_tensor(v) if v is not None else None for v in node.inputs[:2])
+    if data is None or shape is None:
+        return None
+    return data.numpy().reshape(shape.numpy())
+
+
+def dequantized_table(node: ir.Node) -> ir.TensorProtocol | None:
+    """The ``[vocab, hidden]`` table of a 4-bit ``GatherBlockQuantized`` embedding (lazy), or None."""
+    if node.op_type != "GatherBlockQuantized" or node.domain != MICROSOFT or len(node.inputs) < 3:
+        return None
+    cached = node.meta.get("ffnfusion.dequantized")
+    if cached is not None:
+        return cached
+    a = node.attributes
+    bits, block = a["bits"].value if "bits" in a else 4, a["block_size"].value if "block_size" in a else 128
+    gather_axis = a["gather_axis"].value if "gather_axis" in a else 0
+    quantize_axis = a["quantize_axis"].value if "quantize_axis" in a else 1
+    scales = node.inputs[2].const_value if node.inputs[2] is not None else None
+    has_zero_points = len(node.inputs) > 3 and node.inputs[3] is not None
+    data_value = node.inputs[0]
+    shape = data_value.shape if data_value is not None else None
+    if bits != 4 or gather_axis != 0 or quantize_axis not in (1, -1) or scales is None or has_zero_points \
+            or data_value is None or shape is None or len(shape) != 2:
+        return None
+    rows, packed_cols = shape[0], shape[1]
+    if not isinstance(rows, int) or not isinstance(packed_cols, int):
+        return None
+
+    def compute() -> ir.TensorProtocol:
+        packed = _constant_through_reshape(data_value)
+        assert packed is not None
+        codes = np.empty((rows, packed_cols * 2), np.float32)
+        codes[:, 0::2] = packed & 0x0F
+        codes[:, 1::2] = packed >> 4
+        table = (codes - 8) * np.repeat(scales.numpy().astype(np.float32), block, axis=1)[:, :packed_cols * 2]
+        return ir.tensor(table.astype(scales.dtype.numpy()))
+
+    producer = data_value.producer()
+    if producer is not None and producer.op_type != "Reshape":  # codes computed some other way: not read
+        return None
+    table = ir.LazyTensor(compute, dtype=scales.dtype, shape=ir.Shape([rows, packed_cols * 2]), cache=True,
+                          name=f"{node.name}.dequantized")
+    node.meta["ffnfusion.dequantized"] = table
+    return table
 
 
 def nbits_format_of(model: ir.Model) -> NBitsFormat | None:
