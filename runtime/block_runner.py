@@ -41,7 +41,7 @@ from ffnfusion.passes.blocks import embedding_table, find_blocks, find_embedding
 from ffnfusion.passes.dtype_widening import Float32WideningPass
 from ffnfusion.passes.skip_norms import SPLIT_PREFIX, SplitSkipNormsPass, has_skip_norms
 from ffnfusion.runtime.model_pieces import HeadProjection, ProtoSlicer, shared_values, weights_in_dir
-from ffnfusion.runtime.onnxruntime import default_feeds, session_from_bytes
+from ffnfusion.runtime.onnxruntime import default_feeds, genai_head_size, session_from_bytes
 from ffnfusion.runtime.units import units_of
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ class BlockRunner:
                         and not self._split and weights_in_dir(model, self.base_dir) else None)
         self._shared_cache: dict[tuple, dict[str, np.ndarray]] = {}
         self.session_seconds = 0.0  # building sessions (reading weights): the price of streaming
+        self._past_head_size = genai_head_size(self.base_dir)
         self._full_collect = initializer_bytes(model) / max(1, len(self.units)) > FULL_COLLECT_BLOCK_BYTES
 
     # --- the pieces ---------------------------------------------------------------------------------
@@ -350,4 +351,6 @@ class BlockRunner:
     def _session_from(self, piece: bytes, base_dir: pathlib.Path):
         # One arena for all pieces; a streamed piece runs once or twice, so packing its weights
         # would cost more than it saves.
-        return session_from_bytes(piece, base_dir, self.threads, shared_arena=True, prepack=not self.streamed)
+        session = session_from_bytes(piece, base_dir, self.threads, shared_arena=True, prepack=not self.streamed)
+        session.past_head_size = self._past_head_size  # ORT GenAI models leave it symbolic in the graph
+        return session

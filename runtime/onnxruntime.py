@@ -56,11 +56,11 @@ def create_session(path: str | os.PathLike, threads: int | None = None, provider
         ort.set_default_logger_severity(3)
     if providers[0] != PROVIDERS["cpu"] and session.get_providers()[0] != wanted:
         warn(f"warning: {wanted} did not load (no usable GPU or libraries); running on the CPU")
-    session.past_head_size = _genai_head_size(pathlib.Path(path).parent)
+    session.past_head_size = genai_head_size(pathlib.Path(path).parent)
     return session
 
 
-def _genai_head_size(directory: pathlib.Path) -> int | None:
+def genai_head_size(directory: pathlib.Path) -> int | None:
     """ORT GenAI builder models leave the KV head size symbolic in the graph; their
     ``genai_config.json`` states it (``model.decoder.head_size``)."""
     try:

@@ -129,3 +129,41 @@ def test_int4_builder_model_fuses_into_int4_with_bounded_added_error(tmp_path):
     for _ in range(8):
         sequence.append(int(run_logits(ort, np.array([sequence]))[0, -1].argmax()))
     assert tokens == sequence[len(PROMPT):]
+
+
+def test_runners_read_builder_graphs(builder_fp32, tmp_path, capsys):
+    """analyze, verify (in RAM and block-streamed), generate and frontier on a builder model: the
+    block runner cuts its pieces from the split graph and feeds GQA's KV inputs (head size from
+    genai_config.json); a frontier point is a builder model onnxruntime_genai runs."""
+    import json
+
+    from ffnfusion.cli import main
+
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 128, 2048))
+    remove_attention_file(builder_fp32, tmp_path / "dropped", TINY_DROPPED)
+    fused = fuse_ffn(tmp_path / "dropped", [[2, 3, 4]], output=tmp_path / "fused")
+    dropped = str(tmp_path / "dropped")
+    assert main(["analyze", dropped, "-o", str(tmp_path / "report"), "--token-ids", str(ids), "--tokens", "512",
+                 "--window", "128", "--dependency-tokens", "256"]) == 0
+    assert json.loads((tmp_path / "report" / "plan.json").read_text())["groups"]
+    numbers = []
+    for stream in ("--no-stream", "--stream"):
+        capsys.readouterr()
+        assert main(["verify", dropped, str(fused.parent), "--token-ids", str(ids), "--tokens", "512", "--window", "128",
+                     "--json", stream]) == 0
+        numbers.append(json.loads(capsys.readouterr().out))
+    flat = [(n["ref"]["ppl"], n["new"]["ppl"], n["kl"], n["hidden_cosine"]) for n in numbers]
+    assert flat[0] == pytest.approx(flat[1], rel=1e-5)
+    assert main(["generate", str(fused.parent), "--prompt", "t5 t17 t33", "--max-new-tokens", "4"]) == 0
+    assert main(["frontier", dropped, "-o", str(tmp_path / "frontier"), "--calib-ids", str(ids), str(ids),
+                 "--eval-ids", str(ids), "--tokens", "512", "--select-tokens", "128", "--eval-tokens", "512",
+                 "--window", "128", "--steps", "6", "--no-latency", "--baselines", "none"]) == 0
+    point = tmp_path / "frontier" / "steps-6"
+    assert _ops(point / "model.onnx")["SkipSimplifiedLayerNormalization"] >= 5 and (point / "genai_config.json").is_file()
+    tokens, _ = genai_builder.greedy(point, PROMPT, 6)
+    session = create_session(point / "model.onnx")
+    sequence = list(PROMPT)
+    for _ in range(6):
+        sequence.append(int(run_logits(session, np.array([sequence]))[0, -1].argmax()))
+    assert tokens == sequence[len(PROMPT):]
