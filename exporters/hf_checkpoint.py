@@ -106,7 +106,7 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, tens
     final_stream = last.ffn.output if last.ffn is not None else last.attention_block.output
     head = _head(graph)
     norm = op_matchers.match_norm(head.input, final_stream)
-    if norm is None or norm.gain is None or norm.kind == "LayerNormalization":
+    if norm is None or norm.gain is None or norm.centered:
         raise BlockRecognitionError("no RMSNorm with a gain between the last layer and the output projection")
     tensors += [("model.norm.weight", norm.gain.const_value, False),
                 ("lm_head.weight", head.weight.tensor, not head.weight.transposed)]
@@ -163,7 +163,7 @@ def _layer_tensors(position: int, layer: DecoderLayer, tensors: list, hidden: in
         weights = match_attention(layer.attention_block)
         if isinstance(weights, str):
             raise BlockRecognitionError(f"{where}: attention not exportable: {weights}")
-        if weights.norm.gain is None or weights.norm.kind == "LayerNormalization":
+        if weights.norm.gain is None or weights.norm.centered:
             raise BlockRecognitionError(f"{where}: attention norm is not an RMSNorm with a gain")
         q_width, kv_width = weights.widths()
         if q_width != heads * head_dim or kv_width % head_dim:
@@ -180,7 +180,7 @@ def _layer_tensors(position: int, layer: DecoderLayer, tensors: list, hidden: in
         logger.warning(f"export-hf: {where} keeps its attention but has no FFN; llama.cpp's deci graph drops "
                        "such a layer's attention output (vLLM and TensorRT-LLM do not)")
         return HFLayer(list(layer.span), kv_heads, None, None)
-    if ffn.gate is None or ffn.activation != "silu" or ffn.norm.kind == "LayerNormalization":
+    if ffn.gate is None or ffn.activation != "silu" or ffn.norm.centered:
         raise BlockRecognitionError(f"{where}: FFN is {ffn.kind} {ffn.activation} with {ffn.norm.kind}; "
                                     "Nemotron-NAS layers are SiLU-gated with RMSNorm")
     if any(b is not None for b in (ffn.gate_bias, ffn.up_bias, ffn.down_bias, ffn.norm.bias)):

@@ -27,8 +27,8 @@ from ffnfusion.exporters.sources import ModelSource, load_causal_lm
 logger = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(18, 24)
-# The legacy exporter at 17 (optimum's path): LayerNormalization exists, Gelu does not (written out).
-LEGACY_OPSETS = range(17, 24)
+# The legacy exporter (optimum's path) down to 14: below 17 LayerNorm and always GELU are written out.
+LEGACY_OPSETS = range(14, 24)
 
 
 @dataclasses.dataclass
@@ -128,7 +128,7 @@ def export_model(
     Layers in ``options.drop_attention`` are made attention-free first. Returns the model path.
     """
     if options.opset not in SUPPORTED_OPSETS and not (not options.dynamo and options.opset in LEGACY_OPSETS):
-        raise InvalidArgumentError(f"opset {options.opset} not supported: use 18-23 (default 20), or 17 with "
+        raise InvalidArgumentError(f"opset {options.opset} not supported: use 18-23 (default 20), or 14-17 with "
                                    "--exporter torchscript")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

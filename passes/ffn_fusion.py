@@ -220,9 +220,9 @@ def _unit_gain_norm(first: FFNBlock, prefix: str, new_nodes: list[ir.Node], grap
     """``x / rms(x)`` (times ``shared`` when given): reuse the first member's decomposed norm up to
     its gain Mul, or emit the norm op again with a ones (or ``shared``) gain."""
     norm = first.norm
-    if norm.kind == "rms_decomposed":
+    if norm.unit_output is not None:  # decomposed: keep the nodes up to the unit-gain value
         for node in norm.nodes:
-            if node is not norm.gain_node:
+            if node is not norm.gain_node and node is not norm.bias_node:
                 doomed.pop(node, None)
         if shared is None:
             return norm.unit_output

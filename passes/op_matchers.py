@@ -73,7 +73,9 @@ class Linear:
 class Norm:
     """An RMSNorm or LayerNorm applied to the residual stream value ``x``."""
 
-    kind: str  # "rms_decomposed" | "RMSNormalization" | "SimplifiedLayerNormalization" | "LayerNormalization"
+    # "rms_decomposed" | "RMSNormalization" | "SimplifiedLayerNormalization" | "LayerNormalization"
+    # | "layernorm_decomposed" (exports below opset 17)
+    kind: str
     epsilon: float
     gain: ir.Value | None  # 1-D initializer ``s``; None when the norm has no gain
     # (LayerNorm only) 1-D initializer ``β``: n(x) = unit(x)·s + β
@@ -84,6 +86,12 @@ class Norm:
     nodes: tuple[ir.Node, ...]
     gain_node: ir.Node | None = None
     bias: ir.Value | None = None
+    bias_node: ir.Node | None = None  # decomposed LayerNorm: the Add of β
+
+    @property
+    def centered(self) -> bool:
+        """A LayerNorm (the mean is subtracted first), not an RMSNorm."""
+        return self.kind in ("LayerNormalization", "layernorm_decomposed")
 
 
 def const_rank(value: ir.Value | None) -> int | None:
@@ -344,6 +352,9 @@ def match_norm(output: ir.Value, x: ir.Value) -> Norm | None:
             return None
         return Norm(node.op_type, float32_epsilon(_attr(node, "epsilon", 1e-5)), gain, output, None,
                     (node, *casts), bias=bias)
+    layernorm = _match_decomposed_layernorm(output, x)
+    if layernorm is not None:
+        return layernorm
     # Optional gain: Mul(s, y) with s a 1-D constant.
     if node.op_type == "Mul":
         for gain_input, unit in (node.inputs, reversed(node.inputs)):
@@ -356,6 +367,53 @@ def match_norm(output: ir.Value, x: ir.Value) -> Norm | None:
     core = _match_rms_core(output, x)
     if core is not None:
         return Norm("rms_decomposed", core[0], None, output, output, core[1])
+    return None
+
+
+def _match_decomposed_layernorm(output: ir.Value, x: ir.Value) -> Norm | None:
+    """``output = (c / sqrt(mean(c²) + eps))·s + β`` with ``c = x − mean(x)`` (gain and bias
+    optional), as the legacy exporter writes LayerNorm below opset 17."""
+    value, bias, bias_node, gain, gain_node = output, None, None, None, None
+    node = producer(value, "Add")
+    if node is not None:
+        for other, constant in (node.inputs, reversed(node.inputs)):
+            if const_rank(initializer_of(constant)) == 1 and other is not None:
+                bias, bias_node, value = initializer_of(constant), node, other
+                break
+    node = producer(value, "Mul")
+    if node is not None:
+        for other, constant in (node.inputs, reversed(node.inputs)):
+            if const_rank(initializer_of(constant)) == 1 and other is not None:
+                gain, gain_node, value = initializer_of(constant), node, other
+                break
+    casts: list[ir.Node] = []
+    div = producer(skip_casts(value, casts), "Div")
+    if div is None:
+        return None
+    centered, sub = div.inputs[0], producer(div.inputs[0], "Sub")
+    mean = producer(sub.inputs[1], "ReduceMean") if sub is not None else None
+    if sub is None or mean is None or mean.inputs[0] is not sub.inputs[0] or not _is_last_axis_reduction(mean) \
+            or not reaches(sub.inputs[0], x, casts):
+        return None
+    sqrt = producer(div.inputs[1], "Sqrt")
+    add = producer(sqrt.inputs[0], "Add") if sqrt is not None else None
+    if add is None:
+        return None
+    for variance_value, eps_value in (add.inputs, reversed(add.inputs)):
+        epsilon, variance = const_scalar(eps_value), producer(variance_value, "ReduceMean")
+        if epsilon is None or variance is None or not _is_last_axis_reduction(variance):
+            continue
+        square = producer(variance.inputs[0], {"Pow", "Mul"})
+        if square is None:
+            return None
+        squared_is_centered = square.inputs[0] is centered and (
+            const_scalar(square.inputs[1]) == 2.0 if square.op_type == "Pow" else square.inputs[1] is centered)
+        if not squared_is_centered:
+            return None
+        nodes = (*casts, sub, mean, square, variance, add, sqrt, div,
+                 *(n for n in (gain_node, bias_node) if n is not None))
+        return Norm("layernorm_decomposed", float32_epsilon(epsilon), gain, output, div.outputs[0], nodes,
+                    gain_node, bias, bias_node)
     return None
 
 

@@ -164,3 +164,22 @@ def test_a_near_miss_of_gelu_is_not_an_activation():
     assert op_matchers.match_activation(_gelu_tanh_chain(graph, g, k=0.05)) is None  # not GELU's constant
     y = _node(graph, "MatMul", [x, _initializer(graph, "w2", W_IN_OUT)], "other")
     assert op_matchers.match_activation(_node(graph, "Mul", [g, y], "product")) is None  # two inputs
+
+
+def test_decomposed_layernorm_with_gain_and_bias():
+    graph, x = _graph()
+    axes = _initializer(graph, "axes", np.array([-1], np.int64))
+    mean = _node(graph, "ReduceMean", [x, axes], "mean")
+    centered = _node(graph, "Sub", [x, mean], "centered")
+    square = _node(graph, "Pow", [centered, _initializer(graph, "two", np.array(2.0, np.float32))], "square")
+    variance = _node(graph, "ReduceMean", [square, axes], "variance")
+    std = _node(graph, "Sqrt", [_node(graph, "Add", [variance, _initializer(graph, "eps", np.array(1e-5, np.float32))], "veps")], "std")
+    unit = _node(graph, "Div", [centered, std], "unit")
+    out = _node(graph, "Add", [_node(graph, "Mul", [unit, _initializer(graph, "s", np.ones(HIDDEN, np.float32))], "gain"),
+                               _initializer(graph, "b", np.zeros(HIDDEN, np.float32))], "bias")
+    norm = op_matchers.match_norm(out, x)
+    assert norm is not None and norm.kind == "layernorm_decomposed" and norm.centered
+    assert norm.unit_output is unit and norm.gain.name == "s" and norm.bias.name == "b" and norm.epsilon == 1e-5
+    # an RMS-style core (no centring) is not a LayerNorm; the RMS matcher takes it
+    rms = _node(graph, "Div", [x, std], "rms_like")
+    assert op_matchers.match_norm(rms, x) is None or op_matchers.match_norm(rms, x).kind != "layernorm_decomposed"

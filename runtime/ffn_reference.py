@@ -30,7 +30,7 @@ def _const(value) -> np.ndarray | float:
 
 def normed(block: FFNBlock, x: np.ndarray) -> np.ndarray:
     """``n(x)``: the block's RMSNorm or LayerNorm, gain and bias included."""
-    if block.norm.kind == "LayerNormalization":
+    if block.norm.centered:
         x = x - x.mean(-1, keepdims=True)
     unit = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + block.norm.epsilon)
     gain = 1.0 if block.norm.gain is None else _const(block.norm.gain)

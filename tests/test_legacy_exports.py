@@ -87,3 +87,27 @@ def test_parallel_residual_layers_are_recognised_dropped_and_fused(neox_17, tmp_
     fused = fuse_ffn(tmp_path / "dropped", [[1, 2, 3, 4]], output=tmp_path / "fused")
     llama_surgery.parallelize_groups(reference, [[1, 2, 3, 4]])
     assert rel_err(run_logits(create_session(fused), IDS), _logits(reference)) < 1e-5
+
+
+def test_layernorm_written_out_below_opset_17_fuses_exactly(tmp_path):
+    """At opset 14 there is no LayerNormalization op either: mean, centring, variance, Sqrt, Div,
+    then the gain and bias, recognised by structure and fused (the bias folded into the projections)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(3)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=6,
+                                             num_attention_heads=4, max_position_embeddings=64)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" in name:
+                param.uniform_(0.5, 1.5) if name.endswith("weight") else param.uniform_(-0.2, 0.2)
+    path = export_model(copy.deepcopy(model), tmp_path / "neox14", ExportOptions(**{**LEGACY_17, "opset": 14}))
+    assert "LayerNormalization" not in {node.op_type for node in ir.load(path).graph}
+    block_map = find_blocks(ir.load(path))
+    assert {layer.ffn.norm.kind for layer in block_map.layers} == {"layernorm_decomposed"}
+    assert block_map.runs == [(2, 4)]
+    fused = fuse_ffn(path, [[2, 3, 4]], output=tmp_path / "fused")
+    reference = copy.deepcopy(model)
+    llama_surgery.drop_attention(reference, [2, 3, 4])
+    llama_surgery.parallelize_groups(reference, [[2, 3, 4]])
+    assert rel_err(run_logits(create_session(fused), IDS), _logits(reference)) < 1e-5

@@ -19,7 +19,7 @@ from ffnfusion.core.errors import InvalidArgumentError
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="'smollm2' (embedded default), a .gguf file, or a Hugging Face folder")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--opset", type=int, default=20, help="ONNX opset, 18-23 (default 20); 17 with --exporter torchscript")
+    parser.add_argument("--opset", type=int, default=20, help="ONNX opset, 18-23 (default 20); 14-17 with --exporter torchscript")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                         help="weights and activations dtype (default float32; ORT CPU cannot run bfloat16)")
     parser.add_argument("--drop-attention", type=parse_layer_list, default=[], metavar="LAYERS",
