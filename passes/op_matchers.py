@@ -410,8 +410,9 @@ def _match_decomposed_layernorm(output: ir.Value, x: ir.Value) -> Norm | None:
             const_scalar(square.inputs[1]) == 2.0 if square.op_type == "Pow" else square.inputs[1] is centered)
         if not squared_is_centered:
             return None
-        nodes = (*casts, sub, mean, square, variance, add, sqrt, div,
-                 *(n for n in (gain_node, bias_node) if n is not None))
+        assert sqrt is not None  # add was found through it
+        nodes: tuple[ir.Node, ...] = (*casts, sub, mean, square, variance, add, sqrt, div,
+                                      *(n for n in (gain_node, bias_node) if n is not None))
         return Norm("layernorm_decomposed", float32_epsilon(epsilon), gain, output, div.outputs[0], nodes,
                     gain_node, bias, bias_node)
     return None
