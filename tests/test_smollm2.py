@@ -146,3 +146,26 @@ def test_repair_streamed_equals_in_ram_on_smollm2(exported):
         kls.append([c["kl"] for c in result.report.groups[0].candidates])
     assert np.linalg.norm(downs[1] - downs[0]) / np.linalg.norm(downs[0]) < 1e-5
     np.testing.assert_allclose(kls[1], kls[0], rtol=1e-5)
+
+
+def test_analysis_and_verification_streamed_equal_in_ram_on_smollm2(exported):
+    """The dependency matrix M, the per-block metrics and the verification numbers on SmolLM2 are the
+    same (1e-5 relative) computed block-streamed or with the model in RAM."""
+    from ffnfusion.runtime.analysis.dependency import analyze
+    from ffnfusion.runtime.block_runner import BlockRunner
+    from ffnfusion.runtime.verify import compare_many
+
+    base, fused = exported
+    windows = calibration.calibration_windows(base.parent, tokens=512, window=128)
+    reports = [analyze(BlockRunner(base, streamed=streamed), windows, max_distance=3, dependency_tokens=256)
+               for streamed in (False, True)]
+    matrices = [np.array(r.dependency, dtype=float) for r in reports]
+    finite = np.isfinite(matrices[0])
+    assert finite.sum() > 30 and (finite == np.isfinite(matrices[1])).all()
+    np.testing.assert_allclose(matrices[1][finite], matrices[0][finite], rtol=1e-5, atol=1e-7)
+    for a, b in zip(reports[0].per_block, reports[1].per_block):
+        assert all(b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7) for k in a)
+    results = [compare_many(str(base), [str(fused)], windows, stream=s)[0] for s in (False, True)]
+    for key in ("top1_agreement", "kl", "hidden_cosine"):
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-5)
+    assert results[1]["new"]["ppl"] == pytest.approx(results[0]["new"]["ppl"], rel=1e-5)
