@@ -370,22 +370,21 @@ def match_norm(output: ir.Value, x: ir.Value) -> Norm | None:
     return None
 
 
+def _with_vector(value: ir.Value, op_type: str) -> tuple[ir.Value | None, ir.Node | None, ir.Value]:
+    """``value = op(other, v)`` with ``v`` a 1-D constant: ``(v, node, other)``; else ``(None, None, value)``."""
+    node = producer(value, op_type)
+    if node is not None:
+        for other, constant in (node.inputs, reversed(node.inputs)):
+            if const_rank(initializer_of(constant)) == 1 and other is not None:
+                return initializer_of(constant), node, other
+    return None, None, value
+
+
 def _match_decomposed_layernorm(output: ir.Value, x: ir.Value) -> Norm | None:
     """``output = (c / sqrt(mean(c²) + eps))·s + β`` with ``c = x − mean(x)`` (gain and bias
     optional), as the legacy exporter writes LayerNorm below opset 17."""
-    value, bias, bias_node, gain, gain_node = output, None, None, None, None
-    node = producer(value, "Add")
-    if node is not None:
-        for other, constant in (node.inputs, reversed(node.inputs)):
-            if const_rank(initializer_of(constant)) == 1 and other is not None:
-                bias, bias_node, value = initializer_of(constant), node, other
-                break
-    node = producer(value, "Mul")
-    if node is not None:
-        for other, constant in (node.inputs, reversed(node.inputs)):
-            if const_rank(initializer_of(constant)) == 1 and other is not None:
-                gain, gain_node, value = initializer_of(constant), node, other
-                break
+    bias, bias_node, value = _with_vector(output, "Add")
+    gain, gain_node, value = _with_vector(value, "Mul")
     casts: list[ir.Node] = []
     div = producer(skip_casts(value, casts), "Div")
     if div is None:

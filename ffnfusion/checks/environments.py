@@ -4,9 +4,12 @@ depend on ``onnxruntime``, which clashes with ``onnxruntime-gpu``): made once un
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
 from ffnfusion.exporters.sources import cache_dir
@@ -42,3 +45,15 @@ def environment(name: str, installs: list[list[str]]) -> pathlib.Path:
             run([str(python), "-m", "pip", "install", "--quiet", *packages], f"pip install {' '.join(packages)}")
         (venv / READY).touch()
     return python
+
+
+def run_script(python: pathlib.Path, script: str, model_dir: str | os.PathLike, request: dict, what: str) -> dict:
+    """Run ``script`` (Python source) in an environment as ``python -c script MODEL_DIR REQUEST.json``;
+    it prints one JSON line last, returned. The request goes to a temporary file, not the model's folder."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        json.dump(request, file)
+    try:
+        result = run([str(python), "-c", script, str(model_dir), file.name], what)
+    finally:
+        os.unlink(file.name)
+    return json.loads(result.stdout.strip().splitlines()[-1])

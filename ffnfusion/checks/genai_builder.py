@@ -5,13 +5,12 @@ what ffnfusion writes. Both live in their own environment (onnxruntime-genai dep
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
 import numpy as np
 
-from ffnfusion.checks.environments import TORCH, environment, run
+from ffnfusion.checks.environments import TORCH, environment, run, run_script
 
 GENAI = "onnxruntime-genai==0.18.0"
 # The builder imports torch and transformers (0.18 needs transformers 5: it imports Qwen3.5 classes).
@@ -58,12 +57,6 @@ def build(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, precision: str 
 def greedy(model_dir: str | os.PathLike, prompt: list[int], steps: int, vocab: int | None = None):
     """``(tokens, logits)``: greedy tokens from onnxruntime_genai on ``model_dir`` (its
     genai_config.json) and, given ``vocab``, the logits each token was chosen from ``[steps, vocab]``."""
-    python = genai_environment()
-    request = pathlib.Path(model_dir) / ".greedy-request.json"
-    request.write_text(json.dumps({"prompt": prompt, "steps": steps, "vocab": vocab}))
-    try:
-        result = run([str(python), "-c", _GREEDY, str(model_dir), str(request)], "onnxruntime_genai greedy")
-    finally:
-        request.unlink(missing_ok=True)
-    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    answer = run_script(genai_environment(), _GREEDY, model_dir, {"prompt": prompt, "steps": steps, "vocab": vocab},
+                        "onnxruntime_genai greedy")
     return answer["tokens"], np.array(answer["logits"], np.float32)

@@ -4,13 +4,12 @@ so both live in their own environment: ``$FFNFUSION_CACHE/envs/optimum``."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
 import numpy as np
 
-from ffnfusion.checks.environments import TORCH, environment, run
+from ffnfusion.checks.environments import TORCH, environment, run, run_script
 
 REQUIREMENTS = ["optimum-onnx", "transformers>=4.45,<4.58", "onnxruntime", "onnx", "numpy<3"]
 
@@ -42,12 +41,6 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Pat
 
 def generate(model_dir: str | os.PathLike, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
     """Greedy ``generate`` with ``ORTModelForCausalLM`` (KV cache): tokens and the logits each came from."""
-    python = optimum_environment()
-    request = pathlib.Path(model_dir) / ".generate-request.json"
-    request.write_text(json.dumps({"prompt": prompt, "steps": steps}))
-    try:
-        result = run([str(python), "-c", _GENERATE, str(model_dir), str(request)], "ORTModelForCausalLM.generate")
-    finally:
-        request.unlink(missing_ok=True)
-    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    answer = run_script(optimum_environment(), _GENERATE, model_dir, {"prompt": prompt, "steps": steps},
+                        "ORTModelForCausalLM.generate")
     return answer["tokens"], np.array(answer["logits"], np.float32)
