@@ -123,7 +123,7 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, tens
     config["torch_dtype"] = dtype
 
     with staged_directory(out) as staging:
-        shards = _write_shards(staging, tensors, layers, hidden)
+        shards = _write_shards(staging, tensors, layers)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if not llama:
             for name in nemotron_nas.REMOTE_CODE_FILES:
@@ -250,7 +250,7 @@ def _as_torch(tensor, transpose: bool, rows: int | None = None, columns: int | N
     return result
 
 
-def _write_shards(out: pathlib.Path, tensors: list, layers: list[HFLayer], hidden: int) -> list[str]:
+def _write_shards(out: pathlib.Path, tensors: list, layers: list[HFLayer]) -> list[str]:
     """safetensors shards of ≤ ``SHARD_BYTES``, each written as soon as it is full (so at most one
     shard is in memory), each tensor read and padded only then; renamed once their count is known."""
     from safetensors.torch import save_file
