@@ -196,7 +196,55 @@ def match_linear(value: ir.Value) -> Linear | None:
             if linear is not None and product is not None and len(product.uses()) == 1:
                 return dataclasses.replace(linear, nodes=(*linear.nodes, add), bias=bias_init)
         return None
-    return _match_unbiased_linear(value)
+    split = _match_split_linear(value)
+    return split if split is not None else _match_unbiased_linear(value)
+
+
+def _match_split_linear(value: ir.Value) -> Linear | None:
+    """``value`` = one output of ``Split(a @ W (+ b), axis=-1)``: the linear layer of its columns
+    (ORT GenAI's ``fuse_mlp_gate_up`` computes gate and up as one MatMul, then splits)."""
+    split = producer(value, "Split")
+    if split is None or split.inputs[0] is None or _attr(split, "axis", 0) not in (-1, 2):
+        return None
+    cached = split.meta.get("ffnfusion.split_linears")
+    if cached is None:
+        whole = match_linear(split.inputs[0])
+        if whole is None:
+            return None
+        width = whole.weight.shape_in_out[1]
+        given = const_array(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
+        sizes = [int(n) for n in given] if given is not None else [width // len(split.outputs)] * len(split.outputs)
+        if sum(sizes) != width:
+            return None
+        start = 0
+        cached = {}
+        for output, size in zip(split.outputs, sizes):
+            cached[output] = Linear(whole.input, _column_slice(whole.weight, start, start + size),
+                                    (split, *whole.nodes), _bias_slice(whole.bias, start, start + size))
+            start += size
+        split.meta["ffnfusion.split_linears"] = cached
+    return cached.get(value)
+
+
+def _column_slice(weight: Weight, start: int, stop: int) -> Weight:
+    """Columns ``start:stop`` of ``weight`` as ``[in, out]`` (read when needed)."""
+    rows = weight.shape_in_out[0]
+    tensor = weight.tensor
+    name = f"{weight.name}[:, {start}:{stop}]"
+    lazy = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(weight.numpy_in_out()[:, start:stop])),
+                         dtype=tensor.dtype, shape=ir.Shape([rows, stop - start]), cache=True, name=name)
+    value = ir.Value(name=name, const_value=lazy)
+    value.meta.update(weight.value.meta)  # e.g. that it was dequantised from 4-bit blocks
+    return Weight(value, transposed=False)
+
+
+def _bias_slice(bias: ir.Value | None, start: int, stop: int) -> ir.Value | None:
+    if bias is None or bias.const_value is None:
+        return None
+    tensor = bias.const_value
+    name = f"{bias.name}[{start}:{stop}]"
+    return ir.Value(name=name, const_value=ir.LazyTensor(lambda: ir.tensor(tensor.numpy()[start:stop]), dtype=tensor.dtype,
+                                                         shape=ir.Shape([stop - start]), cache=True, name=name))
 
 
 def _match_unbiased_linear(value: ir.Value | None) -> Linear | None:

@@ -183,3 +183,16 @@ def test_decomposed_layernorm_with_gain_and_bias():
     # an RMS-style core (no centring) is not a LayerNorm; the RMS matcher takes it
     rms = _node(graph, "Div", [x, std], "rms_like")
     assert op_matchers.match_norm(rms, x) is None or op_matchers.match_norm(rms, x).kind != "layernorm_decomposed"
+
+
+def test_split_of_one_matmul_reads_as_two_linear_layers():
+    graph, x = _graph()
+    both = np.arange(HIDDEN * 2 * WIDTH, dtype=np.float32).reshape(HIDDEN, 2 * WIDTH)
+    product = _node(graph, "MatMul", [x, _initializer(graph, "gate_up", both)], "gate_up")
+    split = ir.node("Split", [product], attributes={"axis": -1, "num_outputs": 2}, num_outputs=2, name="split")
+    graph.append(split)
+    gate, up = (op_matchers.match_linear(v) for v in split.outputs)
+    assert gate is not None and up is not None and gate.input is up.input is x
+    np.testing.assert_array_equal(gate.weight.numpy_in_out(), both[:, :WIDTH])
+    np.testing.assert_array_equal(up.weight.numpy_in_out(), both[:, WIDTH:])
+    assert gate.weight.shape_in_out == (HIDDEN, WIDTH) and split in gate.nodes

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from conftest import TINY_DROPPED, make_tiny_llama, rel_err, save_tiny_tokenizer
+from conftest import TINY_DROPPED, greedy_reference, make_tiny_llama, rel_err, save_tiny_tokenizer
 
 from ffnfusion.api import fuse_ffn
 from ffnfusion.checks import genai_builder
@@ -167,3 +167,22 @@ def test_runners_read_builder_graphs(builder_fp32, tmp_path, capsys):
     for _ in range(6):
         sequence.append(int(run_logits(session, np.array([sequence]))[0, -1].argmax()))
     assert tokens == sequence[len(PROMPT):]
+
+
+def test_fused_gate_up_layout_fuses_exactly(tmp_path):
+    """``--extra_options fuse_mlp_gate_up=true``: gate and up as one MatMul and a Split; the two halves
+    are read as the gate and up projections."""
+    make_tiny_llama().save_pretrained(tmp_path / "hf")
+    save_tiny_tokenizer(tmp_path / "hf")
+    built = genai_builder.build(tmp_path / "hf", tmp_path / "gate_up", "fp32", {"fuse_mlp_gate_up": "true"})
+    assert _ops(built / "model.onnx")["Split"] == 8
+    remove_attention_file(built, tmp_path / "dropped", TINY_DROPPED)
+    fused = fuse_ffn(tmp_path / "dropped", [TINY_DROPPED], output=tmp_path / "fused")
+    reference = make_tiny_llama()
+    llama_surgery.drop_attention(reference, TINY_DROPPED)
+    llama_surgery.parallelize_groups(reference, [TINY_DROPPED])
+    expected_tokens, _ = greedy_reference(reference, PROMPT, 6)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(IDS)).logits.numpy()
+    assert rel_err(run_logits(create_session(fused), IDS), expected) < 1e-5
+    assert genai_builder.greedy(tmp_path / "fused", PROMPT, 6)[0] == expected_tokens
