@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ffnfusion.passes.op_matchers import ELEMENTWISE
+from ffnfusion.passes.elementwise import ELEMENTWISE
 
 MAX_ELEMENTS = 1 << 16
 

@@ -19,14 +19,11 @@ A matcher returns a small dataclass, or ``None`` when the structure does not fit
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from ffnfusion.passes import nbits
+from ffnfusion.passes import elementwise, nbits
 
 RMS_OP_TYPES = {"RMSNormalization", "SimplifiedLayerNormalization"}
 NORM_OP_TYPES = RMS_OP_TYPES | {"LayerNormalization"}
@@ -293,78 +290,7 @@ def match_activation(value: ir.Value) -> tuple[str, ir.Value, tuple[ir.Node, ...
         kind = GELU_KINDS.get(_attr(node, "approximate", "none"))
         if kind is not None and node.inputs[0] is not None:
             return kind, node.inputs[0], (node,)
-    return match_decomposed_activation(value)
-
-
-# Elementwise ops older exporters decompose activations into (opset < 20 has no Gelu op).
-ELEMENTWISE: dict[str, Callable[..., Any]] = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide, "Pow": np.power,
-                "Tanh": np.tanh, "Sigmoid": lambda x: 1 / (1 + np.exp(-x)), "Sqrt": np.sqrt, "Neg": np.negative,
-                "Exp": np.exp, "Reciprocal": np.reciprocal, "Cast": lambda x: x, "Identity": lambda x: x,
-                "Erf": np.vectorize(math.erf)}
-_PROBE = np.linspace(-4.0, 4.0, 41)
-_ACTIVATIONS = {
-    "silu": lambda x: x / (1 + np.exp(-x)),
-    "gelu": lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))),
-    "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
-}
-_MAX_DECOMPOSED_NODES = 16
-
-
-def match_decomposed_activation(value: ir.Value) -> tuple[str, ir.Value, tuple[ir.Node, ...]] | None:
-    """``value = act(g)`` written out in elementwise ops with scalar constants (GELU's tanh and erf
-    forms from the legacy exporter, SiLU as ``x·Sigmoid(x)``, in any order): the subgraph is
-    evaluated on probe values of ``g`` and compared with each activation — the math decides, not
-    the shape of the chain. Returns ``(kind, g, nodes)``."""
-    nodes: list[ir.Node] = []
-    variables: set[ir.Value] = set()
-    pending = [value]
-    while pending:
-        current = pending.pop()
-        node = current.producer()
-        constants = [a for a in map(const_array, node.inputs) if a is not None] if node is not None else []
-        if node is None or node.op_type not in ELEMENTWISE or node.domain not in ("", "ai.onnx") \
-                or any(c.size != 1 for c in constants) or len(node.outputs) != 1:
-            variables.add(current)  # a leaf: the activation's input
-            continue
-        if node in nodes:
-            continue
-        nodes.append(node)
-        if len(nodes) > _MAX_DECOMPOSED_NODES:
-            return None
-        pending.extend(v for v in node.inputs if v is not None and const_array(v) is None)
-    if len(variables) != 1 or not nodes or value in variables:
-        return None
-    (g,) = variables
-    computed = {g: _PROBE}
-    with np.errstate(all="ignore"):
-        for node in reversed(_topological(nodes)):
-            args = [computed[v] if v in computed else const_scalar(v) for v in node.inputs]
-            computed[node.outputs[0]] = ELEMENTWISE[node.op_type](*args)
-    result = computed.get(value)
-    for kind, function in _ACTIVATIONS.items():
-        if result is not None and np.allclose(result, function(_PROBE), rtol=1e-5, atol=1e-6):
-            return kind, g, tuple(nodes)
-    return None
-
-
-def _topological(nodes: list[ir.Node]) -> list[ir.Node]:
-    """``nodes`` (found consumers first) ordered so each comes before the nodes it reads from."""
-    inside = set(nodes)
-    order: list[ir.Node] = []
-    placed: set[ir.Node] = set()
-
-    def visit(node: ir.Node) -> None:
-        if node in placed:
-            return
-        placed.add(node)
-        for use in (u for out in node.outputs for u in out.uses()):
-            if use.node in inside:
-                visit(use.node)
-        order.append(node)
-
-    for node in nodes:
-        visit(node)
-    return order
+    return elementwise.match_decomposed_activation(value)
 
 
 def match_silu(value: ir.Value) -> tuple[ir.Value, tuple[ir.Node, ...]] | None:

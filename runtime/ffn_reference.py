@@ -7,21 +7,17 @@ block's residual update ``ffn(n(x))``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from ffnfusion.passes.blocks import FFNBlock
+from ffnfusion.passes.elementwise import ACTIVATIONS
 from ffnfusion.passes.streaming import read_columns, read_rows
 
 
 def activation(kind: str, value: np.ndarray) -> np.ndarray:
-    if kind == "silu":
-        return value / (1 + np.exp(-value))
-    if kind == "gelu_tanh":
-        return 0.5 * value * (1 + np.tanh(np.sqrt(2 / np.pi) * (value + 0.044715 * value ** 3)))
-    return 0.5 * value * (1 + np.vectorize(math.erf)(value / np.sqrt(2)))
+    return ACTIVATIONS[kind](value)
 
 
 def _const(value) -> np.ndarray | float:
