@@ -37,8 +37,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ffnfusion.core.model_io import initializer_bytes, load_model, model_file
-from ffnfusion.passes.blocks import embedding_table, find_blocks, find_embedding_gather, find_embedding_output
+from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.dtype_widening import Float32WideningPass
+from ffnfusion.passes.embedding import embedding_table, find_embedding_gather, find_embedding_output
 from ffnfusion.passes.skip_norms import SPLIT_PREFIX, SplitSkipNormsPass, has_skip_norms
 from ffnfusion.runtime.model_pieces import HeadProjection, ProtoSlicer, shared_values, weights_in_dir
 from ffnfusion.runtime.onnxruntime import default_feeds, genai_head_size, session_from_bytes
