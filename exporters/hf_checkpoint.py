@@ -29,7 +29,7 @@ from ffnfusion.core.model_io import COMPANION_FILES, METADATA_FILE, load_model, 
 from ffnfusion.exporters import nemotron_nas
 from ffnfusion.passes import op_matchers
 from ffnfusion.passes.attention_branch import match_attention
-from ffnfusion.passes.blocks import DecoderLayer, find_blocks
+from ffnfusion.passes.blocks import BlockMap, DecoderLayer, find_blocks
 from ffnfusion.passes.embedding import embedding_table, find_embedding_gather, find_embedding_output
 
 logger = logging.getLogger(__name__)
@@ -80,32 +80,10 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, tens
     out = pathlib.Path(out_dir)
     if out.resolve() == path.parent.resolve():
         raise InvalidArgumentError(f"the output folder {out} is the input's folder; choose another")
-    source_config = _source_config(path.parent)
-    model = load_model(path)
-    block_map = find_blocks(model)
-    graph = model.graph
-    hidden = source_config["hidden_size"]
-    heads = source_config["num_attention_heads"]
-    head_dim = source_config.get("head_dim") or hidden // heads
-
-    tensors: list[tuple[str, ir.TensorProtocol | np.ndarray, bool]] = []  # (name, tensor, transpose to [out, in])
-    layers: list[HFLayer] = []
-    for position, layer in enumerate(block_map.layers):
-        layers.append(_layer_tensors(position, layer, tensors, hidden, heads, head_dim, tensor_parallel))
-    gather = find_embedding_gather(graph)
-    if find_embedding_output(graph) is not gather.outputs[0]:
-        raise BlockRecognitionError("the embedding is scaled before the first layer (Gemma-style): "
-                                    "not a Llama/Nemotron-NAS model")
-    tensors.insert(0, ("model.embed_tokens.weight", embedding_table(gather), False))
-    last = block_map.layers[-1]
-    final_stream = last.ffn.output if last.ffn is not None else last.attention_block.output
-    head = _head(graph)
-    norm = op_matchers.match_norm(head.input, final_stream)
-    if norm is None or norm.gain is None or norm.centered:
-        raise BlockRecognitionError("no RMSNorm with a gain between the last layer and the output projection")
-    tensors += [("model.norm.weight", norm.gain.const_value, False),
-                ("lm_head.weight", head.weight.tensor, not head.weight.transposed)]
-
+    config_of_source = source_config(path.parent)
+    checkpoint = checkpoint_tensors(load_model(path), config_of_source, tensor_parallel)
+    layers = checkpoint.layers
+    tensors = [(t.name, t.tensor, t.transpose) for t in checkpoint.tensors]
     uniform = len({(layer.kv_heads, layer.ffn_width) for layer in layers}) == 1 and layers[0].kv_heads is not None \
         and layers[0].ffn_width is not None and all(len(layer.source_layers) == 1 for layer in layers) \
         and layers[-1].source_layers[-1] + 1 == len(layers)
@@ -113,7 +91,9 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, tens
     if llama:
         for layer in layers:
             layer.written_width = layer.ffn_width
-    config = _config(source_config, layers, llama, head_dim)
+    head_dim = config_of_source.get("head_dim") or \
+        config_of_source["hidden_size"] // config_of_source["num_attention_heads"]
+    config = _config(config_of_source, layers, llama, head_dim)
     dtype = _dtype_name(tensors[0][1])
     config["torch_dtype"] = dtype
 
@@ -123,17 +103,68 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, tens
         if not llama:
             for name in nemotron_nas.REMOTE_CODE_FILES:
                 shutil.copyfile(nemotron_nas.REMOTE_CODE_DIR / name, staging / name)
-        generation = {k: source_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                      if source_config.get(k) is not None}
+        generation = {k: config_of_source[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                      if config_of_source.get(k) is not None}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         _copy_tokenizer(path.parent, staging)
     result = HFExportResult(out, config["architectures"][0], dtype, layers, shards, tensor_parallel)
     logger.info(f"export-hf: wrote {out} ({result.architecture}, {len(layers)} layers from "
-                f"{block_map.num_layers}, {dtype}, {len(shards)} shard(s))")
+                f"{checkpoint.block_map.num_layers}, {dtype}, {len(shards)} shard(s))")
     return result
 
 
-def _source_config(directory: pathlib.Path) -> dict:
+@dataclasses.dataclass(frozen=True)
+class CheckpointTensor:
+    """One checkpoint tensor and where the graph keeps it: ``value`` is the initializer (None for a
+    tensor the graph does not store, such as a fused group's all-ones norm gain), stored ``[out, in]``
+    in the checkpoint when ``transpose`` says the graph stores it ``[in, out]``."""
+
+    name: str
+    tensor: ir.TensorProtocol | np.ndarray
+    transpose: bool
+    value: ir.Value | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointTensors:
+    block_map: BlockMap
+    layers: list[HFLayer]
+    tensors: list[CheckpointTensor]
+
+
+def checkpoint_tensors(model: ir.Model, source_config: dict, tensor_parallel: int = 1) -> CheckpointTensors:
+    """Every tensor of the Nemotron-NAS checkpoint of ``model``, by checkpoint name, with the graph
+    value it comes from: :func:`export_hf` writes them, and a trained checkpoint's values are written
+    back into the same initializers (``ffnfusion heal``)."""
+    block_map = find_blocks(model)
+    graph = model.graph
+    hidden = source_config["hidden_size"]
+    heads = source_config["num_attention_heads"]
+    head_dim = source_config.get("head_dim") or hidden // heads
+    tensors: list[CheckpointTensor] = []
+    layers = [_layer_tensors(position, layer, tensors, hidden, heads, head_dim, tensor_parallel)
+              for position, layer in enumerate(block_map.layers)]
+    gather = find_embedding_gather(graph)
+    if find_embedding_output(graph) is not gather.outputs[0]:
+        raise BlockRecognitionError("the embedding is scaled before the first layer (Gemma-style): "
+                                    "not a Llama/Nemotron-NAS model")
+    tensors.insert(0, CheckpointTensor("model.embed_tokens.weight", embedding_table(gather), False, None))
+    last = block_map.layers[-1]
+    final_stream = last.ffn.output if last.ffn is not None else last.attention_block.output
+    head = _head(graph)
+    norm = op_matchers.match_norm(head.input, final_stream)
+    if norm is None or norm.gain is None or norm.centered:
+        raise BlockRecognitionError("no RMSNorm with a gain between the last layer and the output projection")
+    tensors += [CheckpointTensor("model.norm.weight", norm.gain.const_value, False, norm.gain),
+                _weight("lm_head.weight", head.weight)]
+    return CheckpointTensors(block_map, layers, tensors)
+
+
+def _weight(name: str, weight: op_matchers.Weight) -> CheckpointTensor:
+    return CheckpointTensor(name, weight.tensor, not weight.transposed, weight.value)
+
+
+def source_config(directory: pathlib.Path) -> dict:
     """The Hugging Face config of the model the ONNX graph came from (``ffnfusion.json``, else
     ``config.json``): heads, rotary and vocabulary facts the graph does not state plainly."""
     metadata = directory / METADATA_FILE
@@ -167,9 +198,10 @@ def _layer_tensors(position: int, layer: DecoderLayer, tensors: list, hidden: in
         if heads % tensor_parallel or (kv_heads % tensor_parallel and tensor_parallel % kv_heads):
             raise InvalidArgumentError(f"--tensor-parallel {tensor_parallel}: {where} has {heads} query and {kv_heads} "
                                        "KV heads; TP needs heads % TP == 0 and KV heads divisible by TP or TP by them")
-        tensors.append((prefix + "input_layernorm.weight", weights.norm.gain.const_value, False))
+        tensors.append(CheckpointTensor(prefix + "input_layernorm.weight", weights.norm.gain.const_value, False,
+                                        weights.norm.gain))
         for name, weight in (("q", weights.q), ("k", weights.k), ("v", weights.v), ("o", weights.o)):
-            tensors.append((prefix + f"self_attn.{name}_proj.weight", weight.tensor, not weight.transposed))
+            tensors.append(_weight(prefix + f"self_attn.{name}_proj.weight", weight))
     ffn = layer.ffn
     if ffn is None:
         logger.warning(f"export-hf: {where} keeps its attention but has no FFN; llama.cpp's deci graph drops "
@@ -181,9 +213,9 @@ def _layer_tensors(position: int, layer: DecoderLayer, tensors: list, hidden: in
     if any(b is not None for b in (ffn.gate_bias, ffn.up_bias, ffn.down_bias, ffn.norm.bias)):
         raise BlockRecognitionError(f"{where}: FFN with biases; Nemotron-NAS layers have none")
     gain = ffn.norm.gain.const_value if ffn.norm.gain is not None else np.ones(hidden, ffn.dtype.numpy())
-    tensors.append((prefix + "post_attention_layernorm.weight", gain, False))
+    tensors.append(CheckpointTensor(prefix + "post_attention_layernorm.weight", gain, False, ffn.norm.gain))
     for name, weight in (("gate", ffn.gate), ("up", ffn.up), ("down", ffn.down)):
-        tensors.append((prefix + f"mlp.{name}_proj.weight", weight.tensor, not weight.transposed))
+        tensors.append(_weight(prefix + f"mlp.{name}_proj.weight", weight))
     return HFLayer(list(layer.span), kv_heads, ffn.width, nemotron_nas.padded_width(ffn.width, tensor_parallel))
 
 

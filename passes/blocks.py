@@ -372,7 +372,8 @@ def find_blocks(model: ir.Model) -> BlockMap:
             continue
         if kind == "attention":
             if pending_attention:  # two attention branches in a row: a layer without FFN
-                layers.append(DecoderLayer(index, True, None, "no FFN branch", attention_block=pending_attention))
+                why = "FFN removed" if index in attention_only else "no FFN branch"
+                layers.append(DecoderLayer(index, True, None, why, attention_block=pending_attention))
                 index += 1
             while index in empty_layers:
                 index += 1

@@ -4,46 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import sysconfig
 
 import numpy as np
 
 from ffnfusion.core.errors import FFNFusionError, InvalidArgumentError
+from ffnfusion.runtime.corpora import CORPORA, NAMES, corpus_text, license_text, python_docs_text, release_notes_text
+
+__all__ = ["license_text", "python_docs_text", "release_notes_text"]  # the texts that ship with Python
 
 DEFAULT_TOKENS = 16384
 DEFAULT_WINDOW = 512
 DEFAULT_REPAIR_TOKENS = 8192  # repair: fitting tokens, split evenly over the sources
 DEFAULT_SELECT_TOKENS = 1024  # repair: held-out tokens per source for the selection criterion
-
-
-def python_docs_text() -> str:
-    """Python's documentation topics (``pydoc_data.topics``): ships with every CPython."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
-
-
-def license_text() -> str:
-    """Legal English, a different domain from the docs: CPython's LICENSE plus the OS's licenses."""
-    parts = []
-    python_license = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
-    if python_license.is_file():
-        parts.append(python_license.read_text(errors="replace"))
-    common = pathlib.Path("/usr/share/common-licenses")
-    if common.is_dir():
-        parts += [p.read_text(errors="replace") for p in sorted(common.iterdir()) if p.is_file()]
-    if not parts:
-        raise FFNFusionError("no license texts found on this system; pass --text FILE")
-    return "\n\n".join(parts)
-
-
-def release_notes_text() -> str:
-    """IDLE's release notes (``idlelib/NEWS.txt``, shipped with CPython): terse change-log English,
-    a kind of text neither the docs nor the licenses are. Used to evaluate on unlike text."""
-    path = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "idlelib" / "NEWS.txt"
-    if not path.is_file():
-        raise FFNFusionError(f"{path} is missing (Python installed without IDLE); pass --text FILE")
-    return path.read_text(errors="replace")
 
 
 def load_tokenizer(model_dir: str | pathlib.Path):
@@ -58,14 +30,40 @@ def load_tokenizer(model_dir: str | pathlib.Path):
         ) from None
 
 
-def read_texts(paths) -> str:
-    texts = []
-    for path in paths:
+def read_text(spec: str, max_chars: int | None = None) -> str:
+    """A text file, or a named source (:data:`~ffnfusion.runtime.corpora.NAMES`: ``brown``,
+    ``wikipedia``, ``sotu``, ``moby-dick``, ``python-docs``, ...; a file of that name wins).
+    ``max_chars``: at most that many characters of a fetched corpus, taken as 16 pieces spread over
+    the whole text (a corpus changes genre, year or topic along the way; only this much is tokenised)."""
+    path = pathlib.Path(spec)
+    if str(spec) in NAMES and not path.exists():
+        text = corpus_text(str(spec))
+        return spread_excerpt(text, max_chars) if max_chars and str(spec) in CORPORA else text
+    else:
         try:
-            texts.append(pathlib.Path(path).read_text(errors="replace"))
+            text = path.read_text(errors="replace")
         except OSError as err:
-            raise InvalidArgumentError(f"cannot read text {path}: {err.strerror}") from None
-    return "\n\n".join(texts)
+            known = f" (or one of the named sources: {', '.join(NAMES)})" if not path.exists() else ""
+            raise InvalidArgumentError(f"cannot read text {spec}: {err.strerror}{known}") from None
+    return text
+
+
+def spread_excerpt(text: str, max_chars: int, pieces: int = 16) -> str:
+    """``pieces`` equal stretches of ``text`` at evenly spaced offsets, cut at line ends, ``max_chars`` in all."""
+    if len(text) <= max_chars:
+        return text
+    size = max_chars // pieces
+    parts = []
+    for k in range(pieces):
+        start = k * (len(text) - size) // max(1, pieces - 1)
+        start = text.find("\n", start) + 1 if start else 0
+        end = text.rfind("\n", start, start + size)
+        parts.append(text[start:end if end > start else start + size])
+    return "\n\n".join(parts)
+
+
+def read_texts(paths) -> str:
+    return "\n\n".join(read_text(path) for path in paths)
 
 
 def windows_from_ids(ids: np.ndarray, tokens: int, window: int) -> np.ndarray:
@@ -126,7 +124,8 @@ def perplexity(logits: np.ndarray, input_ids: np.ndarray) -> float:
 
 
 # The repair's default calibration: two kinds of English that ship with Python and the OS.
-DEFAULT_SOURCES = {"python-docs": python_docs_text, "licenses": license_text}
+DEFAULT_SOURCES = ("python-docs", "licenses")
+CHARS_PER_TOKEN = 8  # generous: English is ~4-5 characters a token; only this much of a corpus is tokenised
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,15 +149,17 @@ class CalibrationSource:
 
 
 def repair_sources(model_dir, *, texts=(), ids_files=(), tokens=DEFAULT_REPAIR_TOKENS, window=DEFAULT_WINDOW,
-                   select_tokens=DEFAULT_SELECT_TOKENS) -> list[CalibrationSource]:
-    """One source per text file or ids file (default: :data:`DEFAULT_SOURCES`), ``tokens`` fitting
+                   select_tokens=DEFAULT_SELECT_TOKENS, default=DEFAULT_SOURCES) -> list[CalibrationSource]:
+    """One source per text file, named source or ids file (default: ``default``), ``tokens`` fitting
     tokens split evenly over them, ``select_tokens`` held out from each."""
     if ids_files:
         named = [(pathlib.Path(path).stem, load_token_ids(path).reshape(-1)) for path in ids_files]
     else:
         tokenizer = load_tokenizer(model_dir)
-        pairs = [(pathlib.Path(p).name, lambda p=p: read_texts([p])) for p in texts] or list(DEFAULT_SOURCES.items())
-        named = [(name, tokenizer(text(), return_tensors="np")["input_ids"][0]) for name, text in pairs]
+        specs = list(texts) or list(default)
+        budget = (tokens // len(specs) + select_tokens) * CHARS_PER_TOKEN * 2
+        named = [(pathlib.Path(spec).name, tokenizer(read_text(spec, budget), return_tensors="np")["input_ids"][0])
+                 for spec in specs]
     fit_windows = max(1, tokens // len(named) // window)
     select_windows = max(1, select_tokens // window)
     return [CalibrationSource.split(name, windows_from_ids(ids, len(ids), window), fit_windows, select_windows)

@@ -32,8 +32,8 @@ def evaluation_windows(tokenizer, window: int) -> dict[str, np.ndarray]:
 
     like = []
     per_source = EVAL_TOKENS // window // len(calibration.DEFAULT_SOURCES)
-    for text in calibration.DEFAULT_SOURCES.values():
-        ids = tokenizer(text(), return_tensors="np")["input_ids"][0]
+    for name in calibration.DEFAULT_SOURCES:
+        ids = tokenizer(calibration.read_text(name), return_tensors="np")["input_ids"][0]
         windows = calibration.windows_from_ids(ids, len(ids), window)
         source = calibration.CalibrationSource.split("", windows, calibration.DEFAULT_REPAIR_TOKENS // 2 // window,
                                                      calibration.DEFAULT_SELECT_TOKENS // window)

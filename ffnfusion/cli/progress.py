@@ -38,16 +38,17 @@ class ProgressBar:
 
     Called as ``progress(done, total, tokens)`` by the analysis (blocks) and verification (models)."""
 
-    def __init__(self, label: str, what: str = "blocks"):
+    def __init__(self, label: str, what: str = "blocks", note=lambda value: f"{value} tokens"):
         self.label = label
         self.what = what
+        self.note = note  # the third argument as shown
         self.start = time.perf_counter()
         self.tty = sys.stderr.isatty()
         self.reported_quarter = 0
 
     def __call__(self, done: int, total: int, tokens: int) -> None:
         elapsed = time.perf_counter() - self.start
-        text = f"{self.label}: {done}/{total} {self.what}, {tokens} tokens, {elapsed:.0f} s"
+        text = f"{self.label}: {done}/{total} {self.what}, {self.note(tokens)}, {elapsed:.0f} s"
         if self.tty:
             filled = 24 * done // total
             print(f"\r{self.label}: [{'#' * filled}{'.' * (24 - filled)}] {text.split(': ', 1)[1]}",

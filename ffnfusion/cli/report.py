@@ -170,3 +170,32 @@ def plot_frontier(result, path: pathlib.Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def plot_heal(report, path: pathlib.Path) -> None:
+    """Training and held-out loss of every local span and of the global stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (local_ax, global_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for index, curve in report.local.items():
+        line, = local_ax.plot(range(1, len(curve.train) + 1), curve.train, lw=0.8, alpha=0.6,
+                              label=f"span {index}: train")
+        local_ax.plot(*zip(*curve.held_out), marker="o", color=line.get_color(), label=f"span {index}: held out")
+    local_ax.set(xlabel="step", ylabel="normalised span error", yscale="log", title="local distillation")
+    if report.local:
+        local_ax.legend(fontsize=7)
+    if report.global_curve is not None:
+        curve = report.global_curve
+        global_ax.plot(range(1, len(curve.train) + 1), curve.train, lw=0.8, alpha=0.6, label="train (batch KL)")
+        global_ax.plot(*zip(*curve.held_out), marker="o", label="held out (mean over sources)")
+        global_ax.axvline(curve.best_step, color="gray", ls=":", label=f"kept: step {curve.best_step}")
+        global_ax.legend(fontsize=8)
+    global_ax.set(xlabel="step", ylabel="KL(original || model)", yscale="log", title="global distillation")
+    fig.suptitle(report.describe(), fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

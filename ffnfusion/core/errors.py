@@ -41,6 +41,14 @@ class RepairError(FFNFusionError):
     """The fused model or the calibration data do not allow a repair."""
 
 
+class DataSourceError(FFNFusionError):
+    """A named calibration text cannot be had here (no registry reachable, a checksum mismatch)."""
+
+
+class HealError(FFNFusionError):
+    """A model and its reference do not allow distillation (not the model's parent, unsupported weights)."""
+
+
 class TensorRTUnavailableError(FFNFusionError):
     """``import tensorrt`` failed, or TensorRT cannot create a builder/runtime here (CLI: exit 3)."""
 

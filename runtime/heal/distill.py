@@ -1,0 +1,225 @@
+"""The two distillation stages, as torch training loops with early stopping on held-out tokens.
+
+* **Local** (Puzzle's blockwise local distillation): a span's FFNs alone map the original's stream
+  at the span's input to the original's stream at its output. Loss: the normalised squared error
+  ``Σ‖f(x_in) − x_out‖² / Σ‖x_out − x_in‖²`` (the share of the original's update the span misses).
+  Token by token (no attention inside a span), so a step costs a few FFN evaluations.
+* **Global**: ``KL(teacher ‖ student)`` of the next-token distributions, the student run whole; the
+  teacher's final (normed) stream is cached once and its logits recomputed per batch from it.
+
+Both keep the best parameters seen on held-out tokens (the initial ones included), so a stage that
+does not help changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, float], None]  # (step, total steps, last training loss)
+
+
+@dataclasses.dataclass
+class Curve:
+    """A stage's record: training loss per step, held-out loss at each evaluation, the best step."""
+
+    lr: float
+    steps: int = 0
+    train: list[float] = dataclasses.field(default_factory=list)
+    held_out: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    best_step: int = 0
+    seconds: float = 0.0
+
+    @property
+    def initial(self) -> float:
+        return self.held_out[0][1]
+
+    @property
+    def best(self) -> float:
+        return min(loss for _, loss in self.held_out)
+
+    def to_dict(self) -> dict:
+        return {"lr": self.lr, "steps": self.steps, "best_step": self.best_step, "seconds": round(self.seconds, 1),
+                "held_out_initial": round(self.initial, 6), "held_out_best": round(self.best, 6),
+                "train_loss": [round(v, 6) for v in self.train],
+                "held_out_loss": [[s, round(v, 6)] for s, v in self.held_out]}
+
+
+def _snapshot(params: dict) -> dict:
+    return {name: p.detach().clone() for name, p in params.items()}
+
+
+def _restore(params: dict, state: dict) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])
+
+
+def _schedule(optimizer, step: int, total: int, lr: float, warmup: int) -> None:
+    """Linear warm-up, then cosine decay to a tenth."""
+    scale = (step + 1) / warmup if step < warmup else \
+        0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr * scale
+
+
+def train_span(units: Sequence, params: dict, x_fit, y_fit, x_held, y_held, *, lr: float, epochs: int,
+               batch: int = 512, patience: int = 2, seed: int = 0, progress: Progress | None = None) -> Curve:
+    """Local stage for one span: ``units`` are decoder layers whose FFN updates run in sequence;
+    ``params`` the parameters trained (left at the best held-out state)."""
+    import torch
+
+    def run(x):
+        for unit in units:
+            x = x + unit.mlp(unit.post_attention_layernorm(x))
+        return x
+
+    def loss_of(x, y, scale):
+        return ((run(x) - y) ** 2).sum() / scale
+
+    held_scale = float(((y_held - x_held) ** 2).sum())
+    fit_scale = float(((y_fit - x_fit) ** 2).sum()) / len(x_fit)
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return sum(float(loss_of(x_held[i:i + 4096], y_held[i:i + 4096], held_scale))
+                       for i in range(0, len(x_held), 4096))
+
+    curve = Curve(lr)
+    clock = time.perf_counter()
+    best, best_state, stale = held_out(), _snapshot(params), 0
+    curve.held_out.append((0, best))
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = max(1, len(x_fit) // batch)
+    total = epochs * per_epoch
+    for _ in range(epochs):
+        order = torch.randperm(len(x_fit), generator=generator)
+        for k in range(per_epoch):
+            rows = order[k * batch:(k + 1) * batch]
+            _schedule(optimizer, curve.steps, total, lr, max(1, total // 20))
+            loss = loss_of(x_fit[rows], y_fit[rows], fit_scale * len(rows))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            curve.steps += 1
+            curve.train.append(loss.item())
+            if progress:
+                progress(curve.steps, total, curve.train[-1])
+        current = held_out()
+        curve.held_out.append((curve.steps, current))
+        if current < best:
+            best, best_state, stale, curve.best_step = current, _snapshot(params), 0, curve.steps
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    _restore(params, best_state)
+    curve.seconds = time.perf_counter() - clock
+    return curve
+
+
+def next_token_kl(student_logits, teacher_logits):
+    """Mean ``KL(teacher ‖ student)`` over positions, from logits ``[..., vocab]``."""
+    import torch
+
+    teacher = torch.log_softmax(teacher_logits.float(), -1)
+    student = torch.log_softmax(student_logits.float(), -1)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+@dataclasses.dataclass
+class GlobalData:
+    """Token windows and the teacher's final normed stream for them (``[n, seq, hidden]``)."""
+
+    fit_ids: object  # torch int64 [n, seq]
+    fit_final: object
+    held_ids: dict  # source -> [m, seq]
+    held_final: dict
+
+
+def held_out_kl(model, head, data: GlobalData, batch: int) -> dict[str, float]:
+    """``KL(teacher ‖ model)`` per calibration source on its held-out windows."""
+    import torch
+
+    result = {}
+    with torch.no_grad():
+        for name, ids in data.held_ids.items():
+            total = 0.0
+            for i in range(0, len(ids), batch):
+                logits = model(input_ids=ids[i:i + batch]).logits
+                total += float(next_token_kl(logits, head(data.held_final[name][i:i + batch]))) * len(ids[i:i + batch])
+            result[name] = total / len(ids)
+    return result
+
+
+def train_global(model, head, params: dict, data: GlobalData, *, lr: float, epochs: int, batch: int,
+                 eval_every: int, patience: int = 3, seed: int = 0, progress: Progress | None = None,
+                 on_eval: Callable[[int, dict], None] | None = None) -> tuple[Curve, dict[str, float], dict[str, float]]:
+    """Global stage: ``params`` of ``model`` trained on KL to the teacher's next-token distributions.
+    Returns the curve, the per-source held-out KL before, and at the best state (which is restored)."""
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    curve = Curve(lr)
+    clock = time.perf_counter()
+    model.eval()  # no dropout in these models; eval also keeps attention kernels deterministic
+    before = held_out_kl(model, head, data, batch)
+    best = float(np.mean(list(before.values())))
+    best_state, best_kl, stale = _snapshot(params), dict(before), 0
+    curve.held_out.append((0, best))
+    if on_eval:
+        on_eval(0, before)
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = max(1, len(data.fit_ids) // batch)
+    total = epochs * per_epoch
+    stop = False
+    for _ in range(epochs):
+        order = torch.randperm(len(data.fit_ids), generator=generator)
+        for k in range(per_epoch):
+            rows = order[k * batch:(k + 1) * batch]
+            _schedule(optimizer, curve.steps, total, lr, max(1, total // 20))
+            logits = model(input_ids=data.fit_ids[rows]).logits
+            with torch.no_grad():
+                target = head(data.fit_final[rows])
+            loss = next_token_kl(logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            curve.steps += 1
+            curve.train.append(loss.item())
+            if progress:
+                progress(curve.steps, total, curve.train[-1])
+            if curve.steps % eval_every == 0 or curve.steps == total:
+                kl = held_out_kl(model, head, data, batch)
+                mean = float(np.mean(list(kl.values())))
+                curve.held_out.append((curve.steps, mean))
+                if on_eval:
+                    on_eval(curve.steps, kl)
+                if mean < best:
+                    best, best_state, best_kl, stale, curve.best_step = mean, _snapshot(params), kl, 0, curve.steps
+                else:
+                    stale += 1
+                    if stale >= patience:
+                        stop = True
+                        break
+        if stop:
+            break
+    _restore(params, best_state)
+    for p in params.values():
+        p.requires_grad_(False)
+    curve.seconds = time.perf_counter() - clock
+    return curve, before, best_kl
