@@ -190,6 +190,28 @@ def test_frontier_cli_writes_runnable_points(tiny_full, windows, tmp_path, capsy
     assert not list(out.glob(".steps-*"))  # no staging left behind
 
 
+def test_frontier_cli_heals_every_written_point(tiny_full, tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    files = []
+    for name in ("fit", "select"):  # heal keeps 1,024 held-out tokens of each source: 32 windows of 32
+        files.append(tmp_path / f"{name}.npy")
+        np.save(files[-1], rng.integers(0, 128, 48 * 32))
+    out = tmp_path / "frontier"
+    code = main(["frontier", str(tiny_full), "-o", str(out), "--steps", "2", "--calib-ids", *map(str, files),
+                 "--eval-ids", str(files[0]), "--tokens", "256", "--select-tokens", "128", "--eval-tokens", "128",
+                 "--window", "32", "--baselines", "none", "--no-latency", "--heal", "--heal-tokens", "256"])
+    assert code == 0, capsys.readouterr().err
+    (point,) = json.loads((out / "frontier.json").read_text())["points"]
+    healed = point["healed"]
+    assert (out / healed["model"]).is_file() and healed["ppl"] > 1
+    assert set(healed["held_out_kl"]["input"]) == {"fit", "select"}
+    # kept only where it helps on both sources' held-out tokens, else the input weights: either way said so
+    kl = healed["held_out_kl"]
+    assert all(kl["output"][s] < kl["input"][s] for s in kl["input"]) if healed["changed"] else \
+        "kept the input weights" in healed["summary"]
+    assert "+ heal" in (out / "frontier.md").read_text()
+
+
 def test_frontier_cli_rejects_bad_budgets(tiny_full, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["frontier", str(tiny_full), "-o", str(tmp_path / "out"), "--steps", "0"])

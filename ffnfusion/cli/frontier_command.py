@@ -16,6 +16,10 @@ from ffnfusion.core.files import staged_directory
 DEFAULT_FIT_TOKENS = 4096
 DEFAULT_SELECT_TOKENS = 512
 DEFAULT_EVAL_TOKENS = 4096
+# Broad by default (README: "Calibration data"): the refits fit on the first three, candidates are
+# scored on the fourth, perplexity is measured on a fifth kind of text that neither saw.
+DEFAULT_CALIB = ("brown", "wikipedia", "python-docs", "sotu")
+DEFAULT_EVAL = "moby-dick"
 
 
 def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,18 +39,19 @@ def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
                              "single-method baselines")
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help=f"methods measured beside it, comma-separated or 'none' (default {','.join(BASELINES)})")
-    parser.add_argument("--calib", nargs="+", metavar="FILE",
-                        help="calibration texts: the refits fit on all but the last, candidates are scored on "
-                             "the last (another kind of text); default: Python's docs to fit, license texts "
-                             "to score")
+    parser.add_argument("--calib", nargs="+", metavar="NAME|FILE",
+                        help="calibration texts, named sources or files: the refits fit on all but the last "
+                             "(equal shares), candidates are scored on the last (another kind of text); default: "
+                             f"{' '.join(DEFAULT_CALIB[:-1])} to fit, {DEFAULT_CALIB[-1]} to score")
     parser.add_argument("--calib-ids", "--token-ids", dest="calib_ids", nargs="+", metavar="IDS.npy",
                         help="token ids instead of texts, same roles")
     parser.add_argument("--tokens", type=int, default=DEFAULT_FIT_TOKENS,
                         help=f"fitting tokens (default {DEFAULT_FIT_TOKENS})")
     parser.add_argument("--select-tokens", type=int, default=DEFAULT_SELECT_TOKENS,
                         help=f"selection tokens that score candidates (default {DEFAULT_SELECT_TOKENS})")
-    parser.add_argument("--eval", nargs="+", metavar="FILE",
-                        help="held-out text for perplexity, never used to choose (default: IDLE's release notes)")
+    parser.add_argument("--eval", nargs="+", metavar="NAME|FILE",
+                        help=f"held-out text for perplexity, never used to choose (default: {DEFAULT_EVAL}; "
+                             "idle-news: IDLE's release notes)")
     parser.add_argument("--eval-ids", metavar="IDS.npy", help="held-out token ids instead")
     parser.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS,
                         help=f"held-out tokens (default {DEFAULT_EVAL_TOKENS})")
@@ -56,6 +61,12 @@ def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-latency", dest="latency", action="store_false",
                         help="skip the ONNX Runtime latency of the written models")
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    parser.add_argument("--heal", action="store_true",
+                        help="heal every written point toward the original (ffnfusion heal's defaults; its sources "
+                             "are --calib/--calib-ids when given) into steps-N-healed/ and measure its held-out "
+                             "perplexity")
+    parser.add_argument("--heal-tokens", type=int, default=None, metavar="N",
+                        help="with --heal: fitting tokens of the heal (default: heal's, 32768)")
     _stream_arguments(parser)
 
 
@@ -80,19 +91,22 @@ def run_frontier_command(args) -> None:
     result = run_frontier(path, fit=fit, select=select, evaluation=evaluation, steps=args.steps,
                           method=args.method, baselines=baselines, threads=args.threads, stream=args.stream)
     write_frontier(result, path, out, evaluation, target=args.target, latency=args.latency, threads=args.threads,
-                   stream=args.stream)
+                   stream=args.stream, heal=args if args.heal else None)
     print((out / "frontier.md").read_text())
 
 
 def write_frontier(result, model_path: pathlib.Path, out: pathlib.Path, evaluation: np.ndarray, *,
                    target: str = "auto", latency: bool = True, threads: int | None = None,
-                   stream: bool | None = None) -> None:
-    """``out/``: a runnable ``steps-N/`` per point, frontier.json, frontier.md, frontier.png."""
+                   stream: bool | None = None, heal=None) -> None:
+    """``out/``: a runnable ``steps-N/`` per point (and ``steps-N-healed/`` with ``heal``, the frontier
+    command's arguments), frontier.json, frontier.md, frontier.png."""
     from ffnfusion.cli.report import plot_frontier, write_frontier_markdown
     from ffnfusion.core.files import write_json_atomically
 
     out.mkdir(parents=True, exist_ok=True)
     _write_models(result, model_path, out, evaluation, target, latency, threads, stream)
+    if heal:
+        _heal_points(result, model_path, out, evaluation, threads, stream, heal)
     write_json_atomically(out / "frontier.json", result.to_dict())
     write_frontier_markdown(result, out / "frontier.md")
     plot_frontier(result, out / "frontier.png")
@@ -101,23 +115,26 @@ def write_frontier(result, model_path: pathlib.Path, out: pathlib.Path, evaluati
 
 
 def _calibration(args, model_dir: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-    """(fitting windows, selection windows): all sources but the last fit, the last scores."""
+    """(fitting windows, selection windows): all sources but the last fit, in equal shares spread over
+    each source, the last scores."""
     from ffnfusion.runtime import calibration
 
     if args.calib_ids:
         named = [calibration.load_token_ids(p).reshape(-1) for p in args.calib_ids]
     else:
         tokenizer = calibration.load_tokenizer(model_dir)
-        texts = ([lambda p=p: calibration.read_texts([p]) for p in args.calib] if args.calib
-                 else [calibration.python_docs_text, calibration.license_text])
-        named = [tokenizer(text(), return_tensors="np")["input_ids"][0] for text in texts]
+        specs = args.calib or DEFAULT_CALIB
+        budget = (args.tokens + args.select_tokens) * calibration.CHARS_PER_TOKEN * 2
+        named = [tokenizer(calibration.read_text(spec, budget), return_tensors="np")["input_ids"][0] for spec in specs]
     if len(named) == 1:
         log("frontier: one calibration source: its last windows score candidates (a second, different text "
             "is better: the selection should not be the kind of text the refits fit)")
         ids = named[0]
         cut = max(0, len(ids) - args.select_tokens)
         named = [ids[:cut], ids[cut:]]
-    fit = calibration.windows_from_ids(np.concatenate(named[:-1]), args.tokens, args.window)
+    share = max(args.window, args.tokens // (len(named) - 1) // args.window * args.window)
+    fit = np.concatenate([_spread_windows(calibration.windows_from_ids(ids, len(ids), args.window), share // args.window)
+                          for ids in named[:-1]])
     select = calibration.windows_from_ids(named[-1], args.select_tokens, args.window)
     if len(fit) < 2:
         raise InvalidArgumentError(f"--tokens {args.tokens} gives {len(fit)} window(s); the refits need at least "
@@ -125,12 +142,18 @@ def _calibration(args, model_dir: pathlib.Path) -> tuple[np.ndarray, np.ndarray]
     return fit, select
 
 
+def _spread_windows(windows: np.ndarray, count: int) -> np.ndarray:
+    """``count`` of ``windows`` at evenly spaced places (a text changes topic along the way)."""
+    return windows[np.unique(np.linspace(0, len(windows) - 1, min(count, len(windows))).round().astype(int))]
+
+
 def _evaluation(args, model_dir: pathlib.Path) -> np.ndarray:
     from ffnfusion.runtime import calibration
 
     if args.eval_ids:
         return calibration.windows_from_ids(calibration.load_token_ids(args.eval_ids), args.eval_tokens, args.window)
-    text = calibration.read_texts(args.eval) if args.eval else calibration.release_notes_text()
+    budget = args.eval_tokens * calibration.CHARS_PER_TOKEN * 2
+    text = "\n\n".join(calibration.read_text(spec, budget) for spec in (args.eval or [DEFAULT_EVAL]))
     ids = calibration.load_tokenizer(model_dir)(text, return_tensors="np")["input_ids"][0]
     return calibration.windows_from_ids(ids, args.eval_tokens, args.window)
 
@@ -163,3 +186,29 @@ def _write_models(result, path: pathlib.Path, out: pathlib.Path, evaluation: np.
             point.latency.update({f"{row.phase}_vs_original": round(row.ratio_to_first, 3)
                                   for row in rows if row.model == str(model)})
         log("frontier: latency " + json.dumps({p.steps_saved: p.latency for p in result.points}))
+
+
+def _heal_points(result, model_path: pathlib.Path, out: pathlib.Path, evaluation: np.ndarray, threads: int | None,
+                 stream: bool | None, args) -> None:
+    """Each written point healed toward the original into ``steps-N-healed/``, its perplexity measured
+    on the held-out windows of the table."""
+    import dataclasses
+
+    from ffnfusion.cli.heal_command import choose_device
+    from ffnfusion.runtime.frontier.frontier import file_perplexity
+    from ffnfusion.runtime.heal import HealOptions, heal_model_file, heal_sources
+
+    options = HealOptions(device=choose_device(None), window=args.window)
+    if args.heal_tokens:
+        options = dataclasses.replace(options, tokens=args.heal_tokens)
+    sources = heal_sources(model_path.parent, args.calib or (), args.calib_ids or (), options=options)
+    for point in result.points:
+        healed = out / f"steps-{point.steps_saved}-healed"
+        log(f"frontier: healing steps-{point.steps_saved}")
+        summary, report = heal_model_file(out / f"steps-{point.steps_saved}", model_path, healed, sources=sources,
+                                          options=options)
+        ppl = file_perplexity(summary["output"], evaluation, threads=threads, stream=stream)
+        point.healed = {"model": f"{healed.name}/model.onnx", "ppl": round(ppl, 3), "changed": report.changed,
+                        "summary": report.describe(), "held_out_kl": report.to_dict()["held_out_kl"],
+                        "seconds": round(sum(report.seconds.values()), 1)}
+        log(f"frontier: steps-{point.steps_saved}: healed perplexity {ppl:.2f} (was {point.ppl:.2f}); {report.describe()}")

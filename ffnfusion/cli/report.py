@@ -137,6 +137,9 @@ def write_frontier_markdown(result, path: pathlib.Path) -> None:
         lines.append(f"| {point.steps_saved} | {method} | {point.kl:.4f} | "
                      f"{'-' if point.ppl is None else f'{point.ppl:.2f}'} | "
                      f"{latency.get('prefill_vs_original', '-')} | {latency.get('decode_vs_original', '-')} | {moves} |")
+        if point.healed is not None:
+            lines.append(f"| {point.steps_saved} | {method} + heal | - | {point.healed['ppl']:.2f} | - | - | "
+                         f"{point.healed['summary']} |")
     write_text_atomically(path, "\n".join(lines) + "\n")
 
 

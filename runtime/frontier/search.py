@@ -50,6 +50,7 @@ class FrontierPoint:
     ppl: float | None = None
     latency: dict | None = None
     model: str | None = None
+    healed: dict | None = None  # frontier --heal: the healed model, its perplexity and held-out KL
 
     def to_dict(self) -> dict:
         entry = {"steps": self.steps_saved, "sequential_steps": self.plan.steps, "moves": self.moves,
@@ -59,6 +60,8 @@ class FrontierPoint:
             entry["latency"] = self.latency
         if self.model is not None:
             entry["model"] = self.model
+        if self.healed is not None:
+            entry["healed"] = self.healed
         return entry
 
 

@@ -1,9 +1,10 @@
 """The two distillation stages, as torch training loops with early stopping on held-out tokens.
 
 * **Local** (Puzzle's blockwise local distillation): a span's FFNs alone map the original's stream
-  at the span's input to the original's stream at its output. Loss: the normalised squared error
-  ``Σ‖f(x_in) − x_out‖² / Σ‖x_out − x_in‖²`` (the share of the original's update the span misses).
-  Token by token (no attention inside a span), so a step costs a few FFN evaluations.
+  at the span's input to the original's stream at its output. Loss: the per-token relative squared
+  error ``mean_t ‖f(x_t) − y_t‖² / ‖y_t‖²`` (a plain squared error would be ruled by the few tokens
+  whose stream is hundreds of times larger than the rest, the first one above all). Token by token
+  (no attention inside a span), so a step costs a few FFN evaluations.
 * **Global**: ``KL(teacher ‖ student)`` of the next-token distributions, the student run whole; the
   teacher's final (normed) stream is cached once and its logits recomputed per batch from it.
 
@@ -83,16 +84,13 @@ def train_span(units: Sequence, params: dict, x_fit, y_fit, x_held, y_held, *, l
             x = x + unit.mlp(unit.post_attention_layernorm(x))
         return x
 
-    def loss_of(x, y, scale):
-        return ((run(x) - y) ** 2).sum() / scale
-
-    held_scale = float(((y_held - x_held) ** 2).sum())
-    fit_scale = float(((y_fit - x_fit) ** 2).sum()) / len(x_fit)
+    def loss_of(x, y):  # summed over tokens
+        return (((run(x) - y) ** 2).sum(-1) / (y ** 2).sum(-1).clamp_min(1e-12)).sum()
 
     def held_out() -> float:
         with torch.no_grad():
-            return sum(float(loss_of(x_held[i:i + 4096], y_held[i:i + 4096], held_scale))
-                       for i in range(0, len(x_held), 4096))
+            return sum(float(loss_of(x_held[i:i + 4096], y_held[i:i + 4096]))
+                       for i in range(0, len(x_held), 4096)) / len(x_held)
 
     curve = Curve(lr)
     clock = time.perf_counter()
@@ -107,7 +105,7 @@ def train_span(units: Sequence, params: dict, x_fit, y_fit, x_held, y_held, *, l
         for k in range(per_epoch):
             rows = order[k * batch:(k + 1) * batch]
             _schedule(optimizer, curve.steps, total, lr, max(1, total // 20))
-            loss = loss_of(x_fit[rows], y_fit[rows], fit_scale * len(rows))
+            loss = loss_of(x_fit[rows], y_fit[rows]) / len(rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

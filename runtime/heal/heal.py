@@ -59,7 +59,7 @@ class HealOptions:
     select_tokens: int = DEFAULT_SELECT_TOKENS
     window: int = calibration.DEFAULT_WINDOW
     local_epochs: int = 8
-    local_lr: float = 1e-4
+    local_lr: float = 3e-4
     global_epochs: int = 2
     global_lr: float = 3e-5
     batch_windows: int = 2
