@@ -3,10 +3,11 @@ texts used neither to heal nor to choose the point, and the share of the gap to 
 healing recovers, measured side by side in one run.
 
     python -m ffnfusion.benchmarks.heal_table FRONTIER_DIR --reference BASE [--steps 8,14,20]
-        [--stages local,global] [--eval idle-news moby-dick] [--json FILE]
+        [--stages local,global] [--train changed|all] [--lr LR] [--epochs N] [--eval idle-news moby-dick]
+        [--json FILE]
 
 Each ``FRONTIER_DIR/steps-N`` is healed into ``FRONTIER_DIR/steps-N-healed`` (or ``-healed-local``
-for ``--stages local``) with heal's defaults unless it is there already; the point's perplexity is
+for ``--stages local``) with heal's defaults and the options given, unless it is there already; the point's perplexity is
 then measured on the written files with ONNX Runtime, and on each calibration source's held-out
 windows heal reports KL(original ‖ model) before and after.
 
@@ -16,6 +17,7 @@ windows heal reports KL(original ‖ model) before and after.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -31,6 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", required=True, help="the original model the frontier started from")
     parser.add_argument("--steps", default="8,14,20", help="points to heal (default 8,14,20)")
     parser.add_argument("--stages", default="local,global", help="heal stages (default local,global)")
+    parser.add_argument("--train", default="changed", help="heal --train: changed (default) or all")
+    parser.add_argument("--lr", type=float, help="heal --lr (default: heal's)")
+    parser.add_argument("--epochs", type=int, help="heal --epochs (default: heal's)")
     parser.add_argument("--eval", nargs="+", default=list(EVAL_TEXTS),
                         help=f"perplexity texts, names or files (default {' '.join(EVAL_TEXTS)})")
     parser.add_argument("--json", help="also write the rows here")
@@ -59,7 +64,12 @@ def main(argv=None) -> int:
         healed = frontier / f"steps-{steps}-{suffix}"
         if not (healed / "model.onnx").is_file():
             clock = time.perf_counter()
-            heal_model_file(point, reference, healed, options=HealOptions(stages=stages))
+            options = HealOptions(stages=stages, train=args.train)
+            if args.lr:
+                options = dataclasses.replace(options, global_lr=args.lr)
+            if args.epochs:
+                options = dataclasses.replace(options, global_epochs=args.epochs)
+            heal_model_file(point, reference, healed, options=options)
             seconds = round(time.perf_counter() - clock, 1)
         else:
             seconds = None
