@@ -73,6 +73,17 @@ def _schedule(optimizer, step: int, total: int, lr: float, warmup: int) -> None:
         group["lr"] = lr * scale
 
 
+def _step(optimizer, loss, curve: Curve, total: int, progress: Progress | None) -> None:
+    """One optimiser step on ``loss``, recorded."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    curve.steps += 1
+    curve.train.append(loss.item())
+    if progress:
+        progress(curve.steps, total, curve.train[-1])
+
+
 def train_span(units: Sequence, params: dict, x_fit, y_fit, x_held, y_held, *, lr: float, epochs: int,
                batch: int = 512, patience: int = 2, seed: int = 0, progress: Progress | None = None) -> Curve:
     """Local stage for one span: ``units`` are decoder layers whose FFN updates run in sequence;
@@ -105,14 +116,7 @@ def train_span(units: Sequence, params: dict, x_fit, y_fit, x_held, y_held, *, l
         for k in range(per_epoch):
             rows = order[k * batch:(k + 1) * batch]
             _schedule(optimizer, curve.steps, total, lr, max(1, total // 20))
-            loss = loss_of(x_fit[rows], y_fit[rows]) / len(rows)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            curve.steps += 1
-            curve.train.append(loss.item())
-            if progress:
-                progress(curve.steps, total, curve.train[-1])
+            _step(optimizer, loss_of(x_fit[rows], y_fit[rows]) / len(rows), curve, total, progress)
         current = held_out()
         curve.held_out.append((curve.steps, current))
         if current < best:
@@ -193,14 +197,7 @@ def train_global(model, head, params: dict, data: GlobalData, *, lr: float, epoc
             logits = model(input_ids=data.fit_ids[rows]).logits
             with torch.no_grad():
                 target = head(data.fit_final[rows])
-            loss = next_token_kl(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            curve.steps += 1
-            curve.train.append(loss.item())
-            if progress:
-                progress(curve.steps, total, curve.train[-1])
+            _step(optimizer, next_token_kl(logits, target), curve, total, progress)
             if curve.steps % eval_every == 0 or curve.steps == total:
                 kl = held_out_kl(model, head, data, batch)
                 mean = float(np.mean(list(kl.values())))
