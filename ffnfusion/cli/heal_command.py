@@ -24,29 +24,30 @@ def _heal_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(names: {', '.join(NAMES)}; default: {' '.join(DEFAULT_SOURCES)})")
     parser.add_argument("--token-ids", "--calib-ids", dest="calib_ids", nargs="+", metavar="IDS.npy",
                         help="token ids instead of text (integer .npy), one source per file")
-    parser.add_argument("--tokens", type=int, default=defaults.tokens,
+    parser.add_argument("--tokens", type=int, default=defaults.tokens, metavar="N",
                         help=f"fitting tokens, split over the sources (default {defaults.tokens})")
     parser.add_argument("--held-out-tokens", type=int, default=defaults.select_tokens, dest="select_tokens",
+                        metavar="N",
                         help=f"held-out tokens per source: early stopping and the keep-or-not check "
                              f"(default {defaults.select_tokens})")
-    parser.add_argument("--window", type=int, default=defaults.window,
+    parser.add_argument("--window", type=int, default=defaults.window, metavar="N",
                         help=f"tokens per window (default {defaults.window})")
-    parser.add_argument("--stages", default="local,global",
+    parser.add_argument("--stages", default="local,global", metavar="local,global",
                         help="local (each changed span alone on the original's streams), global (KL of "
                              "next-token distributions), or both (default local,global)")
     parser.add_argument("--train", choices=("changed", "all"), default=defaults.train,
                         help="global stage: the changed FFNs only (default) or every decoder weight")
-    parser.add_argument("--epochs", type=int, default=defaults.global_epochs, dest="global_epochs",
+    parser.add_argument("--epochs", type=int, default=defaults.global_epochs, dest="global_epochs", metavar="N",
                         help=f"global stage: passes over the fitting tokens (default {defaults.global_epochs})")
-    parser.add_argument("--lr", type=float, default=defaults.global_lr, dest="global_lr",
+    parser.add_argument("--lr", type=float, default=defaults.global_lr, dest="global_lr", metavar="LR",
                         help=f"global stage: Adam learning rate (default {defaults.global_lr})")
-    parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs,
+    parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs, metavar="N",
                         help=f"local stage: passes per span (default {defaults.local_epochs})")
-    parser.add_argument("--local-lr", type=float, default=defaults.local_lr,
+    parser.add_argument("--local-lr", type=float, default=defaults.local_lr, metavar="LR",
                         help=f"local stage: Adam learning rate (default {defaults.local_lr})")
-    parser.add_argument("--device", default=None,
+    parser.add_argument("--device", default=None, metavar="cpu|cuda",
                         help="torch device: cpu or cuda (default: cuda when torch sees one, else cpu)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="shuffling seed (default 0)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, metavar="N", help="shuffling seed (default 0)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
