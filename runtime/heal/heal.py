@@ -173,27 +173,7 @@ def heal(model_path, reference_path, sources: Sequence[calibration.CalibrationSo
         local: dict[int, distill.Curve] = {}
         if "local" in options.stages:
             clock = time.perf_counter()
-            for index, span in enumerate(spans):
-                if not span.units:
-                    continue
-                units = [student.decoder_layer(u) for u in span.units]
-                params = trainable_parameters(student, span.units, "changed")
-                for p in params.values():
-                    p.requires_grad_(True)
-
-                def rows(streams, position):
-                    return torch.from_numpy(np.asarray(streams[position]).reshape(-1, streams[position].shape[-1])).to(device)
-
-                x_held = torch.cat([rows(held_streams[n], span.start) for n in held])
-                y_held = torch.cat([rows(held_streams[n], span.stop) for n in held])
-                curve = distill.train_span(units, params, rows(fit_streams, span.start), rows(fit_streams, span.stop),
-                                           x_held, y_held, lr=options.local_lr, epochs=options.local_epochs,
-                                           seed=options.seed + index, progress=_stage(progress, f"local {index}"))
-                for p in params.values():
-                    p.requires_grad_(False)
-                local[index] = curve
-                logger.info(f"heal: local, span {span.describe()}: held-out error {curve.initial:.4f} -> "
-                            f"{curve.best:.4f} ({curve.steps} steps, best at {curve.best_step}, {curve.seconds:.0f} s)")
+            local = _local_stage(student, spans, fit_streams, held_streams, options, progress)
             seconds["local"] = round(time.perf_counter() - clock, 1)
 
         head = _head(teacher)
@@ -230,6 +210,36 @@ def heal(model_path, reference_path, sources: Sequence[calibration.CalibrationSo
                                 for s in sources}, local, global_curve, kl_input, kl_healed, kl_output, kept, reverted,
                         sorted(values), options, seconds)
     return values, report
+
+
+def _local_stage(student, spans: Sequence[Span], fit_streams, held_streams, options: HealOptions,
+                 progress: StageProgress | None) -> dict[int, distill.Curve]:
+    """Each span with FFNs of its own trained alone on the teacher's streams at its ends."""
+    import torch
+
+    def rows(streams, position):
+        return torch.from_numpy(np.asarray(streams[position]).reshape(-1, streams[position].shape[-1])).to(
+            options.device)
+
+    curves = {}
+    for index, span in enumerate(spans):
+        if not span.units:
+            continue
+        params = trainable_parameters(student, span.units, "changed")
+        for p in params.values():
+            p.requires_grad_(True)
+        x_held = torch.cat([rows(streams, span.start) for streams in held_streams.values()])
+        y_held = torch.cat([rows(streams, span.stop) for streams in held_streams.values()])
+        curve = distill.train_span([student.decoder_layer(u) for u in span.units], params,
+                                   rows(fit_streams, span.start), rows(fit_streams, span.stop), x_held, y_held,
+                                   lr=options.local_lr, epochs=options.local_epochs, seed=options.seed + index,
+                                   progress=_stage(progress, f"local {index}"))
+        for p in params.values():
+            p.requires_grad_(False)
+        curves[index] = curve
+        logger.info(f"heal: local, span {span.describe()}: held-out error {curve.initial:.4f} -> "
+                    f"{curve.best:.4f} ({curve.steps} steps, best at {curve.best_step}, {curve.seconds:.0f} s)")
+    return curves
 
 
 def _stage(progress: StageProgress | None, stage: str) -> distill.Progress | None:
