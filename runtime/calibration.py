@@ -39,13 +39,11 @@ def read_text(spec: str, max_chars: int | None = None) -> str:
     if str(spec) in NAMES and not path.exists():
         text = corpus_text(str(spec))
         return spread_excerpt(text, max_chars) if max_chars and str(spec) in CORPORA else text
-    else:
-        try:
-            text = path.read_text(errors="replace")
-        except OSError as err:
-            known = f" (or one of the named sources: {', '.join(NAMES)})" if not path.exists() else ""
-            raise InvalidArgumentError(f"cannot read text {spec}: {err.strerror}{known}") from None
-    return text
+    try:
+        return path.read_text(errors="replace")
+    except OSError as err:
+        known = f" (or one of the named sources: {', '.join(NAMES)})" if not path.exists() else ""
+        raise InvalidArgumentError(f"cannot read text {spec}: {err.strerror}{known}") from None
 
 
 def spread_excerpt(text: str, max_chars: int, pieces: int = 16) -> str:
