@@ -21,7 +21,13 @@ EXIT_CODES = ((InvalidArgumentError, 2), (TensorRTUnavailableError, 3), (FFNFusi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ffnfusion.cli import frontier_command, heal_command, model_commands, runtime_commands  # noqa: F401  (register the commands)
+    from ffnfusion.cli import (  # noqa: F401  (register the commands)
+        demo_command,
+        frontier_command,
+        heal_command,
+        model_commands,
+        runtime_commands,
+    )
 
     parser = argparse.ArgumentParser(
         prog="ffnfusion",

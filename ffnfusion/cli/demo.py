@@ -14,9 +14,8 @@ import pathlib
 
 import numpy as np
 
-from ffnfusion.cli.model_commands import inspect
 from ffnfusion.cli.progress import ProgressBar, log
-from ffnfusion.cli.report import write_analysis
+from ffnfusion.cli.report import describe_blocks, write_analysis
 from ffnfusion.core.errors import FFNFusionError, InvalidPlanError, ModelRunError
 from ffnfusion.core.files import write_json_atomically
 from ffnfusion.core.model_io import METADATA_FILE, MODEL_FILE, load_model, save_model
@@ -122,7 +121,7 @@ def run(options: DemoOptions) -> dict:
     dropped = least_important_attention(str(paths["base"]), calib[: max(1, 4096 // options.window)],
                                         options.drop_count, progress=ProgressBar("analyze"))
     remove_attention_file(str(paths["base"]), str(paths["dropped"]), dropped)
-    print(inspect(str(paths["dropped"]), as_json=False), flush=True)
+    print(describe_blocks(str(paths["dropped"]), as_json=False), flush=True)
 
     log(f"[4/{total}] analyze dependencies and plan")
     report, plan = analyze_model(str(paths["dropped"]), calib, dependency_tokens=options.dependency_tokens,

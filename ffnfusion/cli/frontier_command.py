@@ -8,6 +8,7 @@ import pathlib
 
 import numpy as np
 
+from ffnfusion.cli.arguments import stream_arguments
 from ffnfusion.cli.progress import log
 from ffnfusion.cli.registry import arguments, command, parse_int_list
 from ffnfusion.core.errors import InvalidArgumentError
@@ -26,7 +27,6 @@ DEFAULT_EVAL = "idle-news"
 
 
 def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
-    from ffnfusion.cli.model_commands import _stream_arguments
     from ffnfusion.runtime.calibration import DEFAULT_WINDOW
     from ffnfusion.runtime.frontier.frontier import BASELINES
     from ffnfusion.runtime.frontier.search import METHODS
@@ -70,7 +70,7 @@ def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
                              "perplexity")
     parser.add_argument("--heal-tokens", type=int, default=None, metavar="N",
                         help="with --heal: fitting tokens of the heal (default: heal's, 32768)")
-    _stream_arguments(parser)
+    stream_arguments(parser)
 
 
 @command("frontier", "how much depth to take out, at what quality, and how",

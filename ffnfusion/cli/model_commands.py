@@ -1,4 +1,4 @@
-"""CLI commands that read and rewrite models: export, inspect, fuse, analyze, verify, drop-attention, demo.
+"""CLI commands that read and rewrite models: export, export-hf, inspect, fuse, analyze, verify, drop-attention.
 
 Each command parses its arguments, calls the library (``runtime.model_rewrite``, ``runtime.analysis``,
 ``runtime.verify``) and prints; none holds logic of its own.
@@ -7,11 +7,11 @@ Each command parses its arguments, calls the library (``runtime.model_rewrite``,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
+from ffnfusion.cli.arguments import calibration_arguments, stream_arguments, windows_from_args
 from ffnfusion.cli.progress import ProgressBar, log
-from ffnfusion.cli.registry import arguments, command, parse_int_list, parse_layer_list
+from ffnfusion.cli.registry import arguments, command, parse_layer_list
 from ffnfusion.core.errors import InvalidArgumentError
 
 # --- export -------------------------------------------------------------------------------------
@@ -90,7 +90,9 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
          "norm kind, epsilon, run) and the attention-free runs that can be fused.")
 @arguments(_inspect_arguments)
 def run_inspect(args) -> None:
-    print(inspect(args.model, args.json))
+    from ffnfusion.cli.report import describe_blocks
+
+    print(describe_blocks(args.model, args.json))
 
 
 # --- fuse ---------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def _fuse_arguments(parser: argparse.ArgumentParser) -> None:
                              "and the license texts of Python and the OS)")
     repair.add_argument("--token-ids", "--calib-ids", dest="calib_ids", nargs="+", metavar="IDS.npy",
                         help="token ids instead of text (integer .npy), one source per file")
-    _stream_arguments(repair)
+    stream_arguments(repair)
 
 
 @command("fuse", "fuse groups of attention-free FFN layers into wide FFNs",
@@ -162,40 +164,6 @@ def run_fuse(args) -> None:
         print(json.dumps(summary, indent=2))
 
 
-# --- calibration arguments (analyze, verify, drop-attention --count) -----------------------------
-
-def _calibration_arguments(parser: argparse.ArgumentParser, flag: str, default_text: str, tokens: int) -> None:
-    from ffnfusion.runtime.calibration import DEFAULT_WINDOW
-
-    parser.add_argument(flag, nargs="+", metavar="FILE",
-                        help=f"plain-text file(s), tokenised with the tokenizer beside the model "
-                             f"(default: {default_text})")
-    parser.add_argument("--token-ids", f"{flag}-ids", dest=f"{flag.lstrip('-')}_ids", metavar="IDS.npy",
-                        help=f"token ids instead of text (integer .npy; {flag}-ids is the same option)")
-    parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens to use (default {tokens})")
-    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                        help=f"tokens per window (default {DEFAULT_WINDOW})")
-    _stream_arguments(parser)
-
-
-def _stream_arguments(parser) -> None:
-    stream = parser.add_mutually_exclusive_group()
-    stream.add_argument("--stream", dest="stream", action="store_const", const=True, default=None,
-                        help="run models block by block, loading one block's weights at a time (default: "
-                             "when a model would not fit in the memory available; the choice is logged)")
-    stream.add_argument("--no-stream", dest="stream", action="store_const", const=False,
-                        help="keep whole models in memory")
-
-
-def _windows(args, model: str, flag: str, default=None):
-    from ffnfusion.core.model_io import model_file
-    from ffnfusion.runtime import calibration
-
-    return calibration.calibration_windows(model_file(model).parent, texts=getattr(args, flag) or (),
-                                           ids_file=getattr(args, f"{flag}_ids"), tokens=args.tokens,
-                                           window=args.window, default=default or calibration.python_docs_text)
-
-
 # --- analyze ------------------------------------------------------------------------------------
 
 def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
@@ -205,7 +173,7 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="ONNX model (file, or a directory holding model.onnx)")
     parser.add_argument("-o", "--output", required=True, metavar="DIR",
                         help="report directory: report.json, plan.json, dependency.png, per_layer.png, report.md")
-    _calibration_arguments(parser, "--calib", "Python's documentation topics", DEFAULT_TOKENS)
+    calibration_arguments(parser, "--calib", "Python's documentation topics", DEFAULT_TOKENS)
     parser.add_argument("--max-distance", type=int, default=8,
                         help="compute M[i,j] for j-i <= this outside attention-free runs (default 8)")
     parser.add_argument("--dependency-tokens", type=int, default=2048,
@@ -226,7 +194,7 @@ def run_analyze(args) -> None:
     from ffnfusion.cli.report import write_analysis
     from ffnfusion.runtime.analysis import analyze_model
 
-    windows = _windows(args, args.model, "calib")
+    windows = windows_from_args(args, args.model, "calib")
     report, plan = analyze_model(args.model, windows, max_distance=args.max_distance,
                                  dependency_tokens=args.dependency_tokens, threshold=args.threshold,
                                  max_width=args.max_width, include_last=args.include_last, stream=args.stream,
@@ -242,7 +210,7 @@ def run_analyze(args) -> None:
 def _verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("reference", help="reference ONNX model (e.g. before fusion)")
     parser.add_argument("candidate", help="model to check (e.g. after fusion)")
-    _calibration_arguments(parser, "--text", "license texts shipped with Python and the OS", 8192)
+    calibration_arguments(parser, "--text", "license texts shipped with Python and the OS", 8192)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -251,10 +219,11 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
          "same tokens (tokenised with the reference's tokenizer).")
 @arguments(_verify_arguments)
 def run_verify(args) -> None:
+    from ffnfusion.cli.report import format_verification
     from ffnfusion.runtime.calibration import license_text
     from ffnfusion.runtime.verify import compare_models
 
-    windows = _windows(args, args.reference, "text", license_text)
+    windows = windows_from_args(args, args.reference, "text", license_text)
     log(f"verify: {args.reference} vs {args.candidate} on {windows.size} tokens")
     result = compare_models(args.reference, args.candidate, windows, progress=ProgressBar("verify", "models"),
                             stream=args.stream)
@@ -271,7 +240,7 @@ def _drop_attention_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--count", type=int, metavar="K",
                        help="remove the K least important attention layers, importance "
                             "1 - cos(X, X + attn(norm(X))) measured on calibration text")
-    _calibration_arguments(parser, "--calib", "Python's documentation topics", 4096)
+    calibration_arguments(parser, "--calib", "Python's documentation topics", 4096)
     parser.add_argument("--keep-kv-io", action="store_true",
                         help="keep past_key_values.N.*/present.N.* of removed layers as pass-through "
                              "(for runtimes that expect one KV pair per layer)")
@@ -290,84 +259,9 @@ def run_drop_attention(args) -> None:
     if args.count is not None:
         if args.count < 1:
             raise InvalidArgumentError("--count must be at least 1")
-        layers = least_important_attention(args.model, _windows(args, args.model, "calib"), args.count,
+        layers = least_important_attention(args.model, windows_from_args(args, args.model, "calib"), args.count,
                                            stream=args.stream, progress=ProgressBar("analyze"))
     summary = remove_attention_file(args.model, args.output, layers, validate=not args.no_validate,
                                     keep_kv_io=args.keep_kv_io)
     if args.json:
         print(json.dumps(summary, indent=2))
-
-
-# --- demo ---------------------------------------------------------------------------------------
-
-def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from ffnfusion.cli.demo import DemoOptions
-
-    defaults = DemoOptions()
-    parser.add_argument("--workdir", default=defaults.workdir, help=f"where models go (default {defaults.workdir})")
-    parser.add_argument("--source", default=defaults.source, help="model source (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--count", type=int, default=defaults.drop_count, dest="drop_count",
-                        help=f"attention layers to drop, least important first (default {defaults.drop_count})")
-    parser.add_argument("--calib-tokens", type=int, default=defaults.calib_tokens,
-                        help=f"calibration tokens of Python docs (default {defaults.calib_tokens})")
-    parser.add_argument("--dependency-tokens", type=int, default=defaults.dependency_tokens,
-                        help=f"tokens for the dependency matrix (default {defaults.dependency_tokens})")
-    parser.add_argument("--verify-tokens", type=int, default=defaults.verify_tokens,
-                        help=f"held-out tokens of license text (default {defaults.verify_tokens})")
-    parser.add_argument("--threshold", type=float, help="planner threshold on M (default: the planner's)")
-    parser.add_argument("--frontier-steps", type=lambda text: () if text == "none" else tuple(parse_int_list(text)),
-                        default=defaults.frontier_steps,
-                        help="budgets of the depth-reduction frontier that ends the demo, comma-separated, or "
-                             f"'none' (default {','.join(map(str, defaults.frontier_steps))})")
-
-
-@command("demo", "the main job on the embedded default model",
-         "Export SmolLM2-135M, drop its least important attention layers, analyze dependencies, fuse by "
-         "the automatic plan, check the fused graph against a torch reference of the parallel form, and "
-         "compare perplexity/top-1 agreement with whole-run fusion and FFN removal on held-out text; then "
-         "the depth-reduction frontier (see `ffnfusion frontier`), its middle model checked against torch "
-         "and verified on the held-out text.")
-@arguments(_demo_arguments)
-def run_demo(args) -> None:
-    from ffnfusion.cli import demo
-
-    options = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(demo.DemoOptions)}}
-    demo.run(demo.DemoOptions(**options))
-
-
-
-
-# --- formatting -----------------------------------------------------------------------------------
-
-def format_block_table(block_map) -> str:
-    from ffnfusion.passes.layer_ranges import format_ranges
-
-    runs = block_map.runs
-    lines = [f"{'layer':>5}  {'attention':<9}  {'ffn width':>9}  {'norm':<18}  {'epsilon':>8}  run"]
-    for layer in block_map.layers:
-        run = block_map.run_of(layer.index) if layer.ffn and not layer.attention else None
-        ffn = layer.ffn
-        lines.append(
-            f"{format_ranges(layer.span):>5}  {'yes' if layer.attention else 'no':<9}  "
-            f"{ffn.width if ffn else '-':>9}  {ffn.norm.kind if ffn else (layer.unknown or '-'):<18}  "
-            f"{f'{ffn.norm.epsilon:.0e}' if ffn else '-':>8}  {f'{run[0]}-{run[1]}' if run else ''}"
-        )
-    described = [f"{format_ranges(range(a, b + 1))} ({b - a + 1} layer{'s' if b > a else ''})" for a, b in runs]
-    lines.append(f"attention-free runs: {', '.join(described) or 'none'}")
-    lines.append(f"sequential steps: {block_map.sequential_steps} (attention branches + FFNs)")
-    return "\n".join(lines)
-
-
-def inspect(model_path: str, as_json: bool) -> str:
-    from ffnfusion.core.model_io import load_model
-    from ffnfusion.passes.blocks import find_blocks
-
-    block_map = find_blocks(load_model(model_path))
-    return json.dumps(block_map.to_dict(), indent=2) if as_json else format_block_table(block_map)
-
-
-def format_verification(result: dict) -> str:
-    return (f"ref  ppl {result['ref']['ppl']:.3f}  ({result['ref']['path']})\n"
-            f"new  ppl {result['new']['ppl']:.3f}  ({result['new']['path']})\n"
-            f"top-1 agreement {result['top1_agreement']:.4f}   KL(ref||new) {result['kl']:.4f}   "
-            f"final hidden cosine {result['hidden_cosine']:.4f}   ({result['tokens']} tokens)")

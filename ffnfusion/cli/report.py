@@ -1,7 +1,10 @@
-"""Write an analysis to a directory: report.json, plan.json, dependency.png, per_layer.png, report.md."""
+"""What the CLI writes and prints: an analysis folder (report.json, plan.json, dependency.png,
+per_layer.png, report.md), the frontier's and heal's plots and tables, the block table, the
+verification lines."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import numpy as np
@@ -202,3 +205,38 @@ def plot_heal(report, path: pathlib.Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def format_block_table(block_map) -> str:
+    from ffnfusion.passes.layer_ranges import format_ranges
+
+    runs = block_map.runs
+    lines = [f"{'layer':>5}  {'attention':<9}  {'ffn width':>9}  {'norm':<18}  {'epsilon':>8}  run"]
+    for layer in block_map.layers:
+        run = block_map.run_of(layer.index) if layer.ffn and not layer.attention else None
+        ffn = layer.ffn
+        lines.append(
+            f"{format_ranges(layer.span):>5}  {'yes' if layer.attention else 'no':<9}  "
+            f"{ffn.width if ffn else '-':>9}  {ffn.norm.kind if ffn else (layer.unknown or '-'):<18}  "
+            f"{f'{ffn.norm.epsilon:.0e}' if ffn else '-':>8}  {f'{run[0]}-{run[1]}' if run else ''}"
+        )
+    described = [f"{format_ranges(range(a, b + 1))} ({b - a + 1} layer{'s' if b > a else ''})" for a, b in runs]
+    lines.append(f"attention-free runs: {', '.join(described) or 'none'}")
+    lines.append(f"sequential steps: {block_map.sequential_steps} (attention branches + FFNs)")
+    return "\n".join(lines)
+
+
+def describe_blocks(model_path: str, as_json: bool) -> str:
+    """``inspect``'s output: the block table, or the block map as JSON."""
+    from ffnfusion.core.model_io import load_model
+    from ffnfusion.passes.blocks import find_blocks
+
+    block_map = find_blocks(load_model(model_path))
+    return json.dumps(block_map.to_dict(), indent=2) if as_json else format_block_table(block_map)
+
+
+def format_verification(result: dict) -> str:
+    return (f"ref  ppl {result['ref']['ppl']:.3f}  ({result['ref']['path']})\n"
+            f"new  ppl {result['new']['ppl']:.3f}  ({result['new']['path']})\n"
+            f"top-1 agreement {result['top1_agreement']:.4f}   KL(ref||new) {result['kl']:.4f}   "
+            f"final hidden cosine {result['hidden_cosine']:.4f}   ({result['tokens']} tokens)")

@@ -1,7 +1,9 @@
 """Measuring a model on real tokens to decide what to rewrite: the dependency analysis
-(:func:`~.dependency.analyze` -> ``DependencyReport``) and the planner (``plan_groups`` -> ``FusionPlan``)."""
+(:func:`~.dependency.analyze` -> ``DependencyReport``), the planner (``plan_groups`` -> ``FusionPlan``)
+and :func:`~.entry.analyze_model`, which runs one after the other on a model file."""
 
-from ffnfusion.runtime.analysis.dependency import DependencyReport, analyze, analyze_model, least_important_attention
+from ffnfusion.runtime.analysis.dependency import DependencyReport, analyze, least_important_attention
+from ffnfusion.runtime.analysis.entry import analyze_model
 from ffnfusion.runtime.analysis.planner import plan_groups
 
 __all__ = ["DependencyReport", "analyze", "analyze_model", "least_important_attention", "plan_groups"]

@@ -27,7 +27,6 @@ import numpy as np
 
 from ffnfusion.core.errors import InvalidPlanError
 from ffnfusion.core.files import write_json_atomically
-from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
 from ffnfusion.runtime.units import Unit
 
@@ -187,26 +186,6 @@ def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     return DependencyReport(blocks, per_block, dependency, [list(r) for r in runs], cost)
-
-
-def analyze_model(model_path: str | pathlib.Path, windows: np.ndarray, *, max_distance: int = 8,
-                  dependency_tokens: int = 2048, threshold: float | None = None, max_width: int | None = None,
-                  include_last: bool = False, stream: bool | None = None, progress=None):
-    """Measure ``model_path`` on ``windows`` and plan groups; returns ``(DependencyReport, FusionPlan)``.
-    ``stream``: run block by block (None: when the model would not fit in memory)."""
-    from ffnfusion.runtime.analysis.planner import plan_groups
-
-    runner = BlockRunner(model_path, streamed=choose_streamed(model_path, stream))
-    logger.info(f"analyze: {runner.path}: {len(runner.units)} blocks, runs "
-                f"{', '.join(format_ranges(range(a, b + 1)) for a, b in runner.block_map.runs) or 'none'}; "
-                f"{windows.size} tokens in {len(windows)} windows of {windows.shape[1]}")
-    report = analyze(runner, windows, max_distance=max_distance, dependency_tokens=dependency_tokens,
-                     progress=progress)
-    limits = {} if threshold is None else {"threshold": threshold}
-    plan = plan_groups(report, max_width=max_width, include_last=include_last, **limits)
-    logger.info(f"analyze: plan {plan.describe() or '(no group passes the threshold)'}; cost "
-                f"{report.cost['full_forward_equivalents']} full-forward equivalents")
-    return report, plan
 
 
 def least_important_attention(model_path: str | pathlib.Path, windows: np.ndarray, count: int,
