@@ -29,7 +29,6 @@ from ffnfusion.passes.ffn_removal import FFNRemovalPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.streaming import read_rows
 
-MOVE_KINDS = ("attention", "ffn", "block", "fuse")
 STEPS_SAVED = {"attention": 1, "ffn": 1, "block": 2, "fuse": 1}
 
 
@@ -191,6 +190,4 @@ def add_to_down(block: FFNBlock, delta: np.ndarray) -> None:
                                f"({rows}x{hidden})")
     weight = read_rows(down, 0, rows).astype(np.float32)
     weight[:len(delta)] += delta
-    dtype = down.tensor.dtype
-    stored = np.ascontiguousarray(weight.T if down.transposed else weight).astype(dtype.numpy())
-    down.value.const_value = ir.tensor(stored, name=down.value.name)
+    down.set_in_out(weight)

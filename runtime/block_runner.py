@@ -352,6 +352,5 @@ class BlockRunner:
     def _session_from(self, piece: bytes, base_dir: pathlib.Path):
         # One arena for all pieces; a streamed piece runs once or twice, so packing its weights
         # would cost more than it saves.
-        session = session_from_bytes(piece, base_dir, self.threads, shared_arena=True, prepack=not self.streamed)
-        session.past_head_size = self._past_head_size  # ORT GenAI models leave it symbolic in the graph
-        return session
+        return session_from_bytes(piece, base_dir, self.threads, shared_arena=True, prepack=not self.streamed,
+                                  past_head_size=self._past_head_size)  # ORT GenAI leaves it symbolic

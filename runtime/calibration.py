@@ -7,7 +7,7 @@ import pathlib
 
 import numpy as np
 
-from ffnfusion.core.errors import FFNFusionError, InvalidArgumentError
+from ffnfusion.core.errors import InvalidArgumentError, ModelFileError
 from ffnfusion.runtime.corpora import CORPORA, NAMES, corpus_text, license_text, python_docs_text, release_notes_text
 
 __all__ = ["license_text", "python_docs_text", "release_notes_text"]  # the texts that ship with Python
@@ -24,7 +24,7 @@ def load_tokenizer(model_dir: str | pathlib.Path):
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as err:
-        raise FFNFusionError(
+        raise ModelFileError(
             f"no tokenizer in {model_dir} ({str(err).splitlines()[0]}); export with ffnfusion, copy the "
             "tokenizer files beside the model, or pass token ids with --calib-ids FILE.npy"
         ) from None
@@ -102,23 +102,6 @@ def token_windows(tokenizer, text: str, window: int, count: int) -> np.ndarray:
     if len(ids) < window * count:
         raise InvalidArgumentError(f"text has {len(ids)} tokens, need {window * count}")
     return windows_from_ids(ids, window * count, window)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def next_token_nll(logits: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
-    """Per-token negative log-likelihood of input_ids[:, 1:] under logits[:, :-1]."""
-    logp = log_softmax(logits[:, :-1])
-    return -np.take_along_axis(logp, input_ids[:, 1:, None], -1)[..., 0]
-
-
-def perplexity(logits: np.ndarray, input_ids: np.ndarray) -> float:
-    """exp(mean next-token cross-entropy) for logits [b, s, vocab] predicting input_ids[:, 1:]."""
-    return float(np.exp(np.mean(next_token_nll(logits, input_ids))))
 
 
 # The repair's default calibration: two kinds of English that ship with Python and the OS.

@@ -5,13 +5,20 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import pathlib
+import weakref
 
 import numpy as np
 import onnx_ir as ir
 
 from ffnfusion.core.errors import InvalidArgumentError, ModelRunError
+
+logger = logging.getLogger(__name__)
+# Session -> the KV head size its graph leaves symbolic (ORT GenAI builder models): recorded where
+# the session is made, read by default_feeds.
+_PAST_HEAD_SIZES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _options(threads: int | None):
@@ -29,21 +36,18 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 
 
-def create_session(path: str | os.PathLike, threads: int | None = None, provider: str = "cpu", warn=None):
+def create_session(path: str | os.PathLike, threads: int | None = None, provider: str = "cpu"):
     """An ``InferenceSession`` on ``provider`` (cpu | cuda | tensorrt), falling back to the CPU with
-    one warning line when that provider does not really load (onnxruntime-gpu lists CUDA and
+    one warning (logged) when that provider does not really load (onnxruntime-gpu lists CUDA and
     TensorRT even on machines without a GPU)."""
-    import sys
-
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
         raise InvalidArgumentError(f"unknown provider {provider!r}: choose from {', '.join(PROVIDERS)}")
     wanted = PROVIDERS[provider]
     providers = [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
-    warn = warn or (lambda message: print(message, file=sys.stderr))
     if wanted not in ort.get_available_providers():
-        warn(f"warning: {wanted} is not in this onnxruntime build; using the CPU")
+        logger.warning(f"warning: {wanted} is not in this onnxruntime build; using the CPU")
         providers = [PROVIDERS["cpu"]]
     # A provider that fails to load logs (and prints, for TensorRT) a wall of errors: we say it once.
     ort.set_default_logger_severity(4)
@@ -55,8 +59,8 @@ def create_session(path: str | os.PathLike, threads: int | None = None, provider
     finally:
         ort.set_default_logger_severity(3)
     if providers[0] != PROVIDERS["cpu"] and session.get_providers()[0] != wanted:
-        warn(f"warning: {wanted} did not load (no usable GPU or libraries); running on the CPU")
-    session.past_head_size = genai_head_size(pathlib.Path(path).parent)
+        logger.warning(f"warning: {wanted} did not load (no usable GPU or libraries); running on the CPU")
+    _PAST_HEAD_SIZES[session] = genai_head_size(pathlib.Path(path).parent)
     return session
 
 
@@ -80,8 +84,10 @@ def session_from_model(model: ir.Model, base_dir: str | os.PathLike, threads: in
 
 
 def session_from_bytes(data: bytes, base_dir: str | os.PathLike, threads: int | None = None, *,
-                       arena: bool = True, shared_arena: bool = False, prepack: bool = True):
-    """:func:`session_from_model` for an already serialized model. ``shared_arena``: allocate from
+                       arena: bool = True, shared_arena: bool = False, prepack: bool = True,
+                       past_head_size: int | None = None):
+    """:func:`session_from_model` for an already serialized model (``past_head_size``: the KV head
+    size of a graph that leaves it symbolic, :func:`genai_head_size`). ``shared_arena``: allocate from
     one process-wide CPU arena (many sessions kept side by side would each grow their own).
     ``prepack=False``: no packed copy of the weights (for a session run once or twice, the copy
     costs more time and memory than it saves)."""
@@ -99,7 +105,9 @@ def session_from_bytes(data: bytes, base_dir: str | os.PathLike, threads: int | 
         options.add_session_config_entry("session.use_env_allocators", "1")
     options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                      str(pathlib.Path(base_dir).resolve()))
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    _PAST_HEAD_SIZES[session] = past_head_size
+    return session
 
 
 _SHARED_ARENA: list[bool] = []
@@ -137,7 +145,7 @@ def default_feeds(session, input_ids: np.ndarray, **given) -> dict[str, np.ndarr
         elif name.startswith("past_key_values") and len(spec.shape) == 4:
             _, heads, _, head_dim = spec.shape
             if not isinstance(head_dim, int):
-                head_dim = getattr(session, "past_head_size", None)
+                head_dim = _PAST_HEAD_SIZES.get(session)
             if not (isinstance(heads, int) and isinstance(head_dim, int)):
                 raise ModelRunError(f"input {name} has no static head sizes {spec.shape}")
             feeds[name] = np.zeros((batch, heads, 0, head_dim), _NUMPY_TYPES.get(spec.type, np.float32))

@@ -25,16 +25,20 @@ def test_cli_json(capsys, tiny_dynamo20):
     assert len(data["rows"]) == 2 and data["peak_rss_gib"] > 0
 
 
-def test_gpu_providers_fall_back_with_one_warning(tiny_dynamo20):
-    """onnxruntime-gpu lists CUDA and TensorRT even without a GPU: one warning line, then the CPU."""
+def test_gpu_providers_fall_back_with_one_warning(tiny_dynamo20, caplog):
+    """onnxruntime-gpu lists CUDA and TensorRT even without a GPU: one warning (logged), then the CPU."""
+    import logging
+
     import pytest
 
     from ffnfusion.core.errors import FFNFusionError
     from ffnfusion.runtime.onnxruntime import PROVIDERS, create_session
 
     for provider in ("cuda", "tensorrt"):
-        warnings = []
-        session = create_session(tiny_dynamo20, provider=provider, warn=warnings.append)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ffnfusion"):
+            session = create_session(tiny_dynamo20, provider=provider)
+        warnings = [r.getMessage() for r in caplog.records]
         if session.get_providers()[0] == PROVIDERS[provider]:
             pytest.skip(f"{provider} really loads here: nothing falls back")
         assert session.get_providers() == ["CPUExecutionProvider"]

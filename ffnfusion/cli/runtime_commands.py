@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 from ffnfusion.cli.registry import arguments, command, parse_int_list, parse_layer_list
-from ffnfusion.core.errors import FFNFusionError
+from ffnfusion.core.errors import FFNFusionError, ModelFileError
 
 # --- bench --------------------------------------------------------------------------------------
 
@@ -178,7 +178,7 @@ def run_generate(args) -> None:
 
     path = model_file(args.model)
     if not path.is_file():
-        raise FFNFusionError(f"model {path} not found")
+        raise ModelFileError(f"model {path} not found")
     tokenizer = load_tokenizer(path.parent)
     session = create_session(path, provider=args.provider)
     print(args.prompt, end="", flush=True)
