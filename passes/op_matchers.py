@@ -23,6 +23,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from ffnfusion.core.errors import InvalidPlanError
 from ffnfusion.passes import elementwise, nbits
 
 RMS_OP_TYPES = {"RMSNormalization", "SimplifiedLayerNormalization"}
@@ -56,6 +57,15 @@ class Weight:
         """The weight as ``[in, out]`` (a view of the memory-mapped tensor when possible)."""
         array = self.tensor.numpy()
         return array.T if self.transposed else array
+
+    def set_in_out(self, array: np.ndarray) -> None:
+        """New values, given as ``[in, out]``, stored in the weight's own dtype and layout under its
+        name (the one place a pass or a refit writes a weight's values)."""
+        shape = self.shape_in_out
+        if tuple(array.shape) != shape:
+            raise InvalidPlanError(f"new values of shape {tuple(array.shape)} do not fit {self.name} {shape} ([in, out])")
+        stored = np.ascontiguousarray(array.T if self.transposed else array).astype(self.tensor.dtype.numpy())
+        self.value.const_value = ir.tensor(stored, name=self.value.name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,23 @@ def test_matmul_of_a_transposed_weight():
     np.testing.assert_array_equal(linear.weight.numpy_in_out(), W_IN_OUT)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_set_in_out_keeps_name_dtype_and_layout(transposed):
+    from ffnfusion.core.errors import InvalidPlanError
+
+    graph, x = _graph()
+    stored = np.ascontiguousarray(W_IN_OUT.T if transposed else W_IN_OUT).astype(np.float16)
+    w = _initializer(graph, "w", stored)
+    y = _node(graph, "MatMul", [x, _node(graph, "Transpose", [w], "t", perm=[1, 0]) if transposed else w], "mm")
+    weight = op_matchers.match_linear(y).weight
+    weight.set_in_out(W_IN_OUT * 2)
+    tensor = w.const_value
+    assert tensor.name == "w" and tensor.dtype == ir.DataType.FLOAT16 and tensor.shape.numpy() == stored.shape
+    np.testing.assert_array_equal(weight.numpy_in_out(), (W_IN_OUT * 2).astype(np.float16))
+    with pytest.raises(InvalidPlanError, match=r"shape \(6, 4\) do not fit w \(4, 6\)"):
+        weight.set_in_out(W_IN_OUT.T)
+
+
 def test_transpose_with_another_perm_is_not_a_weight_layout():
     graph, x = _graph()
     w = _initializer(graph, "w", np.ascontiguousarray(W_IN_OUT.T))

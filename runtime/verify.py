@@ -17,7 +17,7 @@ import contextlib
 import numpy as np
 
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
-from ffnfusion.runtime.calibration import log_softmax
+from ffnfusion.runtime.numerics import kl_sum, log_softmax, target_nll
 
 HEAD_BUDGET_BYTES = 64 * 2**20  # float64 log-probabilities held per slice of tokens
 
@@ -56,11 +56,11 @@ def compare_many(reference: str, candidates: list[str], windows: np.ndarray, thr
             rows = slice(start, min(ids.size, start + step))
             logp_ref = log_softmax(heads[0](finals[0][rows]))
             vocab = logp_ref.shape[-1]
-            ref_nll += _nll(logp_ref, targets[rows])
+            ref_nll += target_nll(logp_ref, targets[rows])
             for head, final, stat in zip(heads[1:], finals[1:], stats):
                 logp = log_softmax(head(final[rows]))
-                stat["nll"] += _nll(logp, targets[rows])
-                stat["kl"] += float((np.exp(logp_ref) * (logp_ref - logp)).sum())
+                stat["nll"] += target_nll(logp, targets[rows])
+                stat["kl"] += kl_sum(logp_ref, logp)
                 stat["agree"] += int((logp_ref.argmax(-1) == logp.argmax(-1)).sum())
             start = rows.stop
     tokens = int(ids.size)
@@ -79,8 +79,3 @@ def compare_many(reference: str, candidates: list[str], windows: np.ndarray, thr
             "tokens": tokens,
         })
     return results
-
-
-def _nll(logp: np.ndarray, targets: np.ndarray) -> float:
-    rows = np.flatnonzero(targets >= 0)
-    return float(-logp[rows, targets[rows]].sum())

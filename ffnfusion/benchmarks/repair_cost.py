@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from ffnfusion.runtime import ridge
 from ffnfusion.runtime.repair import down_refit
 
 
@@ -79,11 +80,11 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     residual = target - base
     halves = [np.arange(0, n_fit // 2), np.arange(n_fit // 2, n_fit)]
-    for lam in down_refit.DEFAULT_LAMBDAS:
+    for lam in ridge.REPAIR_LAMBDAS:
         for fold in halves:
-            down_refit.ridge_coefficients(kernel[np.ix_(fold, fold)], residual[fold], lam, total)
-    alpha = down_refit.ridge_coefficients(kernel[:n_fit], residual[:n_fit], down_refit.DEFAULT_LAMBDAS[3], total)
-    timings[f"{2 * len(down_refit.DEFAULT_LAMBDAS) + 1} ridge solves"] = time.perf_counter() - start
+            ridge.solve_kernel(kernel[np.ix_(fold, fold)], residual[fold], lam, total)
+    alpha = ridge.solve_kernel(kernel[:n_fit], residual[:n_fit], ridge.REPAIR_LAMBDAS[3], total)
+    timings[f"{2 * len(ridge.REPAIR_LAMBDAS) + 1} ridge solves"] = time.perf_counter() - start
 
     start = time.perf_counter()
     down_refit.refit_down(down, x[:n_fit], alpha, [(c, lambda rows, c=c: hidden(rows, c)) for c in blocks])

@@ -27,12 +27,13 @@ from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes.blocks import FFNBlock
 from ffnfusion.passes.depth_plan import DepthPlan, Move
 from ffnfusion.passes.streaming import read_columns, read_rows
+from ffnfusion.runtime import ridge
 from ffnfusion.runtime.block_runner import BlockRunner
 from ffnfusion.runtime.ffn_reference import activation, down_bias, normed
+from ffnfusion.runtime.numerics import CachedReference, windowed_perplexity
 
 logger = logging.getLogger(__name__)
 
-REFIT_LAMBDAS = (1e-2, 1e-1, 1.0, 10.0)  # relative to mean(diag(AᵀA)); float32 AᵀA is safe down to ~1e-3
 HEAD_ROWS = 1024  # rows of logits at a time
 
 
@@ -100,7 +101,7 @@ class DepthEvaluator:
         original_fit = self.capture(self.plan0, {}, fit)
         original_select = self.capture(self.plan0, {}, select)
         self.original = original_fit.at
-        self.reference = _Reference(self._logits(original_select.at[-1]))
+        self.reference = CachedReference(self._logits(original_select.at[-1]))
         self._initial = State(self.plan0, {}, original_fit, original_select, 0.0)
         self.state = self._initial
         self.val_rows = len(fit) // 4 * fit.shape[1]  # the last quarter of the fitting windows chooses λ
@@ -313,57 +314,21 @@ def remap_deltas(old: DepthPlan, new: DepthPlan, deltas: dict, width, hidden: in
 
 
 def _ridge(a: np.ndarray, residual: np.ndarray, val_rows: int):
-    """``Δ = argmin ‖AΔ − R‖² + λ'‖Δ‖²`` with λ chosen on the last ``val_rows`` rows; None when no λ
-    beats Δ = 0 there. Returns (Δ float32, λ, held-out relative residual)."""
+    """``Δ = argmin ‖AΔ − R‖² + λ'‖Δ‖²`` (:func:`~ffnfusion.runtime.ridge.solve_primal`) with λ
+    chosen on the last ``val_rows`` rows; None when no λ beats Δ = 0 there. Returns (Δ float32, λ,
+    held-out relative residual)."""
     val = slice(len(a) - val_rows, len(a))
     gram_val = (a[val].T @ a[val]).astype(np.float64)
     gram = (a.T @ a).astype(np.float64)
     cross_val = (a[val].T @ residual[val]).astype(np.float64)
     cross = (a.T @ residual).astype(np.float64)
-    gram_train, cross_train = gram - gram_val, cross - cross_val
     norm = float(np.linalg.norm(residual[val])) or 1.0
-    scale = np.trace(gram_train) / len(gram_train)
     best = None
-    for lam in REFIT_LAMBDAS:
-        delta = np.linalg.solve(gram_train + lam * scale * np.eye(len(gram)), cross_train)
+    for lam in ridge.FRONTIER_LAMBDAS:
+        delta = ridge.solve_primal(gram - gram_val, cross - cross_val, lam)
         error = float(np.linalg.norm(a[val] @ delta.astype(np.float32) - residual[val])) / norm
         if best is None or error < best[1]:
             best = (lam, error)
     if best is None or best[1] >= 1.0:
         return None
-    lam = best[0]
-    scale_all = np.trace(gram) / len(gram)
-    delta = np.linalg.solve(gram + lam * scale_all * np.eye(len(gram)), cross).astype(np.float32)
-    return delta, lam, best[1]
-
-
-class _Reference:
-    """The original's next-token distributions ``p`` on the selection tokens."""
-
-    def __init__(self, logits: np.ndarray):
-        logp = logits - logsumexp(logits)[:, None]
-        self.p = np.exp(logp)
-        self.neg_entropy = float(np.sum(self.p * logp, dtype=np.float64))
-        self.rows = len(logits)
-
-    def kl(self, logits: np.ndarray) -> float:
-        """Σ p (log p − log q) = Σ p log p − (Σ p·z − Σ lse(z)), since each row of p sums to 1."""
-        cross = float(np.sum(self.p * logits, dtype=np.float64)) - float(np.sum(logsumexp(logits), dtype=np.float64))
-        return (self.neg_entropy - cross) / self.rows
-
-
-def windowed_perplexity(final: np.ndarray, windows: np.ndarray, head) -> float:
-    """exp(mean NLL of ``windows[:, 1:]``) from final streams ``[n, window, hidden]`` and a head
-    ``head(rows) -> logits``, one window of logits at a time (a 49k-128k vocabulary)."""
-    nll = []
-    for window, rows in zip(windows, final):
-        logits = head(rows[:-1]).astype(np.float32, copy=False)
-        nll.append(logsumexp(logits) - logits[np.arange(len(logits)), window[1:]])
-    return float(np.exp(np.mean(np.concatenate(nll), dtype=np.float64)))
-
-
-def logsumexp(logits: np.ndarray) -> np.ndarray:
-    top = logits.max(-1)
-    shifted = np.subtract(logits, top[:, None], dtype=np.float32)
-    np.exp(shifted, out=shifted)
-    return top + np.log(shifted.sum(-1, dtype=np.float64)).astype(np.float32)
+    return ridge.solve_primal(gram, cross, best[0]).astype(np.float32), best[0], best[1]

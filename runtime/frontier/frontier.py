@@ -23,8 +23,9 @@ from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.model_io import model_file
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
 from ffnfusion.runtime.frontier import search
-from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, windowed_perplexity
+from ffnfusion.runtime.frontier.evaluator import DepthEvaluator
 from ffnfusion.runtime.frontier.search import FrontierPoint
+from ffnfusion.runtime.numerics import windowed_perplexity
 
 logger = logging.getLogger(__name__)
 

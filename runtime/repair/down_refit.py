@@ -15,6 +15,7 @@ group's width (a Llama-8B group of 8 × 14336 columns would need a 105 GB ``Aᵀ
 is never held whole (``AAᵀ = Σ_j A_j A_jᵀ`` over column blocks, ``Δ_j = A_jᵀα`` block by block); and
 the group's update on held-out tokens E needs no weights: ``A_E·Δ = (A_E A_Fᵀ)α``. One kernel over
 the fitting and held-out tokens serves every λ and every choice of fitting rows. ``λ = ∞`` is Δ = 0.
+The solve itself, and the λ grid, are :mod:`ffnfusion.runtime.ridge`'s.
 
 The cheaper per-channel output scale ``W = W₀·diag(s)`` solves, per output channel c with
 ``P = A·W₀``: ``min ‖P_c s_c − T_c‖² + λ'(s_c − 1)²``, ``λ' = λ · mean_c ‖P_c‖²``, so
@@ -29,9 +30,6 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from ffnfusion.core.errors import RepairError
-
-# λ relative to the mean diagonal of AᵀA; "auto" tries each (and no repair) and keeps the best.
-DEFAULT_LAMBDAS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 HiddenBlock = Callable[[np.ndarray], np.ndarray]  # stream rows -> A[:, one column block]
 
@@ -48,18 +46,6 @@ def kernel(x: np.ndarray, fit_rows: np.ndarray, blocks: Iterable[HiddenBlock]) -
         hidden = block(x).astype(np.float64)
         total += hidden @ hidden[fit_rows].T
     return total
-
-
-def ridge_coefficients(k_fit: np.ndarray, residual: np.ndarray, lam: float, width: int) -> np.ndarray:
-    """``α = (K_FF + λ'I)⁻¹R_F`` for relative ``lam`` (``λ' = lam · trace(K_FF) / width``);
-    ``lam = inf`` gives α = 0, i.e. ``W₀`` exactly."""
-    if math.isinf(lam):
-        return np.zeros(residual.shape, np.float64)
-    scale = lam * np.trace(k_fit) / width
-    if not scale > 0:
-        raise RepairError(f"lambda must be positive and the activations non-zero (lambda {lam})")
-    system = k_fit + scale * np.eye(len(k_fit))
-    return np.linalg.solve(system, residual.astype(np.float64))
 
 
 def refit_update(k_eval_fit: np.ndarray, base: np.ndarray, alpha: np.ndarray) -> np.ndarray:

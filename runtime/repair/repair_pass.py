@@ -8,7 +8,7 @@ Groups are repaired in residual order. For group i..j of the fused model:
 2. ``T(x)``: what the original layers i..j add when run one after another from ``x`` (numpy, from
    the original model's weights); ``A(x)·W₀``: what the fused block adds;
 3. candidates: "no repair" and the refit (or per-channel scale, ``method="scale"``) for every λ of the
-   grid (:mod:`ffnfusion.runtime.repair.down_refit`);
+   grid (:mod:`ffnfusion.runtime.ridge`; the refit itself: :mod:`ffnfusion.runtime.repair.down_refit`);
 4. criterion: mean ``KL(unfused ‖ candidate)`` of the final logits on held-out tokens. With several
    calibration sources each source is held out in turn: the candidate is fitted on the *other*
    sources' tokens and judged on this one's (a refit that only learned one domain loses here);
@@ -38,9 +38,11 @@ from ffnfusion.passes.blocks import FFNBlock, find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.streaming import read_rows
+from ffnfusion.runtime import ridge
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
-from ffnfusion.runtime.calibration import CalibrationSource, log_softmax
+from ffnfusion.runtime.calibration import CalibrationSource
 from ffnfusion.runtime.ffn_reference import down_bias, ffn_activation, sequential_update, update
+from ffnfusion.runtime.numerics import kl_sum, log_softmax
 from ffnfusion.runtime.repair import down_refit
 
 logger = logging.getLogger(__name__)
@@ -108,7 +110,7 @@ class RepairPass(ir.passes.InPlacePass):
 
     def __init__(self, original: str | pathlib.Path, groups: Sequence[Sequence[int]],
                  sources: Sequence[CalibrationSource], *, method: str = "refit",
-                 lambdas: Sequence[float] = down_refit.DEFAULT_LAMBDAS, target: str = "gpu",
+                 lambdas: Sequence[float] = ridge.REPAIR_LAMBDAS, target: str = "gpu",
                  threads: int | None = None, stream: bool | None = None):
         super().__init__()
         if method not in METHODS:
@@ -145,7 +147,7 @@ class RepairPass(ir.passes.InPlacePass):
                 repaired[group[0]] = weight
         fused_blocks = find_blocks(model)
         for first, weight in repaired.items():
-            _set_down(fused_blocks.layer(first).ffn, weight)
+            fused_blocks.layer(first).ffn.down.set_in_out(weight)
         sources = [{"name": s.name, "fit_tokens": int(s.fit.size), "held_out_tokens": int(s.select.size)}
                    for s in self.sources]
         report = RepairReport(self.method, self.lambdas, sources, groups,
@@ -266,7 +268,7 @@ class _Reference:
                 ref = (self.cached[source][rows].astype(np.float64) if self.cached is not None
                        else log_softmax(ref_head(self.finals[source][rows])))
                 logp = log_softmax(head(final[rows]))
-                total += float((np.exp(ref) * (ref - logp)).sum())
+                total += kl_sum(ref, logp)
         return total / len(final)
 
 
@@ -283,7 +285,7 @@ class _Refit:
     def _alpha(self, fit_rows, lam):
         columns = [self.column[r] for r in fit_rows]
         k_fit = self.kernel[np.ix_(fit_rows, columns)]
-        return columns, down_refit.ridge_coefficients(k_fit, self.residual[fit_rows], lam, self.fused.width)
+        return columns, ridge.solve_kernel(k_fit, self.residual[fit_rows], lam, self.fused.width)
 
     def update(self, fit_rows, eval_rows, lam) -> np.ndarray:
         columns, alpha = self._alpha(fit_rows, lam)
@@ -321,17 +323,8 @@ def _partial_model(original: pathlib.Path, groups: list[list[int]], target: str,
     model = load_model(original)
     FFNFusionPass(groups, target)(model)
     for first, weight in repaired.items():
-        _set_down(find_blocks(model).layer(first).ffn, weight)
+        find_blocks(model).layer(first).ffn.down.set_in_out(weight)
     return model
-
-
-def _set_down(fused: FFNBlock, weight: np.ndarray) -> None:
-    """Replace the fused group's W_down values (same name, shape and dtype)."""
-    down = fused.down
-    if down.transposed:
-        raise RepairError(f"repair: {down.name} is stored transposed; expected a fused [width, hidden] weight")
-    dtype = down.value.const_value.dtype
-    down.value.const_value = ir.tensor(weight.astype(dtype.numpy()), name=down.value.name)
 
 
 def _column_blocks(block: FFNBlock):
@@ -344,7 +337,7 @@ def _column_blocks(block: FFNBlock):
 def lambda_grid(value: str | float | None) -> list[float]:
     """``auto``/None -> the default grid; a number -> just that λ (still compared with no repair)."""
     if value is None or value == "auto":
-        return list(down_refit.DEFAULT_LAMBDAS)
+        return list(ridge.REPAIR_LAMBDAS)
     lam = float(value)
     if not lam > 0 or math.isinf(lam) or math.isnan(lam):
         raise InvalidArgumentError(f"--repair-lambda must be a positive number or 'auto', not {value!r}")
