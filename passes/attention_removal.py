@@ -16,6 +16,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ffnfusion.passes.blocks import AttentionBlock, BlockMap, find_blocks
+from ffnfusion.passes.canonical import RewritePass
 from ffnfusion.passes.plan import InvalidPlanError
 
 
@@ -29,7 +30,7 @@ class AttentionRemovalResult(ir.passes.PassResult):
     kept_inputs: list[str] = dataclasses.field(default_factory=list)  # still read by other nodes
 
 
-class AttentionRemovalPass(ir.passes.InPlacePass):
+class AttentionRemovalPass(RewritePass):
     """Drop the attention branches of ``layers`` (0-based ``model.layers.N`` indices)."""
 
     def __init__(self, layers: Iterable[int], keep_kv_io: bool = False):
@@ -39,7 +40,7 @@ class AttentionRemovalPass(ir.passes.InPlacePass):
         # present.N.* = Identity(past_key_values.N.*) for the removed layers.
         self.keep_kv_io = keep_kv_io
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def rewrite(self, model: ir.Model) -> ir.passes.PassResult:
         block_map = find_blocks(model)
         branches = [_attention_branch(block_map, index) for index in self.layers]
         graph = model.graph

@@ -1,15 +1,21 @@
-"""Find the decoder blocks of a Llama-style ONNX graph: ``find_blocks(model) -> BlockMap``.
+"""Find the decoder blocks of a decoder-only ONNX graph: ``find_blocks(model) -> BlockMap``.
 
 A pre-norm decoder is a *residual stream*: the token embedding ``x0`` followed by residual Adds
 ``x_{k+1} = x_k + branch_k(x_k)``. We walk that chain from the embedding Gather and classify each
 branch (the nodes that depend on ``x_k`` and feed the Add):
 
 * attention: contains a Softmax or an attention op;
-* gated FFN: ``down(silu(gate(n(x))) * up(n(x)))`` with ``n`` an RMSNorm, and nothing else;
-* unknown: anything else (reported with what was found).
+* FFN (:func:`~.ffn_branch.match_ffn`): gated ``down(act(gate(n(x))) ⊙ up(n(x)))`` or plain
+  ``down(act(up(n(x))))``, ``n`` an RMSNorm or LayerNorm, projections optionally biased or 4-bit
+  (``MatMulNBits``), and nothing else; a fused group (ffnfusion's own) is one wide FFN;
+* parallel: ``attn(n1(x)) + ffn(n2(x))`` in one branch (GPT-J / Phi-2 style);
+* unknown: anything else, reported with what did not match.
 
 Decoder-layer indices come from the order along the stream: a layer is an optional attention branch
-followed by an FFN branch. Names are never consulted, so every exporter's encoding works.
+followed by an FFN branch; the metadata ffnfusion writes (fused spans, layers emptied or left with
+attention only) keeps the original ``model.layers.N`` numbering after a rewrite. Names are never
+consulted, so every exporter's encoding works. The walk reads the canonical form
+(:mod:`~ffnfusion.passes.canonical`) and never changes the model it is given.
 """
 
 from __future__ import annotations
@@ -21,10 +27,9 @@ import onnx_ir as ir
 
 from ffnfusion.core.errors import BlockRecognitionError, InvalidPlanError
 from ffnfusion.passes import op_matchers
-from ffnfusion.passes.constant_folding import FoldSmallConstantsPass
+from ffnfusion.passes.canonical import canonical_view
 from ffnfusion.passes.embedding import find_embedding_output
 from ffnfusion.passes.ffn_branch import match_ffn
-from ffnfusion.passes.skip_norms import SplitSkipNormsPass, has_skip_norms
 
 ATTENTION_OP_TYPES = {
     "Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
@@ -72,7 +77,7 @@ class FFNBlock:
 
     @property
     def dtype(self) -> ir.DataType:
-        return self.up.value.const_value.dtype
+        return self.up.tensor.dtype
 
     def to_dict(self) -> dict:
         return {
@@ -337,15 +342,13 @@ def layers_in_metadata(model: ir.Model, key: str) -> list[int]:
 
 
 def find_blocks(model: ir.Model) -> BlockMap:
-    """Walk the residual stream of ``model`` and return its :class:`BlockMap`. Two rewrites of the
-    same math happen in place first, where needed: ONNX Runtime's Skip norms are split
-    (:class:`SplitSkipNormsPass`) and small constant arithmetic is folded (:class:`FoldSmallConstantsPass`)."""
+    """Walk the residual stream of ``model`` and return its :class:`BlockMap`; ``model`` is not
+    changed. The walk needs the canonical form (:mod:`~ffnfusion.passes.canonical`: Skip norms split,
+    small constant arithmetic folded): inside a rewrite (``with rewriting(model)``) the model is in
+    it and the map points into ``model``; otherwise a graph that is not canonical is walked as a
+    canonical clone, whose values the map then holds (reading and planning need nothing else)."""
+    model = canonical_view(model)
     graph = model.graph
-    if has_skip_norms(model):
-        # ORT GenAI builder graphs (and ORT's transformer optimizer) keep the residual Adds inside
-        # Skip norms: split them in place (same math); model_rewrite restores them before saving.
-        SplitSkipNormsPass()(model)
-    FoldSmallConstantsPass()(model)  # legacy exports keep parameter arithmetic (Gemma's 1 + w)
     fused_spans = fused_spans_of(model)
     empty_layers = set(layers_in_metadata(model, EMPTY_LAYERS_METADATA))
     attention_only = set(layers_in_metadata(model, ATTENTION_ONLY_METADATA))

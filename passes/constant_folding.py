@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ffnfusion.passes.elementwise import ELEMENTWISE
+from ffnfusion.passes.elementwise import ELEMENTWISE, constant_tensor
 
 MAX_ELEMENTS = 1 << 16
 
@@ -26,7 +26,7 @@ class FoldSmallConstantsPass(ir.passes.InPlacePass):
             output = node.outputs[0]
             if output.is_graph_output() or not node.inputs:
                 continue
-            found = [ir.convenience.get_const_tensor(v) for v in node.inputs if v is not None]
+            found = [constant_tensor(v) for v in node.inputs if v is not None]
             tensors = [t for t in found if t is not None and t.size <= MAX_ELEMENTS]  # sizes before any read
             if len(tensors) != len(node.inputs):
                 continue

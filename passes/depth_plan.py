@@ -24,6 +24,7 @@ import onnx_ir as ir
 from ffnfusion.core.errors import InvalidPlanError
 from ffnfusion.passes.attention_removal import AttentionRemovalPass
 from ffnfusion.passes.blocks import BlockMap, FFNBlock, find_blocks
+from ffnfusion.passes.canonical import RewritePass
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.ffn_removal import FFNRemovalPass
 from ffnfusion.passes.layer_ranges import format_ranges
@@ -150,7 +151,7 @@ class DepthPlan:
                    frozenset(data.get("removed_ffn", ())), tuple(tuple(g) for g in data.get("fused_groups", ())))
 
 
-class DepthReductionPass(ir.passes.InPlacePass):
+class DepthReductionPass(RewritePass):
     """Write a :class:`DepthPlan` into a model: attention removed, FFNs removed, groups fused, and
     ``down_deltas`` (first layer of an FFN or group -> ``ΔW`` as ``[width, hidden]`` float32) added to
     those down projections (the search's closed-form repairs)."""
@@ -163,7 +164,7 @@ class DepthReductionPass(ir.passes.InPlacePass):
         self.target = target
         self.keep_kv_io = keep_kv_io
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def rewrite(self, model: ir.Model) -> ir.passes.PassResult:
         start = DepthPlan.of(find_blocks(model))
         if start.num_layers != self.plan.num_layers:
             raise InvalidPlanError(f"the plan is for {self.plan.num_layers} layers; the model has {start.num_layers}")

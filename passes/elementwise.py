@@ -31,13 +31,25 @@ _PROBE = np.linspace(-4.0, 4.0, 41)
 _MAX_DECOMPOSED_NODES = 16
 
 
+def constant_tensor(value: ir.Value) -> ir.TensorProtocol | None:
+    """The constant behind ``value`` (an initializer or a ``Constant`` node), read without changing
+    anything: onnx-ir's ``get_const_tensor`` names a ``Constant`` node's tensor after its output,
+    which would make reading a model (:func:`~.blocks.find_blocks`) rewrite its bytes."""
+    node = value.producer() if value.const_value is None else None
+    if node is not None and node.op_type == "Constant" and node.domain == "" and len(node.attributes) == 1:
+        attribute = next(iter(node.attributes.values()))
+        if attribute.name == "value" and not attribute.is_ref():
+            return attribute.as_tensor()
+    return ir.convenience.get_const_tensor(value)
+
+
 def _scalar(value: ir.Value | None) -> float | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    tensor = constant_tensor(value) if value is not None else None
     return float(tensor.numpy().reshape(())) if tensor is not None and tensor.size == 1 else None
 
 
 def _is_constant(value: ir.Value) -> bool:
-    return ir.convenience.get_const_tensor(value) is not None
+    return constant_tensor(value) is not None
 
 
 def match_decomposed_activation(value: ir.Value) -> tuple[str, ir.Value, tuple[ir.Node, ...]] | None:

@@ -9,10 +9,11 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ffnfusion.core.errors import InvalidPlanError
 from ffnfusion.passes.blocks import ATTENTION_ONLY_METADATA, EMPTY_LAYERS_METADATA, find_blocks, layers_in_metadata
+from ffnfusion.passes.canonical import RewritePass
 from ffnfusion.passes.layer_ranges import format_ranges
 
 
-class FFNRemovalPass(ir.passes.InPlacePass):
+class FFNRemovalPass(RewritePass):
     """Skip the FFN residual branch of ``layers``. Attention-free layers thereby leave the stream;
     they are recorded in the model metadata so that ``find_blocks`` keeps the original numbering."""
 
@@ -20,7 +21,7 @@ class FFNRemovalPass(ir.passes.InPlacePass):
         super().__init__()
         self.layers = sorted(set(layers))
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def rewrite(self, model: ir.Model) -> ir.passes.PassResult:
         block_map = find_blocks(model)
         blocks = [block_map.ffn(index) for index in self.layers]
         replaced: dict[ir.Value, ir.Value] = {}  # adjacent removals: one's output is the next's input

@@ -21,6 +21,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from ffnfusion.passes.elementwise import constant_tensor
+
 MICROSOFT = "com.microsoft"
 FUSED_PREFIX = "ffnfusion.layers."  # names of the nodes the fusion writes
 DEQUANTIZED_META = "ffnfusion.nbits"  # on a dequantised weight value: the NBitsFormat it came from
@@ -120,13 +122,13 @@ def _constant_through_reshape(value: ir.Value | None) -> np.ndarray | None:
     with the embedding through a Reshape)."""
     if value is None:
         return None
-    tensor = ir.convenience.get_const_tensor(value)
+    tensor = constant_tensor(value)
     if tensor is not None:
         return tensor.numpy()
     node = value.producer()
     if node is None or node.op_type != "Reshape" or len(node.inputs) < 2:
         return None
-    data, shape = (ir.convenience.get_const_tensor(v) if v is not None else None for v in node.inputs[:2])
+    data, shape = (constant_tensor(v) if v is not None else None for v in node.inputs[:2])
     if data is None or shape is None:
         return None
     return data.numpy().reshape(shape.numpy())

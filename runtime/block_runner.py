@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -38,9 +39,10 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ffnfusion.core.model_io import initializer_bytes, load_model, model_file
 from ffnfusion.passes.blocks import find_blocks
+from ffnfusion.passes.canonical import canonicalize
 from ffnfusion.passes.dtype_widening import Float32WideningPass
 from ffnfusion.passes.embedding import embedding_table, find_embedding_gather, find_embedding_output
-from ffnfusion.passes.skip_norms import SPLIT_PREFIX, SplitSkipNormsPass, has_skip_norms
+from ffnfusion.passes.skip_norms import SPLIT_PREFIX
 from ffnfusion.runtime.model_pieces import HeadProjection, ProtoSlicer, shared_values, weights_in_dir
 from ffnfusion.runtime.onnxruntime import default_feeds, genai_head_size, session_from_bytes
 from ffnfusion.runtime.units import units_of
@@ -86,10 +88,10 @@ def choose_streamed(model_path: str | os.PathLike, stream: bool | None) -> bool:
     return stream
 
 
-def _split_skip_norms(model: ir.Model) -> ir.Model:
-    """Every fresh copy split the same way (:mod:`~ffnfusion.passes.skip_norms`), so value names match."""
-    if has_skip_norms(model):
-        SplitSkipNormsPass()(model)
+def _canonical(model: ir.Model) -> ir.Model:
+    """Every fresh copy in the canonical form (:mod:`~ffnfusion.passes.canonical`) the same way, so
+    value names match between copies and the block map points into the copy it describes."""
+    canonicalize(model)
     return model
 
 
@@ -111,12 +113,12 @@ class BlockRunner:
         if callable(source):
             if base_dir is None:
                 raise ValueError("BlockRunner(factory) needs base_dir, where the model's external data lives")
-            self.path, self._fresh = pathlib.Path(base_dir) / "<in memory>", source
+            self.path, self._fresh = pathlib.Path(base_dir) / "<in memory>", lambda: _canonical(source())
             self.base_dir = pathlib.Path(base_dir)
         else:
             self.path = model_file(source)
             self.base_dir = self.path.parent
-            self._fresh = lambda: _split_skip_norms(load_model(self.path))  # lazy: external tensors are not read here
+            self._fresh = lambda: _canonical(load_model(self.path))  # lazy: external tensors are not read here
         self.streamed = streamed
         self.threads = threads
         self.batch_tokens = batch_tokens
@@ -132,7 +134,7 @@ class BlockRunner:
         self.vocab = last if isinstance(last, int) else None  # None: unknown until the head runs
         self.shared = shared_values(model.graph, find_embedding_output(model.graph))
         self._head_projection = HeadProjection.find(model)
-        self._sessions: dict[object, object] = {}
+        self._sessions: dict[object, Any] = {}  # key -> onnxruntime.InferenceSession
         self._piece_bytes: dict[object, bytes] = {}
         # Pieces are cut from the file's proto by value name, which only works when the graph is as
         # stored (Skip norms split in memory are not).
@@ -188,7 +190,8 @@ class BlockRunner:
         A large output projection (a 128k vocabulary is 1 GB in float16, and ORT holds two to three
         times that while it loads) is not loaded whole: the head's session takes the projection as an
         input and runs once per slice of the vocabulary, each slice read from the data file when fed."""
-        sliced = self._head_projection is not None
+        projection = self._head_projection
+        sliced = projection is not None
         with self._session(HEAD_SLICED if sliced else HEAD) as run:
             def logits(rows: np.ndarray) -> np.ndarray:
                 # Row blocks written into one array: no second copy of [tokens, vocab] to concatenate,
@@ -198,8 +201,8 @@ class BlockRunner:
                 for start in range(0, len(rows), step):
                     chunk = rows[None, start:start + step]
                     if sliced:
-                        part = np.concatenate([run(None, chunk, **fed)[0][0]
-                                               for fed in self._head_projection.slices()], axis=-1)
+                        assert projection is not None
+                        part = np.concatenate([run(None, chunk, **fed)[0][0] for fed in projection.slices()], axis=-1)
                     else:
                         part = run(None, chunk)[0][0]
                     if out is None:
@@ -307,14 +310,15 @@ class BlockRunner:
         model = self._fresh()
         graph = model.graph
         values = {v.name: v for node in graph for v in node.outputs if v.name}
-        values.update({v.name: v for v in graph.inputs})
+        values.update({v.name: v for v in graph.inputs if v.name})
         start, ends, shared_names = self._bounds(key)
         shared = [values[name] for name in shared_names]
         outputs = [values[name] if name in values else next(v for v in graph.outputs if v.name == name)
                    for name in ends]
         if start is not None:
             value = values[start]
-            hidden = value.shape[-1] if value.shape is not None else None
+            last = value.shape[-1] if value.shape is not None else None
+            hidden = last if isinstance(last, int) or last is None else str(last)
             stream_in = ir.val("stream_in", value.dtype or self.stream_dtype, ["batch", "sequence", hidden])
             ir.convenience.replace_all_uses_with(value, stream_in)
             graph.inputs.append(stream_in)
@@ -326,6 +330,7 @@ class BlockRunner:
         graph.outputs.clear()
         graph.outputs.extend(outputs)
         if key == HEAD_SLICED:
+            assert self._head_projection is not None  # HEAD_SLICED is only asked for when there is one
             self._head_projection.feed_as_input(model)
         RemoveUnusedNodesPass()(model)
         for unused in [v for v in graph.inputs if not v.uses() and not v.is_graph_output()

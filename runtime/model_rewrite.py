@@ -21,12 +21,11 @@ import onnx_ir as ir
 from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.files import write_json_atomically
 from ffnfusion.core.model_io import COMPANION_FILES, METADATA_FILE, MODEL_FILE, load_model, model_file, save_model
-from ffnfusion.passes.attention_removal import AttentionRemovalPass
+from ffnfusion.passes.attention_removal import AttentionRemovalPass, AttentionRemovalResult
+from ffnfusion.passes.canonical import rewriting
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
-from ffnfusion.passes.nbits import RequantizeFusedPass
 from ffnfusion.passes.plan import FusionPlan
-from ffnfusion.passes.skip_norms import RestoreSkipNormsPass, has_skip_norms
 from ffnfusion.runtime.validation import validate_model
 
 logger = logging.getLogger(__name__)
@@ -107,13 +106,18 @@ def remove_attention_file(model_path: str | os.PathLike, out_path: str | os.Path
                           validate: bool = True, keep_kv_io: bool = False) -> dict:
     """Remove the attention branches of ``layers`` into a new model; returns a summary."""
     removal = AttentionRemovalPass(layers, keep_kv_io)
-    results = []
+    results: list[AttentionRemovalResult] = []
+
+    def remove(model: ir.Model) -> None:
+        result = removal(model)
+        assert isinstance(result, AttentionRemovalResult)
+        results.append(result)
 
     def record(metadata: dict) -> None:
         metadata["dropped_attention"] = sorted(set(metadata.get("dropped_attention", [])) | set(layers))
         metadata["removed_kv"] = metadata.get("removed_kv", []) + results[0].removed_inputs + results[0].removed_outputs
 
-    summary = rewrite_model_file(model_path, out_path, lambda model: results.append(removal(model)),
+    summary = rewrite_model_file(model_path, out_path, remove,
                                  f"drop attention in {format_ranges(layers)}", record, validate)
     result = results[0]
     summary.update(layers=list(layers), removed_inputs=result.removed_inputs,
@@ -136,11 +140,8 @@ def rewrite_model_file(model_path: str | os.PathLike, out_path: str | os.PathLik
     model = load_model(model_path)
     nodes_before = len(model.graph)
     logger.info(f"{what}: {model_path} ({nodes_before} nodes)")
-    skip_norms = has_skip_norms(model)
-    rewrite(model)
-    if skip_norms:  # ONNX Runtime GenAI's conventions (and fused kernels) back where they apply
-        RestoreSkipNormsPass()(model)
-    RequantizeFusedPass()(model)  # a fused group of 4-bit layers is written 4-bit again
+    with rewriting(model):  # Skip norms and 4-bit groups back as the input had them, once, at the end
+        rewrite(model)
     written = save_model(model, out_path, input_path=model_path)
     try:
         if validate:

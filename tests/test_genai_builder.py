@@ -20,6 +20,7 @@ from ffnfusion.api import fuse_ffn
 from ffnfusion.checks import genai_builder
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.passes.blocks import find_blocks
+from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.runtime.model_rewrite import remove_attention_file
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
 
@@ -34,6 +35,14 @@ def builder_fp32(tmp_path_factory):
     make_tiny_llama().save_pretrained(out / "hf")
     save_tiny_tokenizer(out / "hf")
     return genai_builder.build(out / "hf", out / "fp32", "fp32")
+
+
+@pytest.fixture(scope="module")
+def builder_int4(tmp_path_factory):
+    out = tmp_path_factory.mktemp("genai4")
+    make_tiny_llama().save_pretrained(out / "hf")
+    save_tiny_tokenizer(out / "hf")
+    return genai_builder.build(out / "hf", out / "int4", "int4")
 
 
 def _ops(path) -> collections.Counter:
@@ -98,15 +107,11 @@ def test_onnxruntime_genai_runs_our_kv_cache_export(tiny_kv_cache, tiny_llama):
     assert rel_err(genai_logits, np.array(logits)) < 1e-5
 
 
-def test_int4_builder_model_fuses_into_int4_with_bounded_added_error(tmp_path):
+def test_int4_builder_model_fuses_into_int4_with_bounded_added_error(builder_int4, tmp_path):
     """int4 (MatMulNBits, block 32, symmetric): the group is dequantised, folded and requantised in
     the members' format; its error against the torch parallel form stays within 1.5x the error the
     int4 model itself has against torch (unfused), and onnxruntime_genai runs it."""
-    out = tmp_path / "int4"
-    make_tiny_llama().save_pretrained(tmp_path / "hf")
-    save_tiny_tokenizer(tmp_path / "hf")
-    genai_builder.build(tmp_path / "hf", out, "int4")
-    remove_attention_file(out, tmp_path / "dropped", TINY_DROPPED)
+    remove_attention_file(builder_int4, tmp_path / "dropped", TINY_DROPPED)
     fused = fuse_ffn(tmp_path / "dropped", [TINY_DROPPED], output=tmp_path / "fused")
     ops = _ops(fused)
     assert "MatMul" not in ops and ops["MatMulNBits"] == 3 * 5 + 3 + 1  # 3 attention layers, 1 FFN, head
@@ -186,3 +191,24 @@ def test_fused_gate_up_layout_fuses_exactly(tmp_path):
         expected = reference(input_ids=torch.from_numpy(IDS)).logits.numpy()
     assert rel_err(run_logits(create_session(fused), IDS), expected) < 1e-5
     assert genai_builder.greedy(tmp_path / "fused", PROMPT, 6)[0] == expected_tokens
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_every_entry_point_writes_the_same_builder_model_and_reading_changes_nothing(
+        precision, builder_fp32, builder_int4, tmp_path):
+    """Skip norms split for the walk and restored, 4-bit groups requantised: by the pass on an
+    onnx_ir.Model, fuse_ffn on a ModelProto, Olive's FuseFFN and `ffnfusion fuse` alike (byte-identical
+    models), and find_blocks on the input changes none of its bytes."""
+    from entry_points import fused_by_every_entry_point
+
+    remove_attention_file(builder_fp32 if precision == "fp32" else builder_int4, tmp_path / "dropped", TINY_DROPPED)
+    model = ir.load(tmp_path / "dropped" / "model.onnx")
+    before = ir.serde.serialize_model(model).SerializeToString(deterministic=True)
+    assert len(find_blocks(model).layers) == 8
+    assert ir.serde.serialize_model(model).SerializeToString(deterministic=True) == before
+    results = fused_by_every_entry_point(tmp_path / "dropped", format_ranges(TINY_DROPPED), tmp_path / "fused")
+    assert len(results) >= 3 and len(set(results.values())) == 1, {k: len(v) for k, v in results.items()}
+    fused = ir.load(tmp_path / "fused" / "cli" / "model.onnx")
+    ops = collections.Counter(node.op_type for node in fused.graph)
+    assert ops["SkipSimplifiedLayerNormalization"] > 0
+    assert (ops["MatMul"] == 0) == (precision == "int4")

@@ -69,6 +69,20 @@ def test_geglu_written_out_at_opset_17_fuses_exactly(gemma_17, tmp_path):
     assert rel_err(run_logits(create_session(fused), IDS), _logits(reference)) < 1e-5
 
 
+def test_reading_changes_nothing_and_every_entry_point_writes_the_same_model(gemma_17, tmp_path):
+    """Gemma's ``1 + w`` gains are folded for the walk: find_blocks does it on a clone, and the pass,
+    fuse_ffn on a ModelProto, Olive and the CLI all write one and the same fused model."""
+    from entry_points import fused_by_every_entry_point
+
+    _, path = gemma_17  # exported with attention dropped in 2-4
+    model = ir.load(path)
+    before = ir.serde.serialize_model(model).SerializeToString(deterministic=True)
+    assert [layer.attention for layer in find_blocks(model).layers] == [True, True, False, False, False, True]
+    assert ir.serde.serialize_model(model).SerializeToString(deterministic=True) == before
+    results = fused_by_every_entry_point(path, "2-4", tmp_path)
+    assert len(results) >= 3 and len(set(results.values())) == 1, {k: len(v) for k, v in results.items()}
+
+
 def test_parallel_residual_layers_are_recognised_dropped_and_fused(neox_17, tmp_path):
     model, path = neox_17
     block_map = find_blocks(ir.load(path))
