@@ -87,7 +87,8 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, tens
     uniform = len({(layer.kv_heads, layer.ffn_width) for layer in layers}) == 1 and layers[0].kv_heads is not None \
         and layers[0].ffn_width is not None and all(len(layer.source_layers) == 1 for layer in layers) \
         and layers[-1].source_layers[-1] + 1 == len(layers)
-    llama = llama_if_uniform and uniform and layers[0].ffn_width % tensor_parallel == 0
+    width = layers[0].ffn_width
+    llama = llama_if_uniform and uniform and width is not None and width % tensor_parallel == 0
     if llama:
         for layer in layers:
             layer.written_width = layer.ffn_width
@@ -132,6 +133,12 @@ class CheckpointTensors:
     tensors: list[CheckpointTensor]
 
 
+def _gain(name: str, gain: ir.Value) -> CheckpointTensor:
+    """A norm gain the matchers found (always a constant)."""
+    assert gain.const_value is not None
+    return CheckpointTensor(name, gain.const_value, False, gain)
+
+
 def checkpoint_tensors(model: ir.Model, source_config: dict, tensor_parallel: int = 1) -> CheckpointTensors:
     """Every tensor of the Nemotron-NAS checkpoint of ``model``, by checkpoint name, with the graph
     value it comes from: :func:`export_hf` writes them, and a trained checkpoint's values are written
@@ -148,14 +155,19 @@ def checkpoint_tensors(model: ir.Model, source_config: dict, tensor_parallel: in
     if find_embedding_output(graph) is not gather.outputs[0]:
         raise BlockRecognitionError("the embedding is scaled before the first layer (Gemma-style): "
                                     "not a Llama/Nemotron-NAS model")
-    tensors.insert(0, CheckpointTensor("model.embed_tokens.weight", embedding_table(gather), False, None))
+    table = embedding_table(gather)
+    if table is None:
+        raise BlockRecognitionError("the embedding table is not a constant the checkpoint can hold")
+    tensors.insert(0, CheckpointTensor("model.embed_tokens.weight", table, False, None))
     last = block_map.layers[-1]
-    final_stream = last.ffn.output if last.ffn is not None else last.attention_block.output
+    final = last.ffn if last.ffn is not None else last.attention_block
+    assert final is not None  # find_blocks makes no layer without either
+    final_stream = final.output
     head = _head(graph)
     norm = op_matchers.match_norm(head.input, final_stream)
     if norm is None or norm.gain is None or norm.centered:
         raise BlockRecognitionError("no RMSNorm with a gain between the last layer and the output projection")
-    tensors += [CheckpointTensor("model.norm.weight", norm.gain.const_value, False, norm.gain),
+    tensors += [_gain("model.norm.weight", norm.gain),
                 _weight("lm_head.weight", head.weight)]
     return CheckpointTensors(block_map, layers, tensors)
 
@@ -185,7 +197,7 @@ def _layer_tensors(position: int, layer: DecoderLayer, tensors: list, hidden: in
     if layer.ffn is None and layer.unknown != "FFN removed":
         raise BlockRecognitionError(f"{where}: {layer.unknown or 'no FFN found'}")
     kv_heads = None
-    if layer.attention:
+    if layer.attention_block is not None:
         weights = match_attention(layer.attention_block)
         if isinstance(weights, str):
             raise BlockRecognitionError(f"{where}: attention not exportable: {weights}")
@@ -198,8 +210,7 @@ def _layer_tensors(position: int, layer: DecoderLayer, tensors: list, hidden: in
         if heads % tensor_parallel or (kv_heads % tensor_parallel and tensor_parallel % kv_heads):
             raise InvalidArgumentError(f"--tensor-parallel {tensor_parallel}: {where} has {heads} query and {kv_heads} "
                                        "KV heads; TP needs heads % TP == 0 and KV heads divisible by TP or TP by them")
-        tensors.append(CheckpointTensor(prefix + "input_layernorm.weight", weights.norm.gain.const_value, False,
-                                        weights.norm.gain))
+        tensors.append(_gain(prefix + "input_layernorm.weight", weights.norm.gain))
         for name, weight in (("q", weights.q), ("k", weights.k), ("v", weights.v), ("o", weights.o)):
             tensors.append(_weight(prefix + f"self_attn.{name}_proj.weight", weight))
     ffn = layer.ffn
@@ -212,8 +223,9 @@ def _layer_tensors(position: int, layer: DecoderLayer, tensors: list, hidden: in
                                     "Nemotron-NAS layers are SiLU-gated with RMSNorm")
     if any(b is not None for b in (ffn.gate_bias, ffn.up_bias, ffn.down_bias, ffn.norm.bias)):
         raise BlockRecognitionError(f"{where}: FFN with biases; Nemotron-NAS layers have none")
-    gain = ffn.norm.gain.const_value if ffn.norm.gain is not None else np.ones(hidden, ffn.dtype.numpy())
-    tensors.append(CheckpointTensor(prefix + "post_attention_layernorm.weight", gain, False, ffn.norm.gain))
+    tensors.append(_gain(prefix + "post_attention_layernorm.weight", ffn.norm.gain) if ffn.norm.gain is not None else
+                   CheckpointTensor(prefix + "post_attention_layernorm.weight", np.ones(hidden, ffn.dtype.numpy()),
+                                    False, None))
     for name, weight in (("gate", ffn.gate), ("up", ffn.up), ("down", ffn.down)):
         tensors.append(_weight(prefix + f"mlp.{name}_proj.weight", weight))
     return HFLayer(list(layer.span), kv_heads, ffn.width, nemotron_nas.padded_width(ffn.width, tensor_parallel))

@@ -12,18 +12,25 @@ Both keep the ``model.layers.N.mlp.*`` parameter names, so exported initializers
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ffnfusion.core.errors import InvalidPlanError, ModelSourceError
 
+# A transformers causal LM (or one of its decoder layers): torch modules whose attributes (config,
+# model.layers, mlp, ...) are set at run time, so they are typed as Any.
+HFModel = Any
+
 
 class AttentionFreeDecoderLayer(nn.Module):
     """A decoder layer whose attention residual branch is skipped entirely."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: HFModel):
         super().__init__()
         self.post_attention_layernorm = layer.post_attention_layernorm
         self.mlp = layer.mlp
@@ -38,7 +45,7 @@ class AttentionFreeDecoderLayer(nn.Module):
 class AttentionOnlyDecoderLayer(nn.Module):
     """A decoder layer without FFN (Nemotron-NAS ``ffn: no_op``): ``y = x + attn(input_layernorm(x))``."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: HFModel):
         super().__init__()
         self.input_layernorm = layer.input_layernorm
         self.self_attn = layer.self_attn
@@ -55,12 +62,12 @@ class EmptyDecoderLayer(nn.Module):
         return hidden_states
 
 
-def attention_layers(model: nn.Module) -> list[int]:
+def attention_layers(model: HFModel) -> list[int]:
     """Indices of the decoder layers that still run attention (and so carry a KV cache)."""
     return [i for i, layer in enumerate(decoder_layers(model)) if hasattr(layer, "self_attn")]
 
 
-def layer_metadata(model: nn.Module) -> dict[str, str]:
+def layer_metadata(model: HFModel) -> dict[str, str]:
     """ONNX metadata naming the layers that leave no residual branch of their own (no-op/no-op) or
     keep attention without an FFN, so block recognition keeps the checkpoint's layer numbers."""
     from ffnfusion.passes.blocks import ATTENTION_ONLY_METADATA, EMPTY_LAYERS_METADATA
@@ -75,13 +82,12 @@ def layer_metadata(model: nn.Module) -> dict[str, str]:
 class ParallelFFNGroup(nn.Module):
     """Members of a fused group all read the same input: ``x + Σ_i ffn_i(x)``."""
 
-    def __init__(self, members: Sequence[AttentionFreeDecoderLayer]):
+    def __init__(self, members: Sequence[Any]):
         super().__init__()
         self.members = nn.ModuleList(members)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        update = sum(member.ffn_update(hidden_states) for member in self.members)
-        return hidden_states + update
+        return hidden_states + _summed_updates(self.members, hidden_states)
 
 
 class _PassThrough(nn.Module):
@@ -91,7 +97,7 @@ class _PassThrough(nn.Module):
         return hidden_states
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: HFModel) -> Any:
     """The decoder layer list of a ``*ForCausalLM`` (``model.layers`` for Llama, Mistral, Qwen2,
     Gemma, SmolLM; ``gpt_neox.layers`` for GPT-NeoX)."""
     inner = getattr(model, "base_model", None) or getattr(model, "model", model)
@@ -103,7 +109,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def drop_attention(model: nn.Module, layer_indices: Iterable[int]) -> list[int]:
+def drop_attention(model: HFModel, layer_indices: Iterable[int]) -> list[int]:
     """Replace the listed decoder layers with attention-free ones, in place; returns them sorted."""
     layers = decoder_layers(model)
     dropped = sorted(set(layer_indices))
@@ -120,7 +126,7 @@ def drop_attention(model: nn.Module, layer_indices: Iterable[int]) -> list[int]:
     return dropped
 
 
-def parallelize_groups(model: nn.Module, groups: Iterable[Sequence[int]]) -> None:
+def parallelize_groups(model: HFModel, groups: Iterable[Sequence[int]]) -> None:
     """Compute each group in parallel form, in place (reference model). Members after the first must
     be attention-free; a first member that keeps its attention runs it, then all members' FFNs read
     the stream after it."""
@@ -143,12 +149,17 @@ def parallelize_groups(model: nn.Module, groups: Iterable[Sequence[int]]) -> Non
 class _SummedFFNs(nn.Module):
     """``Σ_i ffn_i(norm_i(h))``: the FFN of a layer that keeps its attention and heads a group."""
 
-    def __init__(self, members: Sequence[AttentionFreeDecoderLayer]):
+    def __init__(self, members: Sequence[Any]):
         super().__init__()
         self.members = nn.ModuleList(members)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return sum(member.ffn_update(hidden_states) for member in self.members)
+        return _summed_updates(self.members, hidden_states)
+
+
+def _summed_updates(members: Iterable[Any], hidden_states: torch.Tensor) -> torch.Tensor:
+    """``Σ_i ffn_i(norm_i(h))``, added in member order."""
+    return functools.reduce(operator.add, (member.ffn_update(hidden_states) for member in members))
 
 
 class _ZeroFFN(nn.Module):
@@ -158,7 +169,7 @@ class _ZeroFFN(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def apply_depth_plan(model: nn.Module, plan, down_deltas=None) -> None:
+def apply_depth_plan(model: HFModel, plan, down_deltas=None) -> None:
     """A :class:`~ffnfusion.passes.depth_plan.DepthPlan` in torch, in place (the reference a written
     frontier model must match): attention dropped, FFNs removed, ``down_deltas`` (first layer ->
     ``ΔW_down`` as ``[span width, hidden]``) added to the members' down projections, groups in parallel form."""

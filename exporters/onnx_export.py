@@ -22,6 +22,7 @@ from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.files import staged_model, write_json_atomically
 from ffnfusion.core.model_io import EXTERNAL_DATA_THRESHOLD, METADATA_FILE, MODEL_FILE
 from ffnfusion.exporters import llama_surgery
+from ffnfusion.exporters.llama_surgery import HFModel
 from ffnfusion.exporters.sources import ModelSource, load_causal_lm
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class ExportOptions:
 class _LogitsOnly(nn.Module):
     """``(input_ids, attention_mask) -> logits``: the graph signature runtimes expect."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: HFModel):
         super().__init__()
         self.model = model
 
@@ -57,7 +58,7 @@ class _WithKVCache(nn.Module):
     Only layers that still have attention carry a cache; attention-free layers have none.
     """
 
-    def __init__(self, model: nn.Module, attention_layers: list[int]):
+    def __init__(self, model: HFModel, attention_layers: list[int]):
         super().__init__()
         self.model = model
         self.attention_layers = attention_layers
@@ -85,7 +86,7 @@ def _attention_layers_cache(dynamic_cache_class):
     """A DynamicCache that answers length queries about attention-free layers (which never store
     anything) with the first attention layer's numbers; transformers asks layer 0 by default."""
 
-    class AttentionLayersCache(dynamic_cache_class):
+    class AttentionLayersCache(dynamic_cache_class):  # type: ignore[valid-type,misc]  # a base chosen at run time
         def __init__(self, config, attention_layers):
             super().__init__(config=config)
             self._attention_layers = set(attention_layers)
@@ -106,7 +107,7 @@ def _attention_layers_cache(dynamic_cache_class):
     return AttentionLayersCache
 
 
-def _kv_shape(model: nn.Module, layer: int, past_len: int) -> tuple[int, int, int]:
+def _kv_shape(model: HFModel, layer: int, past_len: int) -> tuple[int, int, int]:
     """``(kv heads, past length, head dim)`` of one layer's cache (Nemotron-NAS layers differ)."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -115,8 +116,47 @@ def _kv_shape(model: nn.Module, layer: int, past_len: int) -> tuple[int, int, in
     return heads, past_len, head_dim
 
 
+@dataclasses.dataclass
+class _TracedInputs:
+    """What the exporter traces: the module, example inputs, names and dynamic axes."""
+
+    wrapper: nn.Module
+    args: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic: dict[str, dict[int, str]]
+
+
+def _traced_inputs(model: HFModel, options: ExportOptions) -> _TracedInputs:
+    """Logits only, or (``--kv-cache``) logits and present KV from past KV of the attention layers."""
+    batch, seq = 2, 5
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    attention_mask = torch.ones(batch, seq, dtype=torch.int64)
+    if not options.kv_cache:
+        return _TracedInputs(_LogitsOnly(model), (input_ids, attention_mask), ["input_ids", "attention_mask"],
+                             ["logits"], {"input_ids": {0: "batch", 1: "sequence"},
+                                          "attention_mask": {0: "batch", 1: "sequence"}})
+    attention_layers = llama_surgery.attention_layers(model)
+    if not attention_layers:
+        raise InvalidArgumentError("--kv-cache needs at least one layer with attention; all are dropped")
+    past_len = 3
+    past = [
+        torch.zeros(batch, *_kv_shape(model, layer, past_len), dtype=getattr(torch, options.dtype))
+        for layer in attention_layers for _ in range(2)
+    ]
+    attention_mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+    position_ids = torch.arange(past_len, past_len + seq).expand(batch, seq)
+    past_names = [f"past_key_values.{i}.{kind}" for i in attention_layers for kind in ("key", "value")]
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+               "position_ids": {0: "batch", 1: "sequence"}}
+    dynamic.update({n: {0: "batch", 2: "past_sequence"} for n in past_names})
+    return _TracedInputs(_WithKVCache(model, attention_layers), (input_ids, attention_mask, position_ids, tuple(past)),
+                         ["input_ids", "attention_mask", "position_ids", *past_names],
+                         ["logits", *(n.replace("past_key_values", "present") for n in past_names)], dynamic)
+
+
 def export_model(
-    model: nn.Module,
+    model: HFModel,
     out_dir: str | os.PathLike,
     options: ExportOptions,
     *,
@@ -137,35 +177,10 @@ def export_model(
     dropped = llama_surgery.drop_attention(model, options.drop_attention)
     model = model.to(getattr(torch, options.dtype)).eval()
 
-    batch, seq = 2, 5
-    input_ids = torch.randint(0, config.vocab_size, (batch, seq))
-    attention_mask = torch.ones(batch, seq, dtype=torch.int64)
     batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    if options.kv_cache:
-        attention_layers = llama_surgery.attention_layers(model)
-        if not attention_layers:
-            raise InvalidArgumentError("--kv-cache needs at least one layer with attention; all are dropped")
-        past_len = 3
-        wrapper = _WithKVCache(model, attention_layers)
-        past = [
-            torch.zeros(batch, *_kv_shape(model, layer, past_len), dtype=getattr(torch, options.dtype))
-            for layer in attention_layers for _ in range(2)
-        ]
-        attention_mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
-        position_ids = torch.arange(past_len, past_len + seq).expand(batch, seq)
-        args = (input_ids, attention_mask, position_ids, tuple(past))
-        past_names = [f"past_key_values.{i}.{kind}" for i in attention_layers for kind in ("key", "value")]
-        input_names = ["input_ids", "attention_mask", "position_ids", *past_names]
-        output_names = ["logits", *(n.replace("past_key_values", "present") for n in past_names)]
-        total_dim = "total_sequence"
-        dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: total_dim},
-                   "position_ids": {0: "batch", 1: "sequence"}}
-        dynamic.update({n: {0: "batch", 2: "past_sequence"} for n in past_names})
-    else:
-        wrapper = _LogitsOnly(model)
-        args = (input_ids, attention_mask)
-        input_names, output_names = ["input_ids", "attention_mask"], ["logits"]
-        dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    traced = _traced_inputs(model, options)
+    wrapper, args, input_names, output_names, dynamic = (traced.wrapper, traced.args, traced.input_names,
+                                                         traced.output_names, traced.dynamic)
 
     path = out_dir / MODEL_FILE
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -183,6 +198,7 @@ def export_model(
                 wrapper, args, dynamo=True, opset_version=options.opset, input_names=input_names,
                 output_names=output_names, dynamic_shapes=shapes, optimize=True, verbose=False,
             )
+            assert program is not None  # dynamo=True returns the program
             program.model.ir_version = min(program.model.ir_version, 10)
             program.model.metadata_props.update(llama_surgery.layer_metadata(model))
             _save_atomically(lambda p: program.save(p, external_data=external), path, external)
@@ -215,7 +231,7 @@ def export_model(
     return path
 
 
-def genai_config(model: nn.Module, config) -> dict:
+def genai_config(model: HFModel, config) -> dict:
     """``genai_config.json`` for onnxruntime_genai: our KV names, the ``position_ids`` input, and
     ``past_present_share_buffer: false`` (our present tensors are the past grown by Concat, not a
     preallocated buffer). Layers without attention simply have no KV pair, which genai accepts."""

@@ -78,7 +78,7 @@ class _Builder:
         self.seed = 0
 
     def init(self, tensor: ir.TensorProtocol) -> ir.Value:
-        value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+        value = ir.Value(name=tensor.name, shape=ir.Shape(tensor.shape.numpy()), type=ir.TensorType(tensor.dtype), const_value=tensor)
         self.initializers.append(value)
         return value
 
@@ -183,11 +183,11 @@ def write_synthetic(preset: str, out_dir: str | pathlib.Path, *, dtype: str | No
         if any(not 0 <= i < config.layers for i in dropped):
             raise InvalidArgumentError(f"--drop-attention: preset {preset} has layers 0-{config.layers - 1}")
         config = dataclasses.replace(config, dropped=tuple(dropped))
-    from ffnfusion.core.model_io import save_model
+    from ffnfusion.core.model_io import initializer_bytes, save_model
 
     out = pathlib.Path(out_dir)
     model = build_model(config)
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    size = initializer_bytes(model)
     logger.info(f"synth: {preset}: {config.layers} layers, hidden {config.hidden}, FFN {config.ffn}, {config.dtype}, "
         f"attention-free {list(config.dropped)}; writing {size / 2**30:.2f} GiB of random weights")
     path = save_model(model, out / "model.onnx", external=True)

@@ -23,9 +23,12 @@ class FuseFFN(Surgeon):
 
     def __init__(self, groups: str | list[list[int]] | None = None, plan: str | None = None):
         super().__init__()
-        if (groups is None) == (plan is None):
+        if groups is not None and plan is None:
+            self.plan = FusionPlan.coerce(groups)
+        elif plan is not None and groups is None:
+            self.plan = FusionPlan.load(plan)
+        else:
             raise InvalidArgumentError("FuseFFN needs exactly one of 'groups' (e.g. \"10-13,14-16\") or 'plan' (plan.json)")
-        self.plan = FusionPlan.load(plan) if plan is not None else FusionPlan.coerce(groups)
 
     def call_ir(self, model: ir.Model) -> ir.Model:
         return FFNFusionPass(self.plan)(model).model

@@ -42,12 +42,13 @@ def embedding_table(gather: ir.Node) -> ir.TensorProtocol | None:
     if len(gather.inputs) != 2:
         return None
     table = gather.inputs[0]
-    if op_matchers.const_rank(op_matchers.initializer_of(table)) == 2:
-        return op_matchers.initializer_of(table).const_value
+    initializer = op_matchers.initializer_of(table)
+    if initializer is not None and op_matchers.const_rank(initializer) == 2:
+        return initializer.const_value
     transpose = op_matchers.producer(table, "Transpose")
     if transpose is not None and list(transpose.attributes.get_ints("perm", [1, 0])) == [1, 0]:
         weight = op_matchers.initializer_of(transpose.inputs[0])
-        if op_matchers.const_rank(weight) == 2:
+        if weight is not None and op_matchers.const_rank(weight) == 2:
             return weight.const_value
     return None
 
@@ -63,7 +64,8 @@ def _through_embedding_scale(x: ir.Value) -> ir.Value:
         if node.op_type not in ("Mul", "Div") or uses[0].idx != 0 and node.op_type == "Div":
             break
         other = node.inputs[1 - uses[0].idx]
-        if op_matchers.const_array(other) is None or op_matchers.const_array(other).size != 1:
+        scale = op_matchers.const_array(other)
+        if scale is None or scale.size != 1:
             break
         x = node.outputs[0]
     return x

@@ -28,7 +28,7 @@ def _with_norm(x: ir.Value, first_input: ir.Value, parts: dict) -> dict | str:
     return parts
 
 
-def match_ffn(output: ir.Value, x: ir.Value) -> dict | str:
+def match_ffn(output: ir.Value | None, x: ir.Value) -> dict | str:
     down = op_matchers.match_linear(op_matchers.skip_casts(output))
     if down is None:
         return "branch output is not a MatMul/Gemm with a constant weight (down projection)"

@@ -31,6 +31,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes import nbits
 from ffnfusion.passes.blocks import FUSED_GROUPS_METADATA, FFNBlock, find_blocks, fused_spans_of
+from ffnfusion.passes.canonical import RewritePass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan, InvalidPlanError
 from ffnfusion.passes.streaming import FoldedColumns, StackedRows
@@ -51,7 +52,7 @@ def cpu_padding(width: int) -> int:
     return (16 - width % 32) % 32
 
 
-class FFNFusionPass(ir.passes.InPlacePass):
+class FFNFusionPass(RewritePass):
     """Rewrite each group of a :class:`FusionPlan` into one wide FFN with one residual Add."""
 
     def __init__(self, plan: FusionPlan | Sequence[Sequence[int]] | str, target: str = "gpu"):
@@ -61,7 +62,7 @@ class FFNFusionPass(ir.passes.InPlacePass):
         self.plan = FusionPlan.coerce(plan)
         self.target = target
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def rewrite(self, model: ir.Model) -> ir.passes.PassResult:
         groups = self.plan.resolve(find_blocks(model))
         for group, members in groups:
             check_fusable(format_ranges(group), members)
@@ -110,9 +111,11 @@ def check_fusable(label: str, members: Sequence[FFNBlock]) -> None:
 
 def _intermediate_nodes(before: FFNBlock, after: FFNBlock) -> list[ir.Node]:
     """No-op Casts between one member's output and the next member's input (legacy exports)."""
-    nodes, value = [], after.input
+    nodes: list[ir.Node] = []
+    value: ir.Value | None = after.input
     while value is not before.output:
-        node = value.producer()
+        node = value.producer() if value is not None else None
+        assert node is not None, "match_ffn only links members through Casts"
         nodes.append(node)
         value = node.inputs[0]
     return nodes
@@ -152,7 +155,8 @@ def fuse_group(graph: ir.Graph, label: str, members: Sequence[FFNBlock],
     down = _register(graph, StackedRows([m.down for m in members], dtype, f"{prefix}.down_proj.weight", pad))
     gate = None
     if first.kind == "gated":
-        gate = _register(graph, FoldedColumns([m.gate for m in members], gains, dtype, f"{prefix}.gate_proj.weight", pad))
+        gate_weights = [m.gate for m in members if m.gate is not None]  # check_fusable: all gated alike
+        gate = _register(graph, FoldedColumns(gate_weights, gains, dtype, f"{prefix}.gate_proj.weight", pad))
 
     def add(op_type, inputs, name, **attributes):
         node = ir.node(op_type, inputs, attributes or None, name=f"{prefix}/{name}")
@@ -235,9 +239,11 @@ def _unit_gain_norm(first: FFNBlock, prefix: str, new_nodes: list[ir.Node], grap
     op_node = norm.nodes[0]
     for node in norm.nodes[1:]:  # the Casts feeding the norm op stay
         doomed.pop(node, None)
-    gain = norm.gain.const_value
-    weights = np.ones(tuple(gain.shape), np.float32) if shared is None else shared
-    ones = _register(graph, ir.tensor(weights.astype(gain.dtype.numpy()), name=f"{prefix}.norm.unit_weight"))
+    assert norm.gain is not None  # a norm without a gain takes the unit-norm path above
+    gain_tensor = norm.gain.const_value
+    assert gain_tensor is not None
+    weights = np.ones(tuple(gain_tensor.shape.numpy()), np.float32) if shared is None else shared
+    ones = _register(graph, ir.tensor(weights.astype(gain_tensor.dtype.numpy()), name=f"{prefix}.norm.unit_weight"))
     node = ir.Node(op_node.domain, op_node.op_type, [op_node.inputs[0], ones],
                    attributes=list(op_node.attributes.values()), name=f"{prefix}/norm",
                    num_outputs=1)
@@ -258,9 +264,9 @@ def folded_bias(members: Sequence[FFNBlock], which: str, dtype: ir.DataType, nam
         weight = getattr(member, which)
         part = np.zeros(weight.shape_in_out[1], np.float32)
         if member.norm.bias is not None:
-            part += member.norm.bias.const_value.numpy().astype(np.float32) @ weight.numpy_in_out().astype(np.float32)
+            part += _const(member.norm.bias) @ weight.numpy_in_out().astype(np.float32)
         if (bias := getattr(member, f"{which}_bias")) is not None:
-            part += bias.const_value.numpy().astype(np.float32)
+            part += _const(bias)
         parts.append(part)
     parts.append(np.zeros(pad, np.float32))
     return ir.tensor(np.concatenate(parts).astype(dtype.numpy()), name=name)
@@ -268,14 +274,20 @@ def folded_bias(members: Sequence[FFNBlock], which: str, dtype: ir.DataType, nam
 
 def summed_down_bias(members: Sequence[FFNBlock], dtype: ir.DataType, name: str) -> ir.TensorProtocol | None:
     """``b_1 + … + b_k``: the members' down biases all add to the same residual."""
-    biases = [m.down_bias.const_value.numpy().astype(np.float32) for m in members if m.down_bias is not None]
+    biases = [_const(m.down_bias) for m in members if m.down_bias is not None]
     return ir.tensor(np.sum(biases, axis=0).astype(dtype.numpy()), name=name) if biases else None
 
 
 def _gain_float32(member: FFNBlock) -> np.ndarray:
     if member.norm.gain is None:
         return np.ones(member.hidden, np.float32)
-    return member.norm.gain.const_value.numpy().astype(np.float32)
+    return _const(member.norm.gain)
+
+
+def _const(value: ir.Value) -> np.ndarray:
+    """A matched constant (gain, bias) as float32; the matchers only return values that have one."""
+    assert value.const_value is not None, f"{value.name} has no constant value"
+    return value.const_value.numpy().astype(np.float32)
 
 
 def _register(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:

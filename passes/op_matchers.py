@@ -120,7 +120,7 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant behind an initializer or a ``Constant`` node, else None."""
     if value is None:
         return None
-    tensor = ir.convenience.get_const_tensor(value)
+    tensor = elementwise.constant_tensor(value)
     return None if tensor is None else tensor.numpy()
 
 
@@ -190,9 +190,11 @@ def _is_last_axis_reduction(node: ir.Node) -> bool:
     return axes[0] == -1 or (rank is not None and axes[0] == rank - 1)
 
 
-def match_linear(value: ir.Value) -> Linear | None:
+def match_linear(value: ir.Value | None) -> Linear | None:
     """``value = a @ W (+ b)`` with W, b constant: MatMul (optionally via Transpose), then an
-    optional bias Add, or Gemm (transB=1, optional bias C)."""
+    optional bias Add, or Gemm (transB=1, optional bias C). None for an absent (optional) input."""
+    if value is None:
+        return None
     add = producer(value, "Add")
     if add is not None:
         for product, bias in (add.inputs, reversed(add.inputs)):
@@ -289,9 +291,11 @@ def _match_unbiased_linear(value: ir.Value | None) -> Linear | None:
 GELU_KINDS = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
-def match_activation(value: ir.Value) -> tuple[str, ir.Value, tuple[ir.Node, ...]] | None:
+def match_activation(value: ir.Value | None) -> tuple[str, ir.Value, tuple[ir.Node, ...]] | None:
     """``value = act(g)`` for SiLU (``g·sigmoid(g)``, ``Silu``/``Swish``) or GELU (``Gelu`` op, exact
     or tanh): returns ``(kind, g, nodes)`` with kind ``silu`` | ``gelu`` | ``gelu_tanh``."""
+    if value is None:
+        return None
     silu = match_silu(value)
     if silu is not None:
         return "silu", *silu

@@ -126,7 +126,7 @@ class StackedRows(ChunkedTensor):
             for weight in weights:
                 rows = weight.shape_in_out[0]
                 whole = _row_range(weight, 0, rows)
-                if whole is not None and weight.value.const_value.dtype == dtype:
+                if whole is not None and weight.tensor.dtype == dtype:
                     yield whole  # stored [in, out] in the right dtype: copy the bytes as they are
                     continue
                 for start in range(0, rows, step):

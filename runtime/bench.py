@@ -53,17 +53,17 @@ def benchmark(paths: list[str], batches: list[int], seqs: list[int], *, repeats:
             feeds = [default_feeds(s, input_ids) for s in sessions]
             phases = [("prefill", feeds)]
             if decode:
-                step_feeds = []
+                step_feeds: list[dict] = []
                 for session, feed in zip(sessions, feeds):
                     if not any(i.name.startswith("past_key_values") for i in session.get_inputs()):
-                        step_feeds = None
+                        step_feeds = []  # a model without a KV cache: no decode phase for any
                         break
                     warm = session.run(None, feed)[1:]
                     step_feeds.append(_decode_feeds(session, input_ids, warm))
                 if step_feeds:
                     phases.append(("decode", step_feeds))
             for phase, phase_feeds in phases:
-                times = [[] for _ in sessions]
+                times: list[list[float]] = [[] for _ in sessions]
                 for round_index in range(warmup + repeats):
                     # rotate who goes first: a run can warm the caches for the next one
                     for step in range(len(sessions)):

@@ -323,8 +323,8 @@ def read_members(archive: pathlib.Path, pattern: str) -> dict[str, bytes]:
     members = {}
     with tarfile.open(archive, "r:gz") as tar:
         for info in tar:
-            if info.isfile() and fnmatch.fnmatchcase(info.name, pattern):
-                members[info.name] = tar.extractfile(info).read()
+            if info.isfile() and fnmatch.fnmatchcase(info.name, pattern) and (member := tar.extractfile(info)):
+                members[info.name] = member.read()
     return members
 
 

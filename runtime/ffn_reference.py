@@ -20,8 +20,9 @@ def activation(kind: str, value: np.ndarray) -> np.ndarray:
     return ACTIVATIONS[kind](value)
 
 
-def _const(value) -> np.ndarray | float:
-    return 0.0 if value is None else value.const_value.numpy().astype(np.float32)
+def _const(value) -> np.ndarray:
+    """A matched constant (gain, bias) as float32; 0 for an absent one."""
+    return np.float32(0.0) if value is None else value.const_value.numpy().astype(np.float32)
 
 
 def normed(block: FFNBlock, x: np.ndarray) -> np.ndarray:
@@ -53,7 +54,7 @@ def down_bias(block: FFNBlock) -> np.ndarray:
     """``b_d`` (zeros when the block has none), float32."""
     if block.down_bias is None:
         return np.zeros(block.hidden, np.float32)
-    return block.down_bias.const_value.numpy().astype(np.float32)
+    return _const(block.down_bias)
 
 
 COLUMN_BLOCK = 4096  # FFN columns evaluated at a time: a wide fused group never holds [tokens, width]

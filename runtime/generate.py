@@ -40,7 +40,7 @@ def greedy_tokens(session, prompt_ids: np.ndarray, max_new_tokens: int,
         io_binding = session.get_providers()[0] != "CPUExecutionProvider"
     run = _bound_runner(session, pairs) if io_binding and pairs else _plain_runner(session)
     ids = np.asarray(prompt_ids, dtype=np.int64)[None]
-    feeds, cache = default_feeds(session, ids), {}
+    feeds, cache = default_feeds(session, ids), dict[str, np.ndarray]()
     for _ in range(max_new_tokens):
         logits, cache = run(feeds, cache)
         token = int(logits[0, -1].argmax())

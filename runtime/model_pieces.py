@@ -42,7 +42,7 @@ class HeadProjection:
                 tensor = linear.weight.tensor
                 if tensor.nbytes <= 2 * HEAD_SLICE_BYTES or linear.input is None:
                     return None
-                return cls(value.name, tensor, linear.weight.transposed,
+                return cls(value.name or "", tensor, linear.weight.transposed,
                            linear.bias.const_value if linear.bias is not None else None)
             node = value.producer()
             if node is None or node.op_type not in ("Cast", "Div", "Mul", "Tanh", "Identity"):
@@ -57,6 +57,7 @@ class HeadProjection:
         graph = model.graph
         output = next(v for node in graph for v in node.outputs if v.name == self.linear_output)
         linear = op_matchers.match_linear(output)
+        assert linear is not None and linear.input is not None  # found by HeadProjection.find
         hidden, vocab = linear.weight.shape_in_out
         weight = ir.val("head_weight", linear.weight.tensor.dtype, [hidden, "vocab_slice"])
         graph.inputs.append(weight)
@@ -64,7 +65,9 @@ class HeadProjection:
         graph.append(product)
         result = product.outputs[0]
         if linear.bias is not None:
-            bias = ir.val("head_bias", linear.bias.const_value.dtype, ["vocab_slice"])
+            bias_tensor = linear.bias.const_value
+            assert bias_tensor is not None  # match_linear only takes constant biases
+            bias = ir.val("head_bias", bias_tensor.dtype, ["vocab_slice"])
             graph.inputs.append(bias)
             add = ir.node("Add", [result, bias], name="ffnfusion/head/sliced_bias")
             graph.append(add)
@@ -170,9 +173,11 @@ class ProtoSlicer:
             dims = None if value.shape is None else [d if isinstance(d, int) else str(d) for d in value.shape]
             value_infos.append(helper.make_tensor_value_info("stream_in" if name == start else name,
                                                              int(value.dtype), dims))
-        if any(self.types.get(name) is None or self.types[name].dtype is None for name in ends):
+        end_types = [self.types[name].dtype if name in self.types else None for name in ends]
+        if any(dtype is None for dtype in end_types):
             return None
-        outputs = [helper.make_tensor_value_info(name, int(self.types[name].dtype), None) for name in ends]
+        outputs = [helper.make_tensor_value_info(name, int(dtype), None) for name, dtype in zip(ends, end_types)
+                   if dtype is not None]
         piece = helper.make_graph(nodes, f"piece_{ends[0]}", value_infos, outputs, list(initializers.values()))
         model = helper.make_model(piece, opset_imports=self.proto.opset_import, ir_version=self.proto.ir_version)
         model.functions.extend(self.proto.functions)
@@ -198,7 +203,7 @@ def shared_values(graph: ir.Graph, embedding: ir.Value) -> list[str]:
             on_stream.update(node.outputs)
         elif any(v in variable for v in inputs):
             variable.update(node.outputs)
-    shared = {}
+    shared: dict[str | None, None] = {}  # an ordered set of names
     for node in graph:
         for value in node.inputs:
             if value is not None and value in variable and value not in on_stream and value.producer() is not None \

@@ -121,9 +121,9 @@ def default_profile(model_path: str | pathlib.Path, *, max_batch: int = 8, opt_s
     kv_model = any((v.name or "").startswith("past_key_values") for v in model.graph.inputs)
     for value in model.graph.inputs:
         dims = list(value.shape) if value.shape is not None else []
-        name = value.name
-        if name.startswith("past_key_values") and len(dims) == 4 and all(isinstance(d, int) for d in (dims[1], dims[3])):
-            heads, head_dim = dims[1], dims[3]
+        name = value.name or ""
+        heads, head_dim = (dims[1], dims[3]) if len(dims) == 4 else (None, None)
+        if name.startswith("past_key_values") and isinstance(heads, int) and isinstance(head_dim, int):
             profile.min[name], profile.opt[name], profile.max[name] = (
                 (1, heads, 0, head_dim), (1, heads, opt_seq, head_dim), (max_batch, heads, max_seq, head_dim))
         elif len(dims) == 2:

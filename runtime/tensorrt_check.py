@@ -78,7 +78,7 @@ def _all_nodes(model: ir.Model):
     """``(where, node)`` for every node: the main graph and its subgraphs, then model-local functions."""
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         graph = node.graph
-        yield ("" if graph is model.graph else f"in subgraph {graph.name or '?'}: "), node
+        yield ("" if graph is model.graph else f"in subgraph {graph.name if graph is not None else '?'}: "), node
     for function in model.functions.values():
         for node in ir.traversal.RecursiveGraphIterator(function):
             yield f"in function {function.domain}::{function.name}: ", node
@@ -107,6 +107,6 @@ def check_tensorrt(model_path: str | pathlib.Path) -> CheckResult:
         elif node.op_type not in supported:
             why = "listed as unsupported" if node.op_type in table["unsupported"] else "not in the support table"
             problems.append(f"{label}: {why} for TensorRT {table['tensorrt']}")
-        elif (why := _restriction(node, opset or 0)) is not None:
-            problems.append(f"{label}: {why}")
+        elif (restriction := _restriction(node, opset or 0)) is not None:
+            problems.append(f"{label}: {restriction}")
     return CheckResult(table["tensorrt"], problems, count, model.ir_version)

@@ -32,7 +32,7 @@ class Unit:
 
 
 def units_of(block_map: BlockMap) -> list[Unit]:
-    units = []
+    units: list[Unit] = []
     for layer in block_map.layers:
         units.append(_unit(len(units), layer))
     return units
@@ -43,12 +43,14 @@ def _unit(index: int, layer: DecoderLayer) -> Unit:
     if ffn is None and attention is None:
         raise BlockRecognitionError(f"layer {layer.index} has neither attention nor a recognised FFN")
     if ffn is None:
+        assert attention is not None
         kind, start, end = "attention", attention.input, attention.output
     else:
         kind = "layer" if attention is not None else "ffn"
         start = attention.input if attention is not None else ffn.input
         end = ffn.output
     # a parallel-residual layer has no x + attn(n(x)) value: its attention and FFN read x together
+    assert start.name is not None and end.name is not None  # exported and loaded graphs name every value
     return Unit(index, layer.index, layer.span[-1], kind, start.name, end.name,
                 attention.output.name if attention is not None and not layer.parallel else None,
                 ffn.input.name if ffn is not None else None)

@@ -3,11 +3,13 @@ texts used neither to heal nor to choose the point, and the share of the gap to 
 healing recovers, measured side by side in one run.
 
     python -m ffnfusion.benchmarks.heal_table FRONTIER_DIR --reference BASE [--steps 8,14,20]
-        [--stages local,global] [--train changed|all] [--lr LR] [--epochs N] [--eval idle-news moby-dick]
-        [--json FILE]
+        [--stages local,global] [--train changed|all] [--lr LR] [--epochs N] [--set FIELD=VALUE ...]
+        [--name NAME] [--eval idle-news moby-dick] [--json FILE]
 
-Each ``FRONTIER_DIR/steps-N`` is healed into ``FRONTIER_DIR/steps-N-healed`` (or ``-healed-local``
-for ``--stages local``) with heal's defaults and the options given, unless it is there already; the point's perplexity is
+Each ``FRONTIER_DIR/steps-N`` is healed into ``FRONTIER_DIR/steps-N-healed`` (``-healed-local``
+for ``--stages local``, ``-NAME`` with ``--name``) with heal's defaults and the options given
+(``--set local_lr=1e-3``: any :class:`~ffnfusion.runtime.heal.HealOptions` field), unless it is
+there already; the point's perplexity is
 then measured on the written files with ONNX Runtime, and on each calibration source's held-out
 windows heal reports KL(original ‖ model) before and after.
 
@@ -36,6 +38,9 @@ def main(argv=None) -> int:
     parser.add_argument("--train", default="changed", help="heal --train: changed (default) or all")
     parser.add_argument("--lr", type=float, help="heal --lr (default: heal's)")
     parser.add_argument("--epochs", type=int, help="heal --epochs (default: heal's)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="other HealOptions fields, e.g. local_lr=1e-3 local_epochs=12")
+    parser.add_argument("--name", help="output folder suffix (default healed, or healed-STAGES)")
     parser.add_argument("--eval", nargs="+", default=list(EVAL_TEXTS),
                         help=f"perplexity texts, names or files (default {' '.join(EVAL_TEXTS)})")
     parser.add_argument("--json", help="also write the rows here")
@@ -51,7 +56,8 @@ def main(argv=None) -> int:
     frontier = pathlib.Path(args.frontier)
     reference = model_file(args.reference)
     stages = tuple(args.stages.split(","))
-    suffix = "healed" if set(stages) == {"local", "global"} else "healed-" + "-".join(stages)
+    suffix = args.name or ("healed" if set(stages) == {"local", "global"} else "healed-" + "-".join(stages))
+    overrides = _overrides(parser, args.set)
     tokenizer = calibration.load_tokenizer(reference.parent)
     evaluation = {name: calibration.windows_from_ids(tokenizer(calibration.read_text(name, EVAL_TOKENS * 16),
                                                                return_tensors="np")["input_ids"][0],
@@ -64,7 +70,7 @@ def main(argv=None) -> int:
         healed = frontier / f"steps-{steps}-{suffix}"
         if not (healed / "model.onnx").is_file():
             clock = time.perf_counter()
-            options = HealOptions(stages=stages, train=args.train)
+            options = HealOptions(stages=stages, train=args.train, **overrides)
             if args.lr:
                 options = dataclasses.replace(options, global_lr=args.lr)
             if args.epochs:
@@ -74,7 +80,7 @@ def main(argv=None) -> int:
         else:
             seconds = None
         report = json.loads((healed / "ffnfusion.json").read_text())["heal"]
-        row = {"steps": steps, "heal_seconds": seconds or sum(report["seconds"].values()),
+        row = {"steps": steps, "options": report["options"], "heal_seconds": seconds or sum(report["seconds"].values()),
                "held_out_kl": report["held_out_kl"], "kept_spans": report["kept_spans"],
                "spans": len(report["spans"]), "ppl": {}}
         for name, windows in evaluation.items():
@@ -89,6 +95,20 @@ def main(argv=None) -> int:
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def _overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+    """``--set FIELD=VALUE`` items as HealOptions keyword arguments, each converted to its field's type."""
+    from ffnfusion.runtime.heal import HealOptions
+
+    overrides = {}
+    for item in items:
+        field, _, value = item.partition("=")
+        kind = type(getattr(HealOptions(), field, None))
+        if field not in HealOptions.__dataclass_fields__ or not value or kind not in (int, float, str):
+            parser.error(f"--set {item}: not FIELD=VALUE for a number or text field of HealOptions")
+        overrides[field] = kind(value)
+    return overrides
 
 
 def format_row(row: dict) -> str:

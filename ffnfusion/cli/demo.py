@@ -98,15 +98,7 @@ def run(options: DemoOptions) -> dict:
     total = 8 if options.frontier_steps else 7
     log(f"[1/{total}] load {source.describe()}")
     model, tokenizer = load_causal_lm(source)
-    calib = calibration.token_windows(tokenizer, calibration.python_docs_text(), options.window,
-                                      options.calib_tokens // options.window)
-    try:  # text of a kind that neither the analysis (docs) nor the repair (docs + licenses) sees
-        held_out_name, held_out_text = "IDLE release notes", calibration.release_notes_text()
-    except FFNFusionError as err:
-        log(f"demo: {err}; verifying on license text instead (the repair also calibrates on it)")
-        held_out_name, held_out_text = "license text", calibration.license_text()
-    held_out = calibration.token_windows(tokenizer, held_out_text, options.window,
-                                         options.verify_tokens // options.window)
+    calib, held_out, held_out_name = _texts(options, tokenizer)
 
     from ffnfusion.exporters.onnx_export import ExportOptions, export_model  # torch: only for the demo itself
 
@@ -135,19 +127,7 @@ def run(options: DemoOptions) -> dict:
         log("demo: no group passes the planner's threshold (see report/report.md); only baselines follow")
 
     log(f"[5/{total}] fuse the auto plan {plan.describe() or '(empty)'} (plain and repaired) and, for comparison, whole runs")
-    names = ["dropped"]
-    fused = repaired = None
-    if plan.groups:
-        fused = fuse_model_file(str(paths["dropped"]), str(paths["fused"]), plan)
-        names.append("fused")
-        repaired = fuse_model_file(str(paths["dropped"]), str(paths["repaired"]), plan, repair=RepairOptions())
-        names.append("repaired")
-    fuse_model_file(str(paths["dropped"]), str(paths["naive"]), naive)
-    names.append("naive")
-    removed = []
-    if plan.steps_saved:
-        removed = _removal_baseline(report, plan.steps_saved, paths["dropped"], paths["removed"])
-        names.append("removed")
+    names, fused, repaired, removed = _rewrite_variants(paths, report, plan, naive)
 
     checked_plan, checked_path = (plan, paths["fused"]) if plan.groups else (naive, paths["naive"])
     log(f"[6/{total}] exactness: fused ONNX ({checked_plan.describe()}) vs torch parallel form")
@@ -157,6 +137,13 @@ def run(options: DemoOptions) -> dict:
     results = dict(zip(names, compare_many(str(paths["base"]), [str(paths[n]) for n in names], held_out,
                                            progress=ProgressBar("verify", "models"))))
 
+    summary = {
+        "dropped_attention": dropped, "runs": report.runs, "plan": plan.to_dict(), "naive_plan": naive.to_dict(),
+        "removed_ffn": removed, "fused_vs_torch_parallel_rel_err": exact,
+        "repair": repaired and repaired["repair"],
+        "nodes": fused and {"before": fused["nodes_before"], "after": fused["nodes_after"]},
+        "analysis_cost": report.cost, "verification": results,
+    }
     labels = {"dropped": (f"attention dropped ({len(dropped)})", format_ranges(dropped)),
               "fused": ("+ fused, auto plan", plan.describe()),
               "repaired": ("+ fused, auto plan, repaired", repaired and repaired["repair"] and _repair_choice(repaired["repair"])),
@@ -166,13 +153,6 @@ def run(options: DemoOptions) -> dict:
     rows = [("original", "", results["dropped"]["ref"]["ppl"], 1.0, 0.0)]
     rows += [(*labels[name], *_row(results[name])) for name in names]
     table = "\n".join(f"| {name} | {layers} | {ppl:.2f} | {top1:.3f} | {kl:.3f} |" for name, layers, ppl, top1, kl in rows)
-    summary = {
-        "dropped_attention": dropped, "runs": report.runs, "plan": plan.to_dict(), "naive_plan": naive.to_dict(),
-        "removed_ffn": removed, "fused_vs_torch_parallel_rel_err": exact,
-        "repair": repaired and repaired["repair"],
-        "nodes": fused and {"before": fused["nodes_before"], "after": fused["nodes_after"]},
-        "analysis_cost": report.cost, "verification": results,
-    }
     print(
         f"\nsummary ({source.describe()}, verification on {held_out.size} tokens of {held_out_name}; "
         f"analysis on Python docs, repair on Python docs + license texts)\n"
@@ -192,6 +172,40 @@ def run(options: DemoOptions) -> dict:
                                         held_out_name)
     write_json_atomically(work / "demo.json", summary)
     return summary
+
+
+def _texts(options: DemoOptions, tokenizer) -> tuple[np.ndarray, np.ndarray, str]:
+    """Calibration windows (Python's docs) and held-out windows of a kind that neither the analysis
+    (docs) nor the repair (docs + licenses) sees, with the held-out text's name."""
+    calib = calibration.token_windows(tokenizer, calibration.python_docs_text(), options.window,
+                                      options.calib_tokens // options.window)
+    try:
+        held_out_name, held_out_text = "IDLE release notes", calibration.release_notes_text()
+    except FFNFusionError as err:
+        log(f"demo: {err}; verifying on license text instead (the repair also calibrates on it)")
+        held_out_name, held_out_text = "license text", calibration.license_text()
+    held_out = calibration.token_windows(tokenizer, held_out_text, options.window,
+                                         options.verify_tokens // options.window)
+    return calib, held_out, held_out_name
+
+
+def _rewrite_variants(paths: dict[str, pathlib.Path], report, plan: FusionPlan, naive: FusionPlan):
+    """The auto plan fused (plain and repaired), whole runs fused, and as many FFNs removed as the
+    plan saves steps: ``(names written, fused summary, repaired summary, removed layers)``."""
+    names = ["dropped"]
+    fused = repaired = None
+    if plan.groups:
+        fused = fuse_model_file(str(paths["dropped"]), str(paths["fused"]), plan)
+        names.append("fused")
+        repaired = fuse_model_file(str(paths["dropped"]), str(paths["repaired"]), plan, repair=RepairOptions())
+        names.append("repaired")
+    fuse_model_file(str(paths["dropped"]), str(paths["naive"]), naive)
+    names.append("naive")
+    removed: list[int] = []
+    if plan.steps_saved:
+        removed = _removal_baseline(report, plan.steps_saved, paths["dropped"], paths["removed"])
+        names.append("removed")
+    return names, fused, repaired, removed
 
 
 def _frontier(options: DemoOptions, model, tokenizer, base: pathlib.Path, out: pathlib.Path, held_out: np.ndarray,

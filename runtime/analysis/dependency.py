@@ -65,8 +65,9 @@ class DependencyReport:
     def window_metrics(self, first_layer: int, last_layer: int) -> tuple[float, float]:
         """``(M_max, M_sum)`` over all pairs i < j of the units covering the layer range."""
         units = range(self.unit_of_layer(first_layer), self.unit_of_layer(last_layer) + 1)
-        values = [self.dependency[i][j] for i in units for j in units if i < j]
-        if any(v is None for v in values):
+        found = [self.dependency[i][j] for i in units for j in units if i < j]
+        values = [v for v in found if v is not None]
+        if len(values) != len(found):
             raise InvalidPlanError(f"M was not computed for every pair in layers {first_layer}-{last_layer}")
         return (max(values), sum(values)) if values else (0.0, 0.0)
 
@@ -137,7 +138,7 @@ def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
             if unit.attention_output:
                 sums["importance"][j] += (1 - cosine(x, inside.get(unit.attention_output, x))).sum()
             if unit.kind == "layer":
-                y = inside.get(unit.ffn_input, x)
+                y = inside.get(unit.ffn_input, x) if unit.ffn_input is not None else x
                 sums["ffn_h_ratio"][j] += _ratio(out - y, y).sum()
             start = time.perf_counter()
             h = out[:dep_windows] - x[:dep_windows]

@@ -93,7 +93,8 @@ class DepthEvaluator:
         self.runner = runner
         self.plan0 = DepthPlan.of(runner.block_map)
         self.num_layers = self.plan0.num_layers
-        self.blocks: dict[int, FFNBlock] = {layer.index: layer.ffn for layer in runner.block_map.layers}
+        self.blocks: dict[int, FFNBlock] = {layer.index: layer.ffn for layer in runner.block_map.layers
+                                            if layer.ffn is not None}
         self.unit_of = {unit.layer: unit.index for unit in runner.units}
         self.hidden = next(iter(self.blocks.values())).hidden
         self._weights: dict[int, tuple] = {}
@@ -228,13 +229,13 @@ class DepthEvaluator:
     def accept(self, candidate: Candidate) -> None:
         """Make ``candidate`` the current state: its streams from its first change onwards."""
         state = self.state
-        updated = []
-        for streams in (state.fit, state.select):
-            at = list(streams.at)
-            self.run(candidate.plan, candidate.deltas, at[candidate.start], streams.windows, candidate.start,
-                     capture=at)
-            updated.append(Streams(streams.windows, at))
-        self.state = State(candidate.plan, candidate.deltas, *updated, candidate.kl)
+        fit, select = (self._updated(streams, candidate) for streams in (state.fit, state.select))
+        self.state = State(candidate.plan, candidate.deltas, fit, select, candidate.kl)
+
+    def _updated(self, streams: Streams, candidate: Candidate) -> Streams:
+        at = list(streams.at)
+        self.run(candidate.plan, candidate.deltas, at[candidate.start], streams.windows, candidate.start, capture=at)
+        return Streams(streams.windows, at)
 
     def _width(self, layer: int) -> int:
         return self.blocks[layer].width
@@ -242,6 +243,7 @@ class DepthEvaluator:
     def _refit(self, move: Move, plan: DepthPlan, deltas: dict) -> tuple[Refit | None, dict, int]:
         """Refit the down projection of the last FFN before the cut toward the original stream after it."""
         cut = cut_position(move)
+        span: tuple[int, int] | None
         if move.kind == "fuse":
             span, member = (move.layers[0], move.layers[-1]), move.layers[-1]
         else:
@@ -292,6 +294,13 @@ def cut_position(move: Move) -> int:
     return 2 * last + 1 if move.kind == "attention" else 2 * last + 2
 
 
+def _span(plan: DepthPlan, layer: int) -> tuple[int, int]:
+    """The FFN span at ``layer``, which holds an update (so it was not removed)."""
+    span = plan.ffn_span(layer)
+    assert span is not None, f"layer {layer}'s FFN is removed but has a down-projection update"
+    return span
+
+
 def remap_deltas(old: DepthPlan, new: DepthPlan, deltas: dict, width, hidden: int) -> dict:
     """Down-projection updates carried from ``old`` to ``new``: removed FFNs lose theirs, merged
     groups stack their members'."""
@@ -300,12 +309,12 @@ def remap_deltas(old: DepthPlan, new: DepthPlan, deltas: dict, width, hidden: in
     rows: dict[int, np.ndarray] = {}  # per single layer
     for first, delta in deltas.items():
         offset = 0
-        for layer in range(first, old.ffn_span(first)[1] + 1):
+        for layer in range(first, _span(old, first)[1] + 1):
             rows[layer] = delta[offset:offset + width(layer)]
             offset += width(layer)
     result = {}
     for first in sorted({span[0] for layer in range(new.num_layers) if (span := new.ffn_span(layer))}):
-        last = new.ffn_span(first)[1]
+        last = _span(new, first)[1]
         members = range(first, last + 1)
         if any(layer in rows for layer in members):
             result[first] = np.concatenate([rows.get(layer, np.zeros((width(layer), hidden), np.float32))

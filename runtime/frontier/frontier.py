@@ -74,6 +74,7 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
     seconds["capture"] = round(time.perf_counter() - clock, 1)
     logger.info(f"frontier: {path}, {evaluator.plan0.original_steps} sequential steps; fit {fit.size} tokens, "
                 f"selection {select.size}, held-out perplexity {evaluation.size} ({seconds['capture']} s to capture)")
+    forwards = 0.0
 
     def points_of(name: str) -> list[FrontierPoint]:
         clock = time.perf_counter()
@@ -91,7 +92,6 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
             forwards = (evaluator.token_positions - start_positions) / (evaluator.positions * select.size)
         return found
 
-    forwards = 0.0
     points = points_of(method)
     others = {name: points_of(name) for name in baselines if name != method}
     clock = time.perf_counter()

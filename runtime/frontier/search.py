@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes.depth_plan import DepthPlan, Move
 from ffnfusion.runtime.analysis.dependency import cosine
 from ffnfusion.runtime.frontier.evaluator import DepthEvaluator
@@ -171,6 +172,9 @@ def fusion_runs(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: boo
             kl = evaluator.score_plan(plan, {})
             if best is None or kl < best[0]:
                 best = (kl, moves)
+        if best is None:
+            raise InvalidArgumentError(f"fusion baseline: no run of {k + 1} FFNs fits {evaluator.num_layers} layers "
+                                       f"for a budget of {budget} steps")
         kl, moves = best
         evaluator.reset()
         for move in moves[:-1]:

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -143,10 +144,10 @@ def next_token_kl(student_logits, teacher_logits):
 class GlobalData:
     """Token windows and the teacher's final normed stream for them (``[n, seq, hidden]``)."""
 
-    fit_ids: object  # torch int64 [n, seq]
-    fit_final: object
-    held_ids: dict  # source -> [m, seq]
-    held_final: dict
+    fit_ids: Any  # torch int64 [n, seq]
+    fit_final: Any  # torch float [n, seq, hidden]
+    held_ids: dict[str, Any]  # source -> [m, seq]
+    held_final: dict[str, Any]
 
 
 def held_out_kl(model, head, data: GlobalData, batch: int) -> dict[str, float]:

@@ -130,17 +130,7 @@ def heal(model_path, reference_path, sources: Sequence[calibration.CalibrationSo
     float32 arrays to write (empty when nothing is kept) and the report. Writes nothing."""
     import torch
 
-    if options.train not in ("changed", "all"):
-        raise InvalidArgumentError(f"--train must be 'changed' or 'all', not {options.train!r}")
-    unknown = set(options.stages) - {"local", "global"}
-    if unknown or not options.stages:
-        raise InvalidArgumentError(f"stages must be among local, global (got {', '.join(options.stages) or 'none'})")
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidArgumentError("--device cuda: torch sees no CUDA device here; use --device cpu")
-    path, reference = model_file(model_path), model_file(reference_path)
-    if path.resolve() == reference.resolve():
-        raise InvalidArgumentError("the model and its --reference are the same file")
-    check_trainable(path)
+    path, reference = _checked_inputs(model_path, reference_path, options)
     torch.manual_seed(options.seed)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -149,9 +139,6 @@ def heal(model_path, reference_path, sources: Sequence[calibration.CalibrationSo
         teacher = load_torch_model(reference, work / "teacher", options.device)
         student = load_torch_model(path, work / "student", options.device)
         check_parent(student, teacher)
-        for module in (teacher.module, student.module):
-            for p in module.parameters():
-                p.requires_grad_(False)
         spans = changed_spans(student, teacher)
         seconds["load"] = round(time.perf_counter() - clock, 1)
         logger.info(f"heal: {len(spans)} changed span(s): " + "; ".join(s.describe() for s in spans))
@@ -164,10 +151,10 @@ def heal(model_path, reference_path, sources: Sequence[calibration.CalibrationSo
         clock = time.perf_counter()
         positions = sorted({p for s in spans for p in (s.start, s.stop)})
         fit_streams, fit_final = _capture(teacher, fit_ids, positions, work / "fit", options.batch_windows)
-        held_streams, held_final = {}, {}
-        for name, ids in held_ids.items():
-            held_streams[name], held_final[name] = _capture(teacher, ids, positions, work / f"held-{name}",
-                                                            options.batch_windows)
+        captured = {name: _capture(teacher, ids, positions, work / f"held-{name}", options.batch_windows)
+                    for name, ids in held_ids.items()}
+        held_streams = {name: streams for name, (streams, _) in captured.items()}
+        held_final = {name: final for name, (_, final) in captured.items()}
         seconds["capture"] = round(time.perf_counter() - clock, 1)
 
         local: dict[int, distill.Curve] = {}
@@ -179,23 +166,11 @@ def heal(model_path, reference_path, sources: Sequence[calibration.CalibrationSo
         head = _head(teacher)
         data = distill.GlobalData(fit_ids, torch.from_numpy(np.asarray(fit_final)).to(device), held_ids,
                                   {n: torch.from_numpy(np.asarray(v)).to(device) for n, v in held_final.items()})
-        global_curve = None
-        units = sorted({u for s in spans for u in s.trained})
         kl_input = _kl_with(student, initial, head, data, options.batch_windows)
-        params = trainable_parameters(student, units, options.train)
-        if "global" in options.stages and not params:
-            logger.info("heal: global: nothing to train (no changed FFN)")
-        if "global" in options.stages and params:
+        global_curve = None
+        if "global" in options.stages:
             clock = time.perf_counter()
-
-            def on_eval(step: int, kl: dict) -> None:
-                logger.info(f"heal: global, step {step}: held-out KL " + ", ".join(f"{k} {v:.4f}" for k, v in kl.items()))
-
-            global_curve, _, _ = distill.train_global(
-                student.module, head, params, data, lr=options.global_lr, epochs=options.global_epochs,
-                batch=options.batch_windows, eval_every=options.eval_every, seed=options.seed,
-                progress=_stage(progress, "global"),
-                on_eval=on_eval)
+            global_curve = _global_stage(student, spans, head, data, options, progress)
             seconds["global"] = round(time.perf_counter() - clock, 1)
         clock = time.perf_counter()
         kl_healed = distill.held_out_kl(student.module, head, data, options.batch_windows)
@@ -210,6 +185,24 @@ def heal(model_path, reference_path, sources: Sequence[calibration.CalibrationSo
                                 for s in sources}, local, global_curve, kl_input, kl_healed, kl_output, kept, reverted,
                         sorted(values), options, seconds)
     return values, report
+
+
+def _checked_inputs(model_path, reference_path, options: HealOptions) -> tuple[pathlib.Path, pathlib.Path]:
+    """The model and reference files, once the options and the model are known to allow a heal."""
+    import torch
+
+    if options.train not in ("changed", "all"):
+        raise InvalidArgumentError(f"--train must be 'changed' or 'all', not {options.train!r}")
+    unknown = set(options.stages) - {"local", "global"}
+    if unknown or not options.stages:
+        raise InvalidArgumentError(f"stages must be among local, global (got {', '.join(options.stages) or 'none'})")
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    path, reference = model_file(model_path), model_file(reference_path)
+    if path.resolve() == reference.resolve():
+        raise InvalidArgumentError("the model and its --reference are the same file")
+    check_trainable(path)
+    return path, reference
 
 
 def _local_stage(student, spans: Sequence[Span], fit_streams, held_streams, options: HealOptions,
@@ -240,6 +233,26 @@ def _local_stage(student, spans: Sequence[Span], fit_streams, held_streams, opti
         logger.info(f"heal: local, span {span.describe()}: held-out error {curve.initial:.4f} -> "
                     f"{curve.best:.4f} ({curve.steps} steps, best at {curve.best_step}, {curve.seconds:.0f} s)")
     return curves
+
+
+def _global_stage(student, spans: Sequence[Span], head, data: distill.GlobalData, options: HealOptions,
+                  progress: StageProgress | None) -> distill.Curve | None:
+    """KL to the teacher with the changed FFNs (or, ``train="all"``, every decoder weight) trainable;
+    None when there is nothing to train."""
+    units = sorted({u for s in spans for u in s.trained})
+    params = trainable_parameters(student, units, options.train)
+    if not params:
+        logger.info("heal: global: nothing to train (no changed FFN)")
+        return None
+
+    def on_eval(step: int, kl: dict) -> None:
+        logger.info(f"heal: global, step {step}: held-out KL " + ", ".join(f"{k} {v:.4f}" for k, v in kl.items()))
+
+    curve, _, _ = distill.train_global(
+        student.module, head, params, data, lr=options.global_lr, epochs=options.global_epochs,
+        batch=options.batch_windows, eval_every=options.eval_every, seed=options.seed,
+        progress=_stage(progress, "global"), on_eval=on_eval)
+    return curve
 
 
 def _stage(progress: StageProgress | None, stage: str) -> distill.Progress | None:

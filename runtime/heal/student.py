@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -34,7 +35,7 @@ class TorchModel:
     """A model file as a torch module, with the layers of its checkpoint (one per stream position)."""
 
     path: pathlib.Path
-    module: object  # transformers model (torch.nn.Module)
+    module: Any  # a transformers model (torch.nn.Module; its attributes are dynamic)
     layers: list[HFLayer]
     config: dict
 
@@ -54,6 +55,8 @@ def load_torch_model(model_path, workdir: pathlib.Path, device: str = "cpu") -> 
     checkpoint = workdir / path.parent.name
     result = hf_checkpoint.export_hf(path, checkpoint, llama_if_uniform=False)
     module = nemotron_nas.build_torch_model(checkpoint).to(device)
+    for parameter in module.parameters():  # trained only where a stage asks
+        parameter.requires_grad_(False)
     config = json.loads((checkpoint / "config.json").read_text())
     return TorchModel(path, module, result.layers, config)
 
@@ -115,36 +118,8 @@ def changed_spans(student: TorchModel, teacher: TorchModel) -> list[Span]:
     A sublayer of the original is *kept* (the student runs it unchanged), *removed*, or *trained*: an
     FFN that is fused, whose weights differ from the original's (a refit), or that sits next to a
     removed sublayer. A span is a maximal run of removed and trained sublayers; kept ones bound it."""
-    import torch
-
-    num_layers = teacher.num_layers
-    attention = set()
-    unit_of: dict[int, int] = {}  # original layer -> student position of the FFN that holds it
-    for position, layer in enumerate(student.layers):
-        if layer.kv_heads is not None:
-            attention.add(layer.source_layers[0])
-        if layer.ffn_width is not None:
-            unit_of.update(dict.fromkeys(layer.source_layers, position))
-    status = []
-    for t in range(2 * num_layers):
-        layer = t // 2
-        if t % 2 == 0:
-            status.append("kept" if layer in attention else "removed")
-            continue
-        position = unit_of.get(layer)
-        if position is None:
-            status.append("removed")
-        elif len(student.layers[position].source_layers) > 1:
-            status.append("trained")
-        else:
-            mine, original = student.decoder_layer(position), teacher.decoder_layer(layer)
-            same = all(torch.equal(getattr(mine.mlp, n).weight, getattr(original.mlp, n).weight)
-                       for n in ("gate_proj", "up_proj", "down_proj")) and \
-                torch.equal(mine.post_attention_layernorm.weight, original.post_attention_layernorm.weight)
-            status.append("kept" if same else "trained")
-    for t in range(1, 2 * num_layers, 2):  # an FFN next to a removed sublayer takes over its work
-        if status[t] == "kept" and "removed" in (status[t - 1], status[t + 1] if t + 1 < len(status) else None):
-            status[t] = "trained"
+    unit_of = _ffn_positions(student)
+    status = _sublayer_status(student, teacher, unit_of)
     spans = []
     t = 0
     while t < len(status):
@@ -154,25 +129,67 @@ def changed_spans(student: TorchModel, teacher: TorchModel) -> list[Span]:
         start = t
         while t < len(status) and status[t] != "kept":
             t += 1
-        layers = range(start // 2, (t - 1) // 2 + 1)
-        units = tuple(sorted({unit_of[j] for j in layers if 2 * j + 1 in range(start, t)
-                              and status[2 * j + 1] == "trained"}))
-        removed_attention = [j for j in layers if 2 * j in range(start, t) and status[2 * j] == "removed"]
-        removed_ffn = [j for j in layers if 2 * j + 1 in range(start, t) and status[2 * j + 1] == "removed"]
-        parts = [f"FFN {format_ranges(student.layers[u].source_layers)}" for u in units]
-        if removed_attention:
-            parts.append(f"attention {format_ranges(removed_attention)} removed")
-        if removed_ffn:
-            parts.append(f"FFN {format_ranges(removed_ffn)} removed")
-        helper = None
-        if not units:
-            before = [j for j in range(start // 2) if 2 * j + 1 < start and j in unit_of]
-            helper = unit_of[before[-1]] if before else None
-        spans.append(Span(start, t, units, ", ".join(parts), helper))
+        spans.append(_span(student, status, unit_of, start, t))
     return spans
 
 
-def trainable_parameters(student: TorchModel, units, train: str) -> dict[str, object]:
+def _ffn_positions(student: TorchModel) -> dict[int, int]:
+    """Original layer -> student position of the FFN that holds it."""
+    unit_of: dict[int, int] = {}
+    for position, hf_layer in enumerate(student.layers):
+        if hf_layer.ffn_width is not None:
+            unit_of.update(dict.fromkeys(hf_layer.source_layers, position))
+    return unit_of
+
+
+def _sublayer_status(student: TorchModel, teacher: TorchModel, unit_of: dict[int, int]) -> list[str]:
+    """``kept`` / ``removed`` / ``trained`` for each sublayer ``t`` of the original (attention of
+    layer ``t // 2`` when ``t`` is even, its FFN when odd)."""
+    import torch
+
+    attention = {layer.source_layers[0] for layer in student.layers if layer.kv_heads is not None}
+    status = []
+    for t in range(2 * teacher.num_layers):
+        layer = t // 2
+        unit = unit_of.get(layer)
+        if t % 2 == 0:
+            status.append("kept" if layer in attention else "removed")
+        elif unit is None:
+            status.append("removed")
+        elif len(student.layers[unit].source_layers) > 1:
+            status.append("trained")
+        else:
+            mine, original = student.decoder_layer(unit), teacher.decoder_layer(layer)
+            same = all(torch.equal(getattr(mine.mlp, n).weight, getattr(original.mlp, n).weight)
+                       for n in ("gate_proj", "up_proj", "down_proj")) and \
+                torch.equal(mine.post_attention_layernorm.weight, original.post_attention_layernorm.weight)
+            status.append("kept" if same else "trained")
+    for t in range(1, len(status), 2):  # an FFN next to a removed sublayer takes over its work
+        if status[t] == "kept" and "removed" in (status[t - 1], status[t + 1] if t + 1 < len(status) else None):
+            status[t] = "trained"
+    return status
+
+
+def _span(student: TorchModel, status: list[str], unit_of: dict[int, int], start: int, stop: int) -> Span:
+    """The span of sublayers ``start..stop-1`` (none of them kept)."""
+    layers = range(start // 2, (stop - 1) // 2 + 1)
+    units = tuple(sorted({unit_of[j] for j in layers if 2 * j + 1 in range(start, stop)
+                          and status[2 * j + 1] == "trained"}))
+    removed_attention = [j for j in layers if 2 * j in range(start, stop) and status[2 * j] == "removed"]
+    removed_ffn = [j for j in layers if 2 * j + 1 in range(start, stop) and status[2 * j + 1] == "removed"]
+    parts = [f"FFN {format_ranges(student.layers[u].source_layers)}" for u in units]
+    if removed_attention:
+        parts.append(f"attention {format_ranges(removed_attention)} removed")
+    if removed_ffn:
+        parts.append(f"FFN {format_ranges(removed_ffn)} removed")
+    helper = None
+    if not units:
+        before = [j for j in range(start // 2) if 2 * j + 1 < start and j in unit_of]
+        helper = unit_of[before[-1]] if before else None
+    return Span(start, stop, units, ", ".join(parts), helper)
+
+
+def trainable_parameters(student: TorchModel, units, train: str) -> dict[str, Any]:
     """Checkpoint name -> parameter: the FFNs (and their norm gains) at ``units``, or with
     ``train == "all"`` every decoder weight (the embedding, final norm and head stay)."""
     named = dict(student.module.named_parameters())
@@ -212,6 +229,7 @@ def write_back(model: ir.Model, model_dir: pathlib.Path, values: dict[str, np.nd
                 raise HealError(f"{entry.name} changed but the graph has no initializer for it")
             continue
         stored = entry.value.const_value
+        assert stored is not None  # checkpoint_tensors only names initializers
         shape = tuple(stored.shape.numpy())
         out_in = shape[::-1] if entry.transpose else shape
         if len(out_in) == 2:

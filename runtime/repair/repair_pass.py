@@ -28,6 +28,7 @@ import pathlib
 import resource
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -35,6 +36,7 @@ import onnx_ir as ir
 from ffnfusion.core.errors import InvalidArgumentError, RepairError
 from ffnfusion.core.model_io import load_model, model_file
 from ffnfusion.passes.blocks import FFNBlock, find_blocks
+from ffnfusion.passes.canonical import RewritePass, rewriting
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.streaming import read_rows
@@ -101,7 +103,7 @@ class RepairResult(ir.passes.PassResult):
     report: RepairReport | None = None
 
 
-class RepairPass(ir.passes.InPlacePass):
+class RepairPass(RewritePass):
     """Refit the down projections of a fused model's groups (see the module docstring).
 
     ``original``: the model the groups were fused from (their layers' weights, reference logits);
@@ -128,7 +130,7 @@ class RepairPass(ir.passes.InPlacePass):
         self.threads = threads
         self.stream = stream  # run block by block (None: when the original would not fit in memory)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def rewrite(self, model: ir.Model) -> ir.passes.PassResult:
         original_blocks = find_blocks(load_model(self.original))
         streamed = choose_streamed(self.original, self.stream)
         reference = _Reference(BlockRunner(self.original, streamed=streamed, threads=self.threads), self.sources)
@@ -147,7 +149,7 @@ class RepairPass(ir.passes.InPlacePass):
                 repaired[group[0]] = weight
         fused_blocks = find_blocks(model)
         for first, weight in repaired.items():
-            fused_blocks.layer(first).ffn.down.set_in_out(weight)
+            fused_blocks.ffn(first).down.set_in_out(weight)
         sources = [{"name": s.name, "fit_tokens": int(s.fit.size), "held_out_tokens": int(s.select.size)}
                    for s in self.sources]
         report = RepairReport(self.method, self.lambdas, sources, groups,
@@ -195,7 +197,7 @@ class RepairPass(ir.passes.InPlacePass):
             final = runner.run_units(unit.index + 1, len(runner.units) - 1, stream, ids)
             return reference.kl(source, runner, final.reshape(-1, final.shape[-1]))
 
-        candidates = []
+        candidates: list[dict[str, Any]] = []
         for lam in [None, *self.lambdas]:
             by_source = {}
             for fit_rows, held_out in folds:
@@ -205,10 +207,11 @@ class RepairPass(ir.passes.InPlacePass):
             candidates.append({"lambda": lam, "kl": float(np.mean(list(by_source.values()))), "kl_by_source": by_source})
         best = min(candidates, key=lambda c: c["kl"])
 
-        held_out = np.concatenate(source_select)
+        all_held_out = np.concatenate(source_select)
 
         def fit_error(updates: np.ndarray) -> float:
-            return float(np.linalg.norm(updates - true_update[held_out]) / np.linalg.norm(true_update[held_out]))
+            truth = true_update[all_held_out]
+            return float(np.linalg.norm(updates - truth) / np.linalg.norm(truth))
 
         def judged(lam: float) -> tuple[float, float]:
             """Mean held-out KL over all sources and held-out fit error, fitted on every source."""
@@ -217,7 +220,7 @@ class RepairPass(ir.passes.InPlacePass):
             return kl, fit_error(np.concatenate(updates))
 
         # "no repair" was already judged on every source's held-out tokens (each fold holds one out)
-        kl_before, error_before = candidates[0]["kl"], fit_error(fit.base[held_out])
+        kl_before, error_before = candidates[0]["kl"], fit_error(fit.base[all_held_out])
         chosen, reason, kl_after, error_after = None, "no candidate beats no repair on held-out sources", kl_before, error_before
         weight = None
         best_fitted = min(candidates[1:], key=lambda c: c["kl"])["lambda"]
@@ -321,9 +324,10 @@ def _partial_model(original: pathlib.Path, groups: list[list[int]], target: str,
                    repaired: dict[int, np.ndarray]) -> ir.Model:
     """The original with ``groups`` fused and the ``repaired`` down projections set (lazy weights)."""
     model = load_model(original)
-    FFNFusionPass(groups, target)(model)
-    for first, weight in repaired.items():
-        find_blocks(model).layer(first).ffn.down.set_in_out(weight)
+    with rewriting(model):
+        FFNFusionPass(groups, target)(model)
+        for first, weight in repaired.items():
+            find_blocks(model).ffn(first).down.set_in_out(weight)
     return model
 
 
