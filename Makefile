@@ -33,7 +33,7 @@ lint: $(STAMP)
 	for f in ffnfusion/*.py ffnfusion/core ffnfusion/cli ffnfusion/checks ffnfusion/benchmarks; do \
 		ln -s "$(CURDIR)/$$f" $(TYPECHECK)/ffnfusion/; done
 	for d in passes exporters runtime; do ln -s "$(CURDIR)/$$d" $(TYPECHECK)/ffnfusion/$$d; done
-	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache \
 		ffnfusion/core ffnfusion/passes ffnfusion/exporters ffnfusion/runtime
 
 # Fuse the ~15 GB llama-8b preset; needs ~35 GB of free disk (all deleted afterwards).
