@@ -29,20 +29,22 @@ IDS = np.random.default_rng(1).integers(0, 128, (1, 11))
 PROMPT = [5, 17, 33, 90, 4, 61]
 
 
-@pytest.fixture(scope="module")
-def builder_fp32(tmp_path_factory):
-    out = tmp_path_factory.mktemp("genai")
+def _built(tmp_path_factory, precision: str):
+    """The tiny Llama through ORT GenAI's builder at ``precision`` (fp32 | int4)."""
+    out = tmp_path_factory.mktemp(f"genai-{precision}")
     make_tiny_llama().save_pretrained(out / "hf")
     save_tiny_tokenizer(out / "hf")
-    return genai_builder.build(out / "hf", out / "fp32", "fp32")
+    return genai_builder.build(out / "hf", out / precision, precision)
+
+
+@pytest.fixture(scope="module")
+def builder_fp32(tmp_path_factory):
+    return _built(tmp_path_factory, "fp32")
 
 
 @pytest.fixture(scope="module")
 def builder_int4(tmp_path_factory):
-    out = tmp_path_factory.mktemp("genai4")
-    make_tiny_llama().save_pretrained(out / "hf")
-    save_tiny_tokenizer(out / "hf")
-    return genai_builder.build(out / "hf", out / "int4", "int4")
+    return _built(tmp_path_factory, "int4")
 
 
 def _ops(path) -> collections.Counter:

@@ -100,6 +100,29 @@ def pairs_to_compute(units: list[Unit], runs: list[tuple[int, int]], max_distanc
     return reach
 
 
+def _add_block_metrics(sums: dict[str, np.ndarray], unit: Unit, x: np.ndarray, out: np.ndarray,
+                       inside: dict[str, np.ndarray]) -> None:
+    """Add one block's per-token metrics (summed over tokens): cosine distance and relative size of
+    its update, the importance of its attention, and its FFN's relative update."""
+    j = unit.index
+    sums["cosdist"][j] += (1 - cosine(x, out)).sum()
+    sums["h_ratio"][j] += _ratio(out - x, x).sum()
+    if unit.attention_output:
+        sums["importance"][j] += (1 - cosine(x, inside.get(unit.attention_output, x))).sum()
+    if unit.kind == "layer":
+        y = inside.get(unit.ffn_input, x) if unit.ffn_input is not None else x
+        sums["ffn_h_ratio"][j] += _ratio(out - y, y).sum()
+
+
+def _block_means(sums: dict[str, np.ndarray], unit: Unit, tokens: int) -> dict[str, float]:
+    entry = {"cosdist": sums["cosdist"][unit.index] / tokens, "h_ratio": sums["h_ratio"][unit.index] / tokens}
+    if unit.attention_output:
+        entry["importance"] = sums["importance"][unit.index] / tokens
+    if unit.kind == "layer":
+        entry["ffn_h_ratio"] = sums["ffn_h_ratio"][unit.index] / tokens
+    return {k: float(v) for k, v in entry.items()}
+
+
 def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
             dependency_tokens: int = 2048, with_dependency: bool = True, progress=None) -> DependencyReport:
     """Per-block metrics on all ``windows`` [n, window] and M on the first ``dependency_tokens``.
@@ -131,15 +154,8 @@ def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
             start = time.perf_counter()
             out, *extras = apply(stream, windows)
             capture_seconds += time.perf_counter() - start
-            inside = dict(zip(runner.extras(j), extras))
             x = stream
-            sums["cosdist"][j] += (1 - cosine(x, out)).sum()
-            sums["h_ratio"][j] += _ratio(out - x, x).sum()
-            if unit.attention_output:
-                sums["importance"][j] += (1 - cosine(x, inside.get(unit.attention_output, x))).sum()
-            if unit.kind == "layer":
-                y = inside.get(unit.ffn_input, x) if unit.ffn_input is not None else x
-                sums["ffn_h_ratio"][j] += _ratio(out - y, y).sum()
+            _add_block_metrics(sums, unit, x, out, dict(zip(runner.extras(j), extras)))
             start = time.perf_counter()
             h = out[:dep_windows] - x[:dep_windows]
             for i in list(chains):  # a chain is dropped once its reach ends, so every one reaches j
@@ -158,14 +174,7 @@ def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
         if progress is not None:
             progress(j + 1, count, tokens)
 
-    per_block = []
-    for unit in units:
-        entry = {"cosdist": sums["cosdist"][unit.index] / tokens, "h_ratio": sums["h_ratio"][unit.index] / tokens}
-        if unit.attention_output:
-            entry["importance"] = sums["importance"][unit.index] / tokens
-        if unit.kind == "layer":
-            entry["ffn_h_ratio"] = sums["ffn_h_ratio"][unit.index] / tokens
-        per_block.append({k: float(v) for k, v in entry.items()})
+    per_block = [_block_means(sums, unit, tokens) for unit in units]
     dependency: list[list[float | None]] = [[None] * count for _ in range(count)]
     for i, last in reach.items():
         for j in range(i + 1, last + 1):
