@@ -88,6 +88,15 @@ def choose_streamed(model_path: str | os.PathLike, stream: bool | None) -> bool:
     return stream
 
 
+def _sublayers(unit) -> int:
+    return 2 if unit.kind == "layer" else 1
+
+
+def forward_equivalents(runners, reference: BlockRunner, tokens: int) -> float:
+    """The sublayers ``runners`` ran, in full forwards of ``reference`` over ``tokens`` tokens."""
+    return sum(r.sublayer_tokens for r in runners) / max(1, reference.sublayers * tokens)
+
+
 def _canonical(model: ir.Model) -> ir.Model:
     """Every fresh copy in the canonical form (:mod:`~ffnfusion.passes.canonical`) the same way, so
     value names match between copies and the block map points into the copy it describes."""
@@ -126,6 +135,9 @@ class BlockRunner:
         self._split = any((n.name or "").startswith(SPLIT_PREFIX) for n in model.graph)
         self.block_map = find_blocks(model)
         self.units = units_of(self.block_map)
+        # The work done, counted as the frontier counts it: tokens × sublayers (attention, FFN) run.
+        self.sublayers = sum(_sublayers(unit) for unit in self.units)
+        self.sublayer_tokens = 0
         dtype = _stream_dtype(model)
         self.widen = dtype == ir.DataType.BFLOAT16
         self.stream_dtype = ir.DataType.FLOAT if self.widen else dtype
@@ -164,6 +176,7 @@ class BlockRunner:
         only the analysis does). Streamed: the weights are released on exit."""
         with self._session(("unit", index, extras)) as run:
             def apply(stream: np.ndarray, windows: np.ndarray) -> list[np.ndarray]:
+                self.sublayer_tokens += _sublayers(self.units[index]) * windows.size
                 return self._batched(windows, run, stream)
             yield apply
 
@@ -175,6 +188,7 @@ class BlockRunner:
             raise ValueError(f"unit {index} has no attention branch")
         with self._session(("attention", index)) as run:
             def apply(stream: np.ndarray, windows: np.ndarray) -> np.ndarray:
+                self.sublayer_tokens += windows.size
                 return self._batched(windows, run, stream)[0]
             yield apply
 

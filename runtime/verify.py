@@ -13,11 +13,15 @@ stream; the heads then run on slices of tokens, so neither a whole model nor a w
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 
 import numpy as np
 
-from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
+from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed, forward_equivalents
 from ffnfusion.runtime.numerics import kl_sum, log_softmax, target_nll
+
+logger = logging.getLogger(__name__)
 
 HEAD_BUDGET_BYTES = 64 * 2**20  # float64 log-probabilities held per slice of tokens
 
@@ -33,6 +37,7 @@ def compare_many(reference: str, candidates: list[str], windows: np.ndarray, thr
     """Compare several candidates with one reference. ``stream``: block by block from disk (None:
     when the reference would not fit in memory). ``progress(done, total, tokens)``, if given, is
     called after each model's pass."""
+    clock = time.perf_counter()
     streamed = choose_streamed(reference, stream)
     runners = [BlockRunner(path, streamed=streamed, threads=threads) for path in [reference, *candidates]]
     finals = []
@@ -66,6 +71,11 @@ def compare_many(reference: str, candidates: list[str], windows: np.ndarray, thr
     tokens = int(ids.size)
     predicted = int((targets >= 0).sum())
     ref_final = finals[0].astype(np.float64)
+    # The whole comparison's work: every model's pass, in full forwards of the reference.
+    cost = {"full_forward_equivalents": round(forward_equivalents(runners, runners[0], tokens), 2),
+            "seconds": round(time.perf_counter() - clock, 2)}
+    logger.info(f"verify: {len(runners)} models on {tokens} tokens: {cost['full_forward_equivalents']} full-forward "
+                f"equivalents, {cost['seconds']} s")
     results = []
     for path, final, stat in zip(candidates, finals[1:], stats):
         final = final.astype(np.float64)
@@ -77,5 +87,6 @@ def compare_many(reference: str, candidates: list[str], windows: np.ndarray, thr
             "kl": stat["kl"] / tokens,
             "hidden_cosine": float(cosine.sum()) / tokens,
             "tokens": tokens,
+            "cost": cost,
         })
     return results

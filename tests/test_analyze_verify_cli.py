@@ -50,12 +50,15 @@ def test_verify_identical_and_fused(capsys, tiny_dynamo20, ids_file, tmp_path):
     same = json.loads(out)
     assert same["top1_agreement"] == 1.0 and same["kl"] == pytest.approx(0, abs=1e-9)
     assert same["ref"]["ppl"] == pytest.approx(same["new"]["ppl"]) and same["tokens"] == 64
+    assert same["cost"]["full_forward_equivalents"] == 2.0 and same["cost"]["seconds"] > 0  # two whole passes
     fused = tmp_path / "fused.onnx"
     assert _run(capsys, "fuse", tiny_dynamo20, "-o", fused, "--groups", "2-6")[0] == 0
     code, out, err = _run(capsys, "verify", tiny_dynamo20, fused, "--text-ids", ids_file, "--tokens", 64,
                           "--window", 32, "--json")
     differ = json.loads(out)
     assert differ["kl"] > 1e-4 and differ["hidden_cosine"] < 1.0
+    # The fused model runs one wide FFN where the original runs five: less than two forwards of it.
+    assert 1 < differ["cost"]["full_forward_equivalents"] < 2
 
 
 def test_drop_attention_by_importance(capsys, tiny_dynamo20, ids_file, tmp_path):

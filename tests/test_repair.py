@@ -177,6 +177,10 @@ def test_fuse_repair_command(capsys, tiny_dynamo20, tmp_path):
     assert summary["sources"][0] == {"name": "docs", "fit_tokens": 1024, "held_out_tokens": 1024}
     assert [c["lambda"] for c in summary["groups"][0]["candidates"]] == [None, 0.1]
     assert "repair 2-5:" in stderr
+    # The work counted: the original's held-out pass, the group's input captured, and the layers after
+    # the group run for "no repair" and the refit on each held-out source: more than one full forward.
+    cost = summary["cost"]
+    assert 1 < cost["full_forward_equivalents"] < 10 and cost["seconds"] > 0 and "full-forward equivalents" in stderr
     meta = json.loads((out.parent / "ffnfusion.json").read_text())
     assert meta["repair"][0]["groups"][0]["layers"] == [2, 5]
 

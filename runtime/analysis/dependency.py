@@ -133,6 +133,7 @@ def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
     ``with_dependency=False`` measures only the per-block metrics (one pass).
     ``progress(done_blocks, total_blocks, tokens)``, if given, is called after each block.
     """
+    clock = time.perf_counter()
     units = runner.units
     count = len(units)
     sums = {key: np.zeros(count) for key in ("cosdist", "h_ratio", "importance", "ffn_h_ratio")}
@@ -186,6 +187,7 @@ def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
         blocks.append(entry)
     cost = {
         "tokens": tokens, "dependency_tokens": dep_tokens if reach else 0, "unit_evaluations": evaluations,
+        "seconds": round(time.perf_counter() - clock, 2),
         "capture_seconds": round(capture_seconds, 2), "matrix_seconds": round(matrix_seconds, 2),
         "session_seconds": round(runner.session_seconds, 2), "streamed": runner.streamed,
         # Wall time of the whole analysis over one pass (~ one full forward over all tokens), and

@@ -41,7 +41,7 @@ from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.streaming import read_rows
 from ffnfusion.runtime import ridge
-from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
+from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed, forward_equivalents
 from ffnfusion.runtime.calibration import CalibrationSource
 from ffnfusion.runtime.ffn_reference import down_bias, ffn_activation, sequential_update, update
 from ffnfusion.runtime.numerics import kl_sum, log_softmax
@@ -81,11 +81,14 @@ class RepairReport:
     groups: list[GroupRepair]
     peak_rss_gib: float = 0.0
     streamed: bool = False
+    full_forward_equivalents: float = 0.0  # sublayers run, in full forwards of the original on all calibration tokens
+    seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return {"method": self.method, "lambdas": self.lambdas, "sources": self.sources,
                 "groups": [g.to_dict() for g in self.groups], "peak_rss_gib": self.peak_rss_gib,
-                "streamed": self.streamed}
+                "streamed": self.streamed, "cost": {"full_forward_equivalents": round(self.full_forward_equivalents, 2),
+                                                    "seconds": round(self.seconds, 2)}}
 
     def describe(self) -> str:
         parts = []
@@ -131,9 +134,11 @@ class RepairPass(RewritePass):
         self.stream = stream  # run block by block (None: when the original would not fit in memory)
 
     def rewrite(self, model: ir.Model) -> ir.passes.PassResult:
+        clock = time.perf_counter()
         original_blocks = find_blocks(load_model(self.original))
         streamed = choose_streamed(self.original, self.stream)
         reference = _Reference(BlockRunner(self.original, streamed=streamed, threads=self.threads), self.sources)
+        runners = [reference.runner]
         repaired: dict[int, np.ndarray] = {}  # first layer of a group -> its refitted W_down
         groups = []
         for index, group in enumerate(self.groups):
@@ -143,6 +148,7 @@ class RepairPass(RewritePass):
                                         dict(repaired))
             members = [original_blocks.ffn(layer) for layer in group]
             runner = BlockRunner(partial, streamed=streamed, threads=self.threads, base_dir=self.original.parent)
+            runners.append(runner)
             result, weight = self._repair_group(runner, group, members, reference)
             groups.append(result)
             if weight is not None:
@@ -152,8 +158,12 @@ class RepairPass(RewritePass):
             fused_blocks.ffn(first).down.set_in_out(weight)
         sources = [{"name": s.name, "fit_tokens": int(s.fit.size), "held_out_tokens": int(s.select.size)}
                    for s in self.sources]
+        tokens = sum(s.fit.size + s.select.size for s in self.sources)
         report = RepairReport(self.method, self.lambdas, sources, groups,
-                              round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), streamed)
+                              round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), streamed,
+                              forward_equivalents(runners, reference.runner, tokens), time.perf_counter() - clock)
+        logger.info(f"repair: {report.full_forward_equivalents:.1f} full-forward equivalents of the original on "
+                    f"{tokens} calibration tokens, {report.seconds:.1f} s")
         return RepairResult(model, bool(repaired), report)
 
     def _repair_group(self, runner: BlockRunner, group: list[int], members: list[FFNBlock],
