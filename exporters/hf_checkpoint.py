@@ -218,6 +218,9 @@ def _layer_tensors(position: int, layer: DecoderLayer, tensors: list, hidden: in
         logger.warning(f"export-hf: {where} keeps its attention but has no FFN; llama.cpp's deci graph drops "
                        "such a layer's attention output (vLLM and TensorRT-LLM do not)")
         return HFLayer(list(layer.span), kv_heads, None, None)
+    if ffn.post_norm is not None:
+        raise BlockRecognitionError(f"{where}: FFN with a post-norm (Gemma 2/3 sandwich layer); a Nemotron-NAS "
+                                    "layer cannot represent it")
     if ffn.gate is None or ffn.activation != "silu" or ffn.norm.centered:
         raise BlockRecognitionError(f"{where}: FFN is {ffn.kind} {ffn.activation} with {ffn.norm.kind}; "
                                     "Nemotron-NAS layers are SiLU-gated with RMSNorm")

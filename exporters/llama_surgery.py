@@ -27,16 +27,29 @@ from ffnfusion.core.errors import InvalidPlanError, ModelSourceError
 HFModel = Any
 
 
+def ffn_norms(layer: HFModel) -> tuple[nn.Module, nn.Module | None]:
+    """The norm an FFN reads its input through, and the one it normalises its output with (None
+    for pre-norm layers). Gemma 2/3's *sandwich* layers have both (``pre_feedforward_layernorm``,
+    ``post_feedforward_layernorm``), and there ``post_attention_layernorm`` is the attention's output
+    norm, not the FFN's input norm."""
+    if hasattr(layer, "pre_feedforward_layernorm"):
+        return layer.pre_feedforward_layernorm, getattr(layer, "post_feedforward_layernorm", None)
+    return layer.post_attention_layernorm, None
+
+
 class AttentionFreeDecoderLayer(nn.Module):
-    """A decoder layer whose attention residual branch is skipped entirely."""
+    """A decoder layer whose attention residual branch is skipped entirely:
+    ``y = x + post(mlp(pre(x)))`` (``post`` only in sandwich-norm layers)."""
 
     def __init__(self, layer: HFModel):
         super().__init__()
-        self.post_attention_layernorm = layer.post_attention_layernorm
+        pre, post = ffn_norms(layer)
+        self.post_attention_layernorm = pre  # the FFN's input norm, under the Llama name
         self.mlp = layer.mlp
+        self.post_feedforward_layernorm = post if post is not None else nn.Identity()
 
     def ffn_update(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.post_attention_layernorm(hidden_states))
+        return self.post_feedforward_layernorm(self.mlp(self.post_attention_layernorm(hidden_states)))
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return hidden_states + self.ffn_update(hidden_states)
@@ -119,9 +132,9 @@ def drop_attention(model: HFModel, layer_indices: Iterable[int]) -> list[int]:
         layer = layers[index]
         if isinstance(layer, AttentionFreeDecoderLayer):
             continue
-        for name in ("mlp", "post_attention_layernorm"):
-            if not hasattr(layer, name):
-                raise ModelSourceError(f"layer {index} ({type(layer).__name__}) has no {name}")
+        if not hasattr(layer, "mlp") or not (hasattr(layer, "post_attention_layernorm")
+                                             or hasattr(layer, "pre_feedforward_layernorm")):
+            raise ModelSourceError(f"layer {index} ({type(layer).__name__}) has no mlp and FFN norm")
         layers[index] = AttentionFreeDecoderLayer(layer)
     return dropped
 
@@ -140,7 +153,12 @@ def parallelize_groups(model: HFModel, groups: Iterable[Sequence[int]]) -> None:
             layers[group[0]] = ParallelFFNGroup(members)
         else:
             ffns = [AttentionFreeDecoderLayer(first), *members[1:]]
-            first.post_attention_layernorm = nn.Identity()  # each member applies its own norm
+            # each member applies its own norms; the head's layer keeps only its attention's
+            if hasattr(first, "pre_feedforward_layernorm"):
+                first.pre_feedforward_layernorm = nn.Identity()
+                first.post_feedforward_layernorm = nn.Identity()
+            else:
+                first.post_attention_layernorm = nn.Identity()
             first.mlp = _SummedFFNs(ffns)
         for index in group[1:]:
             layers[index] = _PassThrough()

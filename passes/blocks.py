@@ -62,6 +62,13 @@ class FFNBlock:
     gate_bias: ir.Value | None = None
     up_bias: ir.Value | None = None
     down_bias: ir.Value | None = None
+    # Gemma 2/3 sandwich layers normalise the FFN's output too: y = x + post(down(...)).
+    post_norm: op_matchers.Norm | None = None
+
+    @property
+    def norm_description(self) -> str:
+        """The norm kind, ``+post`` when the output is normalised too."""
+        return self.norm.kind + ("+post" if self.post_norm is not None else "")
 
     @property
     def kind(self) -> str:
@@ -83,7 +90,7 @@ class FFNBlock:
         return {
             "width": self.width,
             "hidden": self.hidden,
-            "norm": self.norm.kind,
+            "norm": self.norm_description,
             "epsilon": self.norm.epsilon,
             "activation": self.activation,
             "dtype": self.dtype.name.lower(),

@@ -3,7 +3,9 @@
 * gated (SwiGLU, GeGLU): ``down(act(gate(n(x))) ⊙ up(n(x)))``;
 * plain two-matrix MLP (GPT-NeoX style): ``down(act(up(n(x))))``;
 
-with ``n`` an RMSNorm or LayerNorm of the residual stream and any projection optionally biased.
+with ``n`` an RMSNorm or LayerNorm of the residual stream and any projection optionally biased; or
+either one followed by a *post-norm* of its output, ``post(ffn(n(x)))`` (Gemma 2/3's sandwich layers),
+recorded as ``post_norm``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,53 @@ def _with_norm(x: ir.Value, first_input: ir.Value, parts: dict) -> dict | str:
     return parts
 
 
+POST_NORM_DEPTH = 16  # nodes searched back from a branch output for the down projection under a post-norm
+
+
 def match_ffn(output: ir.Value | None, x: ir.Value) -> dict | str:
+    parts = _match_pre_norm_ffn(output, x)
+    if not isinstance(parts, str) or output is None:
+        return parts
+    post = _post_norm(output)
+    if post is None:
+        return parts
+    norm, inner, casts = post
+    inner_parts = _match_pre_norm_ffn(inner, x)
+    if isinstance(inner_parts, str):
+        return f"post-normed branch: {inner_parts}"
+    inner_parts["post_norm"] = norm
+    inner_parts["nodes"] = (*inner_parts["nodes"], *norm.nodes, *casts)
+    return inner_parts
+
+
+def _post_norm(output: ir.Value) -> tuple[op_matchers.Norm, ir.Value, list[ir.Node]] | None:
+    """``output = norm(v)`` with ``v`` a linear layer's output (the down projection): the norm,
+    ``v`` and the Casts after the norm; the nearest such ``v`` first."""
+    casts: list[ir.Node] = []
+    normed = op_matchers.skip_casts(output, casts)
+    if normed is None:
+        return None
+    frontier, seen = [normed], set()
+    for _ in range(POST_NORM_DEPTH):
+        next_values = []
+        for value in frontier:
+            node = value.producer()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for candidate in node.inputs:
+                if candidate is None or candidate.const_value is not None:
+                    continue
+                if op_matchers.match_linear(candidate) is not None:
+                    norm = op_matchers.match_norm(normed, candidate)
+                    if norm is not None:
+                        return norm, candidate, casts
+                next_values.append(candidate)
+        frontier = next_values
+    return None
+
+
+def _match_pre_norm_ffn(output: ir.Value | None, x: ir.Value) -> dict | str:
     down = op_matchers.match_linear(op_matchers.skip_casts(output))
     if down is None:
         return "branch output is not a MatMul/Gemm with a constant weight (down projection)"

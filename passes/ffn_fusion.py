@@ -87,6 +87,12 @@ def fuse_ffn_groups(model: ir.Model, groups: FusionPlan | Sequence[Sequence[int]
 def check_fusable(label: str, members: Sequence[FFNBlock]) -> None:
     """Members must share hidden size, dtype, activation and norm kind/epsilon."""
     first = members[0]
+    for member in members:
+        if member.post_norm is not None:
+            raise InvalidPlanError(
+                f"group {label}: layer {member.layer}'s FFN normalises its output (a post-norm, as in Gemma 2/3's sandwich layers): the group is "
+                "not one wide FFN (each member normalises its own output), and ffnfusion does not write that "
+                "grouped form yet")
     for member in members[1:]:
         for what, mine, theirs in (
             ("norm epsilon", member.norm.epsilon, first.norm.epsilon),

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ffnfusion.core.errors import InvalidPlanError
 from ffnfusion.passes.blocks import FFNBlock
 from ffnfusion.passes.elementwise import ACTIVATIONS
 from ffnfusion.passes.streaming import read_columns, read_rows
@@ -36,6 +37,9 @@ def normed(block: FFNBlock, x: np.ndarray) -> np.ndarray:
 
 def ffn_activation(block: FFNBlock, x: np.ndarray, columns: slice = slice(None)) -> np.ndarray:
     """``act(n(x)·G + b_g) ⊙ (n(x)·U + b_u)`` (or ``act(n(x)·U + b_u)``), restricted to ``columns``."""
+    if block.post_norm is not None:
+        raise InvalidPlanError(f"layer {block.layer}'s FFN normalises its output (a post-norm, as in Gemma 2/3's sandwich layers): its update is not linear in "
+                               "W_down, which the refits and the repair assume; not supported for this model yet")
     n = normed(block, x.astype(np.float32, copy=False))
     start, stop, _ = columns.indices(block.width)
 

@@ -110,3 +110,66 @@ def test_layernorm_biased_mlp_fused_exactly(tiny_neox, tmp_path):
     assert rel_err(run_logits(create_session(path), ids), sequential) <= 1e-5
     assert rel_err(run_logits(create_session(fused), ids), parallel) <= 1e-5
     assert fused_group_error(str(path), str(fused), [2, 3, 4])["rel_err"] <= 1e-5  # numpy, from the weights
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    """Gemma 3: sandwich norms (the FFN branch is post_ff(mlp(pre_ff(x))), the attention branch
+    post_attn(attn(input_ln(x)))), QK-norm, sliding and global layers."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64,
+                              sliding_window=8)
+
+    def randomize(name, param):
+        if "norm" in name:
+            param.uniform_(-0.5, 0.5)
+
+    return _random_model_and_export(Gemma3ForCausalLM, config, randomize, 5, tmp_path_factory.mktemp("gemma3"))
+
+
+def _without_attention(model, layers):
+    """``model`` with the attention *output* of ``layers`` zeroed inside transformers' own layers:
+    Gemma 3's layer then adds post_attn(0) = 0 and runs its FFN as it always does (an independent
+    reference for the exporter's attention-free layers)."""
+    model = copy.deepcopy(model)
+    for index in layers:
+        def zero(*args, **kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            return torch.zeros_like(hidden), None
+        model.model.layers[index].self_attn.forward = zero
+    return model
+
+
+def test_sandwich_norm_layers_export_exactly_are_read_and_are_not_fused(tiny_gemma3, tmp_path, capsys):
+    from ffnfusion.cli import main
+
+    model, path = tiny_gemma3
+    ids = np.random.default_rng(6).integers(0, 128, (2, 9))
+    with torch.no_grad():
+        expected = _without_attention(model, DROPPED)(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert rel_err(run_logits(create_session(path), ids), expected) < 1e-4  # attention-free layers: FFN post-normed
+    block_map = find_blocks(ir.load(path))
+    assert block_map.runs == [(2, 4)]
+    assert all(layer.ffn is not None and layer.ffn.post_norm is not None for layer in block_map.layers)
+    assert main(["inspect", str(path)]) == 0 and "rms_decomposed+post" in capsys.readouterr().out
+    # Each member normalises its own output: one wide FFN would be wrong, so the group is refused.
+    with pytest.raises(InvalidPlanError, match="layer 2's FFN normalises its output .* not one wide FFN"):
+        FFNFusionPass([[2, 3, 4]])(ir.load(path))
+    assert main(["fuse", str(path), "--groups", "2-4", "-o", str(tmp_path / "fused")]) == 1
+    assert "post-norm" in capsys.readouterr().err and not (tmp_path / "fused").exists()
+    for argv in (["frontier", str(path), "-o", str(tmp_path / "frontier"), "--steps", "2", "--tokens", "256",
+                  "--select-tokens", "128", "--eval-tokens", "128", "--window", "64", "--baselines", "none",
+                  "--no-latency", "--calib-ids", *[str(tmp_path / f"{n}.npy") for n in "abc"]],
+                 ["export-hf", str(path), "-o", str(tmp_path / "hf")]):
+        for name in "abc":
+            np.save(tmp_path / f"{name}.npy", np.random.default_rng(7).integers(0, 128, 512))
+        assert main(argv) in (1, 2), argv[0]
+        assert len(capsys.readouterr().err.strip().splitlines()[-1:]) == 1
+        assert not (tmp_path / argv[argv.index("-o") + 1].split("/")[-1]).exists()
+    # Removing a whole branch stays exact: attention dropped in layer 5 as well.
+    assert main(["drop-attention", str(path), "--layers", "5", "-o", str(tmp_path / "dropped")]) == 0
+    with torch.no_grad():
+        expected = _without_attention(model, [*DROPPED, 5])(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert rel_err(run_logits(create_session(tmp_path / "dropped" / "model.onnx"), ids), expected) < 1e-4

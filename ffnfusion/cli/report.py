@@ -211,13 +211,13 @@ def format_block_table(block_map) -> str:
     from ffnfusion.passes.layer_ranges import format_ranges
 
     runs = block_map.runs
-    lines = [f"{'layer':>5}  {'attention':<9}  {'ffn width':>9}  {'norm':<18}  {'epsilon':>8}  run"]
+    lines = [f"{'layer':>5}  {'attention':<9}  {'ffn width':>9}  {'norm':<20}  {'epsilon':>8}  run"]
     for layer in block_map.layers:
         run = block_map.run_of(layer.index) if layer.ffn and not layer.attention else None
         ffn = layer.ffn
         lines.append(
             f"{format_ranges(layer.span):>5}  {'yes' if layer.attention else 'no':<9}  "
-            f"{ffn.width if ffn else '-':>9}  {ffn.norm.kind if ffn else (layer.unknown or '-'):<18}  "
+            f"{ffn.width if ffn else '-':>9}  {ffn.norm_description if ffn else (layer.unknown or '-'):<20}  "
             f"{f'{ffn.norm.epsilon:.0e}' if ffn else '-':>8}  {f'{run[0]}-{run[1]}' if run else ''}"
         )
     described = [f"{format_ranges(range(a, b + 1))} ({b - a + 1} layer{'s' if b > a else ''})" for a, b in runs]

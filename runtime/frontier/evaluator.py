@@ -26,6 +26,7 @@ import numpy as np
 from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes.blocks import FFNBlock
 from ffnfusion.passes.depth_plan import DepthPlan, Move
+from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.streaming import read_columns, read_rows
 from ffnfusion.runtime import ridge
 from ffnfusion.runtime.block_runner import BlockRunner
@@ -86,6 +87,11 @@ class DepthEvaluator:
     of another text whose KL(original ‖ candidate) scores candidates."""
 
     def __init__(self, runner: BlockRunner, fit: np.ndarray, select: np.ndarray):
+        post_normed = [layer.index for layer in runner.block_map.layers if layer.ffn and layer.ffn.post_norm]
+        if post_normed:  # the search runs FFNs in numpy and refits W_down linearly
+            raise InvalidArgumentError(f"frontier: the FFNs of layers {format_ranges(post_normed)} normalise their "
+                                       "output (post-norms, Gemma 2/3 sandwich layers); the depth search does not "
+                                       "handle them yet")
         parallel = [layer.index for layer in runner.block_map.layers if layer.parallel]
         if parallel:  # the sublayer runs assume attention, then the FFN on the stream after it
             raise InvalidArgumentError(f"frontier: layers {parallel} are parallel-residual (attention and FFN read "
