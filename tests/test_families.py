@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnx_ir as ir
@@ -168,7 +169,12 @@ def test_sandwich_norm_layers_export_exactly_are_read_and_are_not_fused(tiny_gem
         assert main(argv) in (1, 2), argv[0]
         assert len(capsys.readouterr().err.strip().splitlines()[-1:]) == 1
         assert not (tmp_path / argv[argv.index("-o") + 1].split("/")[-1]).exists()
-    # Removing a whole branch stays exact: attention dropped in layer 5 as well.
+    # The planner leaves them out even where nothing else would stop it.
+    np.save(tmp_path / "ids.npy", np.random.default_rng(8).integers(0, 128, 1024))
+    assert main(["analyze", str(path), "-o", str(tmp_path / "report"), "--token-ids", str(tmp_path / "ids.npy"),
+                 "--tokens", "512", "--window", "64", "--threshold", "10", "--include-last"]) == 0
+    assert json.loads((tmp_path / "report" / "plan.json").read_text())["groups"] == []
+        # Removing a whole branch stays exact: attention dropped in layer 5 as well.
     assert main(["drop-attention", str(path), "--layers", "5", "-o", str(tmp_path / "dropped")]) == 0
     with torch.no_grad():
         expected = _without_attention(model, [*DROPPED, 5])(input_ids=torch.from_numpy(ids)).logits.numpy()
