@@ -38,6 +38,7 @@ from ffnfusion.runtime.heal.student import (
     Span,
     changed_spans,
     check_parent,
+    check_parent_configs,
     check_trainable,
     fold_ungained_norms,
     load_torch_model,
@@ -201,6 +202,7 @@ def _checked_inputs(model_path, reference_path, options: HealOptions) -> tuple[p
     path, reference = model_file(model_path), model_file(reference_path)
     if path.resolve() == reference.resolve():
         raise InvalidArgumentError("the model and its --reference are the same file")
+    check_parent_configs(path.parent, reference.parent)
     check_trainable(path)
     return path, reference
 

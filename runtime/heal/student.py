@@ -61,10 +61,23 @@ def load_torch_model(model_path, workdir: pathlib.Path, device: str = "cpu") -> 
     return TorchModel(path, module, result.layers, config)
 
 
+PARENT_KEYS = ("vocab_size", "hidden_size", "num_attention_heads")
+
+
+def check_parent_configs(model_dir: pathlib.Path, reference_dir: pathlib.Path) -> None:
+    """The same check on the source configs beside the files, before either model is built (a
+    wrong reference of an 8B model is refused in a second, not after two checkpoint writes)."""
+    mine, theirs = hf_checkpoint.source_config(model_dir), hf_checkpoint.source_config(reference_dir)
+    for key in (*PARENT_KEYS, "num_hidden_layers"):
+        if key in mine and key in theirs and mine[key] != theirs[key]:
+            raise InvalidArgumentError(f"--reference {reference_dir} is not this model's parent: {key} "
+                                       f"{theirs[key]} vs {mine[key]}")
+
+
 def check_parent(student: TorchModel, teacher: TorchModel) -> None:
     """The reference must be the model the student was reduced from: same vocabulary, width, layer
     count and numbering, every layer whole (attention and one unfused FFN)."""
-    for key in ("vocab_size", "hidden_size", "num_attention_heads"):
+    for key in PARENT_KEYS:
         if student.config.get(key) != teacher.config.get(key):
             raise InvalidArgumentError(f"--reference {teacher.path.parent} is not this model's parent: {key} "
                                        f"{teacher.config.get(key)} vs {student.config.get(key)}")
