@@ -170,11 +170,17 @@ def test_frontier_cli_writes_runnable_points(tiny_full, windows, tmp_path, capsy
         ids[name] = tmp_path / f"{name}.npy"
         np.save(ids[name], windows[name].reshape(-1))
     out = tmp_path / "frontier"
-    code = main(["frontier", str(tiny_full), "-o", str(out), "--steps", "2,4", "--calib-ids", str(ids["fit"]),
-                 str(ids["select"]), "--eval-ids", str(ids["eval"]), "--tokens", "256", "--select-tokens", "128",
-                 "--eval-tokens", "128", "--window", "32", "--baselines", "block-removal"])
-    assert code == 0
+    argv = ["frontier", str(tiny_full), "-o", str(out), "--steps", "2,4", "--calib-ids", str(ids["fit"]),
+            str(ids["select"]), "--eval-ids", str(ids["eval"]), "--tokens", "256", "--select-tokens", "128",
+            "--eval-tokens", "128", "--window", "32", "--baselines", "block-removal"]
+    capsys.readouterr()
+    assert main([*argv, "--dry-run"]) == 0 and not out.exists()  # the estimate, and nothing written
+    dry = capsys.readouterr().out
+    bound = float(dry.split("at most ")[1].split(" full-forward")[0])
+    assert main(argv) == 0
+    assert f"at most {bound:.0f} full-forward equivalents" in capsys.readouterr().err  # printed before it starts
     result = json.loads((out / "frontier.json").read_text())
+    assert 0 < result["search_full_forward_equivalents"] <= bound  # an upper bound that holds
     assert result["original_steps"] == 16
     assert [p["steps"] for p in result["points"]] == [2, 4]
     assert [p["steps"] for p in result["baselines"]["block_removal"]] == [2, 4]

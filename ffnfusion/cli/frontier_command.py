@@ -64,6 +64,9 @@ def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-latency", dest="latency", action="store_false",
                         help="skip the ONNX Runtime latency of the written models")
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what the search will cost at most (full-forward equivalents, and minutes at "
+                             "the rate of one timed forward) and write nothing")
     parser.add_argument("--heal", action="store_true",
                         help="heal every written point toward the original (ffnfusion heal's defaults; its sources "
                              "are --calib/--calib-ids when given) into steps-N-healed/ and measure its held-out "
@@ -89,6 +92,13 @@ def run_frontier_command(args) -> None:
     check_steps(find_blocks(load_model(path)).num_layers, args.steps)
     baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
     fit, select = _calibration(args, path.parent)
+    if args.dry_run:
+        from ffnfusion.runtime.frontier.frontier import describe_estimate, estimate_frontier
+
+        estimate = estimate_frontier(path, fit=fit, select=select, steps=args.steps, method=args.method,
+                                     threads=args.threads, stream=args.stream)
+        print(describe_estimate(args.method, estimate))
+        return
     evaluation = _evaluation(args, path.parent)
     out = pathlib.Path(args.output)
     result = run_frontier(path, fit=fit, select=select, evaluation=evaluation, steps=args.steps,

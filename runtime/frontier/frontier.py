@@ -21,15 +21,19 @@ import numpy as np
 
 from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.model_io import model_file
+from ffnfusion.passes.depth_plan import DepthPlan
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
 from ffnfusion.runtime.frontier import search
-from ffnfusion.runtime.frontier.evaluator import DepthEvaluator
+from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, change_position
 from ffnfusion.runtime.frontier.search import FrontierPoint
 from ffnfusion.runtime.numerics import windowed_perplexity
 
 logger = logging.getLogger(__name__)
 
 BASELINES = ("block-removal", "attention-removal", "ffn-removal", "fusion")
+# The lazy search's share of its bound, measured: SmolLM2 at 8/14/20 steps, 4,096 + 512 tokens, used
+# 269.5 and 265.1 of 1,820 full-forward equivalents (frontier.json, python-docs and broad runs).
+TYPICAL_SHARE_OF_BOUND = 0.15
 
 
 @dataclasses.dataclass
@@ -50,6 +54,56 @@ class FrontierResult:
                 "points": [p.to_dict() for p in self.points],
                 "baselines": {name.replace("-", "_"): [p.to_dict() for p in points]
                               for name, points in self.baselines.items()}}
+
+
+def search_cost_bound(plan: DepthPlan, steps: Sequence[int], fit_tokens: int, select_tokens: int,
+                      refit: bool = True) -> float:
+    """At most the greedy search's work, in full forwards of the selection tokens (the unit of
+    ``search_full_forward_equivalents``): one step saved per move, every legal move of the start
+    scored at every step (later plans have fewer: a move takes its own away; the lazy queue scores
+    fewer still), the ``REFITTED`` best refitted and the chosen one advanced on the fitting and
+    selection tokens from the furthest-back change."""
+    positions = 2 * plan.num_layers
+    rests = [positions - change_position(move) for move in plan.legal_moves()]
+    if not rests:
+        return 0.0
+    both = fit_tokens + select_tokens
+    per_step = sum(rests) * select_tokens + ((search.REFITTED if refit else 0) + 1) * max(rests) * both
+    return max(steps) * per_step / (positions * select_tokens)
+
+
+def estimate_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.ndarray,
+                      steps: Sequence[int], method: str = "auto", threads: int | None = None,
+                      stream: bool | None = None) -> dict:
+    """What a frontier run will cost, before it runs: the bound of :func:`search_cost_bound` and the
+    seconds it stands for at the rate of one timed forward of the selection tokens (nothing is
+    written)."""
+    steps = sorted(set(int(s) for s in steps))
+    path = model_file(model_path)
+    runner = BlockRunner(path, streamed=choose_streamed(path, stream), threads=threads)
+    check_steps(runner.block_map.num_layers, steps)
+    runner.final_stream(select[:1])  # sessions built, caches warm: the timed pass is the forward alone
+    clock = time.perf_counter()
+    runner.final_stream(select)
+    return _estimate(DepthPlan.of(runner.block_map), steps, method, fit.size, select.size,
+                     time.perf_counter() - clock)
+
+
+def _estimate(plan: DepthPlan, steps: Sequence[int], method: str, fit_tokens: int, select_tokens: int,
+              forward_seconds: float) -> dict:
+    bound = search_cost_bound(plan, steps, fit_tokens, select_tokens, refit=method == "auto")
+    return {"search_full_forward_equivalents_at_most": round(bound, 1),
+            "search_seconds_at_most": round(bound * forward_seconds, 1),
+            "search_seconds_typical": round(TYPICAL_SHARE_OF_BOUND * bound * forward_seconds, 1),
+            "forward_seconds": round(forward_seconds, 3)}
+
+
+def describe_estimate(method: str, estimate: dict) -> str:
+    return (f"frontier: search {method}: at most {estimate['search_full_forward_equivalents_at_most']:.0f} full-forward "
+            f"equivalents of the selection tokens, {estimate['search_seconds_at_most'] / 60:.1f} min at "
+            f"{estimate['forward_seconds']:.2f} s a forward (every move scored at every step); typically "
+            f"{estimate['search_seconds_typical'] / 60:.1f} min (the lazy search used {TYPICAL_SHARE_OF_BOUND:.0%} of "
+            "its bound on SmolLM2); baselines and perplexities come on top")
 
 
 def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.ndarray, evaluation: np.ndarray,
@@ -74,6 +128,10 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
     seconds["capture"] = round(time.perf_counter() - clock, 1)
     logger.info(f"frontier: {path}, {evaluator.plan0.original_steps} sequential steps; fit {fit.size} tokens, "
                 f"selection {select.size}, held-out perplexity {evaluation.size} ({seconds['capture']} s to capture)")
+    # The capture is one forward of the fitting and selection tokens: the rate of the estimate.
+    forward_seconds = seconds["capture"] * select.size / max(1, fit.size + select.size)
+    logger.info(describe_estimate(method, _estimate(evaluator.plan0, steps, method, fit.size, select.size,
+                                                    forward_seconds)))
     forwards = 0.0
 
     def points_of(name: str) -> list[FrontierPoint]:
