@@ -81,6 +81,13 @@ def _export(tmp_path_factory, tiny_llama, name, **options):
 
 
 @pytest.fixture(scope="session")
+def tiny_full(tmp_path_factory, tiny_llama):
+    """The tiny Llama with attention in every layer, opset 20 (what a frontier, a heal reference and
+    attention removal start from). Shared: tests read it and write elsewhere."""
+    return export_model(copy.deepcopy(tiny_llama), tmp_path_factory.mktemp("full"), ExportOptions(opset=20))
+
+
+@pytest.fixture(scope="session")
 def tiny_dynamo20(tmp_path_factory, tiny_llama):
     return _export(tmp_path_factory, tiny_llama, "dynamo20", opset=20)
 

@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-from conftest import make_tiny_llama, prefill_then_decode, rel_err
+from conftest import prefill_then_decode, rel_err
 
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.onnx_export import ExportOptions, export_model
@@ -20,13 +20,10 @@ from ffnfusion.runtime.onnxruntime import create_session, run_logits
 
 
 @pytest.fixture(scope="module")
-def full_attention(tmp_path_factory):
+def full_attention(tmp_path_factory, tiny_llama, tiny_full):
     """The tiny model exported with every layer's attention, with and without a KV cache."""
-    model = make_tiny_llama()
-    out = tmp_path_factory.mktemp("full")
-    plain = export_model(copy.deepcopy(model), out / "plain", ExportOptions())
-    cached = export_model(copy.deepcopy(model), out / "kv", ExportOptions(kv_cache=True))
-    return model, plain, cached
+    cached = export_model(copy.deepcopy(tiny_llama), tmp_path_factory.mktemp("full-kv"), ExportOptions(kv_cache=True))
+    return tiny_llama, tiny_full, cached
 
 
 def _torch_without_attention(model, layers, input_ids):

@@ -14,18 +14,11 @@ from conftest import TINY_CONFIG, rel_err
 from ffnfusion.cli import main
 from ffnfusion.core.errors import InvalidPlanError
 from ffnfusion.core.model_io import load_model
-from ffnfusion.exporters.onnx_export import ExportOptions, export_model
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.depth_plan import DepthPlan, DepthReductionPass, Move
 from ffnfusion.runtime.block_runner import BlockRunner
 from ffnfusion.runtime.frontier import search
 from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, _ridge
-
-
-@pytest.fixture(scope="module")
-def tiny_full(tmp_path_factory, tiny_llama):
-    """The tiny Llama with attention in every layer (what a frontier starts from)."""
-    return export_model(copy.deepcopy(tiny_llama), tmp_path_factory.mktemp("full"), ExportOptions(opset=20))
 
 
 @pytest.fixture(scope="module")

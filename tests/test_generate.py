@@ -13,11 +13,26 @@ from ffnfusion.exporters.onnx_export import ExportOptions, export_model
 from ffnfusion.runtime.generate import greedy_tokens
 from ffnfusion.runtime.onnxruntime import create_session
 
+DROPPED = [2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tiny_llama):
+    """kv_cache -> the tiny model exported with attention dropped in 2-4 (made once each)."""
+    made = {}
+
+    def export(kv_cache: bool):
+        if kv_cache not in made:
+            made[kv_cache] = export_model(copy.deepcopy(tiny_llama), tmp_path_factory.mktemp(f"kv-{kv_cache}"),
+                                          ExportOptions(drop_attention=DROPPED, kv_cache=kv_cache))
+        return made[kv_cache]
+    return export
+
 
 @pytest.mark.parametrize(("kv_cache", "io_binding"), [(True, False), (True, True), (False, False)])
-def test_tiny_model_matches_transformers(tiny_llama, tmp_path, kv_cache, io_binding):
-    dropped = [2, 3, 4]
-    path = export_model(copy.deepcopy(tiny_llama), tmp_path, ExportOptions(drop_attention=dropped, kv_cache=kv_cache))
+def test_tiny_model_matches_transformers(tiny_llama, exports, kv_cache, io_binding):
+    dropped = DROPPED
+    path = exports(kv_cache)
     prompt = np.random.default_rng(11).integers(0, 128, 7)
     # io_binding=True on the CPU runs the GPU path's bookkeeping (presents bound as the next pasts)
     ours = list(greedy_tokens(create_session(path), prompt, 16, io_binding=io_binding))

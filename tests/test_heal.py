@@ -7,13 +7,12 @@ the teacher's next-token distributions have structure to learn.
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG, make_tiny_llama, rel_err
+from conftest import TINY_CONFIG, rel_err
 
 from ffnfusion.cli import main
 from ffnfusion.core.errors import InvalidArgumentError
@@ -48,10 +47,10 @@ def sources() -> list[CalibrationSource]:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tiny_full):
     """(reference dir, student dir): the tiny Llama and the plan applied to it."""
     out = tmp_path_factory.mktemp("heal")
-    reference = export_model(copy.deepcopy(make_tiny_llama()), out / "reference", ExportOptions(opset=20)).parent
+    reference = tiny_full.parent
     rewrite_model_file(reference / "model.onnx", out / "student", DepthReductionPass(PLAN, target="gpu"),
                        "depth plan", lambda metadata: None, True)
     return reference, out / "student"

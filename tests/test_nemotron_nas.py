@@ -21,7 +21,7 @@ from ffnfusion.core.errors import InvalidArgumentError, ModelSourceError
 from ffnfusion.core.model_io import load_model
 from ffnfusion.exporters import llama_surgery, nemotron_nas
 from ffnfusion.exporters.hf_checkpoint import export_hf
-from ffnfusion.exporters.onnx_export import ExportOptions, export_model, export_source
+from ffnfusion.exporters.onnx_export import ExportOptions, export_source
 from ffnfusion.exporters.sources import resolve_source
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
@@ -94,9 +94,8 @@ def test_export_hf_config_classes_load_with_trust_remote_code(fused_tiny):
     assert config.block_configs[0].attention.n_heads_in_group == 3
 
 
-def test_a_uniform_model_is_written_as_a_plain_llama(tmp_path, tiny_llama):
-    onnx = export_model(copy.deepcopy(tiny_llama), tmp_path / "onnx", ExportOptions())
-    result = export_hf(onnx, tmp_path / "hf")
+def test_a_uniform_model_is_written_as_a_plain_llama(tmp_path, tiny_llama, tiny_full):
+    result = export_hf(tiny_full, tmp_path / "hf")
     assert result.architecture == "LlamaForCausalLM"
     from transformers import LlamaForCausalLM
 
