@@ -82,6 +82,33 @@ def test_local_stage_lowers_each_span_error_on_held_out_tokens(models):
         assert curve.best < 0.95 * curve.initial, curve.to_dict()
 
 
+def test_bfloat16_training_with_the_final_stream_term_heals_every_source(models):
+    reference, student = models
+    options = HealOptions(**{**OPTIONS.to_dict(), "compute_dtype": "bfloat16", "hidden_weight": 1.0})
+    values, report = heal(student / "model.onnx", reference / "model.onnx", sources(), options)
+    assert report.changed and values and all(v.dtype == np.float32 for v in values.values())
+    assert all(report.kl_output[n] < 0.8 * report.kl_input[n] for n in report.kl_input), report.to_dict()
+    assert report.to_dict()["options"]["compute_dtype"] == "bfloat16"
+
+
+def test_final_stream_term_is_the_relative_squared_error():
+    from ffnfusion.runtime.heal.distill import relative_error
+
+    target = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    hidden = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    assert float(relative_error(target, target)) == 0.0
+    assert float(relative_error(hidden, target)) == pytest.approx((0 / 25 + 2 / 1) / 2)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [("compute_dtype", "float16", "float32 or bfloat16"),
+                                                         ("hidden_weight", -1.0, "at least 0")])
+def test_bad_training_options_are_refused_before_any_work(models, field, value, message):
+    reference, student = models
+    with pytest.raises(InvalidArgumentError, match=message):
+        heal(student / "model.onnx", reference / "model.onnx", sources(),
+             HealOptions(**{**OPTIONS.to_dict(), field: value}))
+
+
 def test_written_model_equals_the_torch_student(models, tmp_path):
     reference, student = models
     summary, report = heal_model_file(student, reference, tmp_path / "healed", sources=sources(), options=OPTIONS)
@@ -113,8 +140,9 @@ def test_a_student_equal_to_its_reference_heals_to_itself(models, tmp_path):
     # the same weights under another folder: no span changed, KL 0, nothing written differently
     copy_dir = tmp_path / "copy"
     rewrite_model_file(reference / "model.onnx", copy_dir, lambda model: None, "copy", lambda m: None, False)
-    for train in ("changed", "all"):
-        options = HealOptions(**{**OPTIONS.to_dict(), "train": train, "global_epochs": 1})
+    for train, compute_dtype in (("changed", "float32"), ("all", "bfloat16")):
+        options = HealOptions(**{**OPTIONS.to_dict(), "train": train, "global_epochs": 1,
+                                 "compute_dtype": compute_dtype, "hidden_weight": 1.0})
         summary, report = heal_model_file(copy_dir, reference, tmp_path / train, sources=sources(), options=options)
         assert report.spans == [] and not report.changed
         assert max(report.kl_input.values()) < 1e-6

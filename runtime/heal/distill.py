@@ -7,9 +7,17 @@
   (no attention inside a span), so a step costs a few FFN evaluations.
 * **Global**: ``KL(teacher ‖ student)`` of the next-token distributions, the student run whole; the
   teacher's final (normed) stream is cached once and its logits recomputed per batch from it.
+  Optionally (``hidden_weight`` w > 0, Puzzle's GKD) plus ``w · mean_t ‖h_t − h*_t‖² / ‖h*_t‖²`` on
+  that final normed stream itself: all of its width is matched, not only what the next-token
+  distribution shows of it, which is more signal from each calibration token. Held-out selection
+  stays on KL alone.
 
 Both keep the best parameters seen on held-out tokens (the initial ones included), so a stage that
 does not help changes nothing.
+
+Training steps may run their matrix products in bfloat16 (``compute_dtype``; autocast, the weights
+and the optimiser stay float32): on a CPU with AVX-512 BF16 that is about 4× the float32 rate, so the
+same minutes train on more tokens. Held-out losses, and so every choice made on them, stay float32.
 """
 
 from __future__ import annotations
@@ -74,6 +82,19 @@ def _schedule(optimizer, step: int, total: int, lr: float, warmup: int) -> None:
         group["lr"] = lr * scale
 
 
+def autocast(device, compute_dtype: str):
+    """The context a training forward runs in: float32 as is, or bfloat16 autocast on ``device``."""
+    import contextlib
+
+    import torch
+
+    if compute_dtype == "float32":
+        return contextlib.nullcontext()
+    if compute_dtype != "bfloat16":
+        raise ValueError(f"compute dtype must be float32 or bfloat16, not {compute_dtype!r}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
 def _step(optimizer, loss, curve: Curve, total: int, progress: Progress | None) -> None:
     """One optimiser step on ``loss``, recorded."""
     optimizer.zero_grad(set_to_none=True)
@@ -86,7 +107,8 @@ def _step(optimizer, loss, curve: Curve, total: int, progress: Progress | None) 
 
 
 def train_span(units: Sequence, params: dict, x_fit, y_fit, x_held, y_held, *, lr: float, epochs: int,
-               batch: int = 512, patience: int = 2, seed: int = 0, progress: Progress | None = None) -> Curve:
+               batch: int = 512, patience: int = 2, seed: int = 0, compute_dtype: str = "float32",
+               progress: Progress | None = None) -> Curve:
     """Local stage for one span: ``units`` are decoder layers whose FFN updates run in sequence;
     ``params`` the parameters trained (left at the best held-out state)."""
     import torch
@@ -117,7 +139,9 @@ def train_span(units: Sequence, params: dict, x_fit, y_fit, x_held, y_held, *, l
         for k in range(per_epoch):
             rows = order[k * batch:(k + 1) * batch]
             _schedule(optimizer, curve.steps, total, lr, max(1, total // 20))
-            _step(optimizer, loss_of(x_fit[rows], y_fit[rows]) / len(rows), curve, total, progress)
+            with autocast(x_fit.device, compute_dtype):
+                loss = loss_of(x_fit[rows], y_fit[rows]) / len(rows)
+            _step(optimizer, loss.float(), curve, total, progress)
         current = held_out()
         curve.held_out.append((curve.steps, current))
         if current < best:
@@ -165,8 +189,14 @@ def held_out_kl(model, head, data: GlobalData, batch: int) -> dict[str, float]:
     return result
 
 
+def relative_error(hidden, target):
+    """Mean over tokens of ``‖h − h*‖² / ‖h*‖²`` (``[..., hidden]``)."""
+    return (((hidden - target) ** 2).sum(-1) / (target ** 2).sum(-1).clamp_min(1e-12)).mean()
+
+
 def train_global(model, head, params: dict, data: GlobalData, *, lr: float, epochs: int, batch: int,
-                 eval_every: int, patience: int = 3, seed: int = 0, progress: Progress | None = None,
+                 eval_every: int, hidden_weight: float = 0.0, patience: int = 3, seed: int = 0,
+                 compute_dtype: str = "float32", progress: Progress | None = None,
                  on_eval: Callable[[int, dict], None] | None = None) -> tuple[Curve, dict[str, float], dict[str, float]]:
     """Global stage: ``params`` of ``model`` trained on KL to the teacher's next-token distributions.
     Returns the curve, the per-source held-out KL before, and at the best state (which is restored)."""
@@ -195,10 +225,15 @@ def train_global(model, head, params: dict, data: GlobalData, *, lr: float, epoc
         for k in range(per_epoch):
             rows = order[k * batch:(k + 1) * batch]
             _schedule(optimizer, curve.steps, total, lr, max(1, total // 20))
-            logits = model(input_ids=data.fit_ids[rows]).logits
-            with torch.no_grad():
-                target = head(data.fit_final[rows])
-            _step(optimizer, next_token_kl(logits, target), curve, total, progress)
+            target_final = data.fit_final[rows]
+            with autocast(target_final.device, compute_dtype):
+                final = model.model(input_ids=data.fit_ids[rows]).last_hidden_state
+                with torch.no_grad():
+                    target = head(target_final)
+                loss = next_token_kl(model.lm_head(final), target)
+                if hidden_weight:
+                    loss = loss + hidden_weight * relative_error(final.float(), target_final)
+            _step(optimizer, loss, curve, total, progress)
             if curve.steps % eval_every == 0 or curve.steps == total:
                 kl = held_out_kl(model, head, data, batch)
                 mean = float(np.mean(list(kl.values())))

@@ -63,11 +63,13 @@ class HealOptions:
     local_lr: float = 3e-4
     global_epochs: int = 2
     global_lr: float = 3e-5
+    hidden_weight: float = 0.0  # global stage: weight of the final-stream term beside KL
     batch_windows: int = 2
     eval_every: int = 16
     train: str = "changed"  # or "all"
     stages: tuple[str, ...] = ("local", "global")
     device: str = "cpu"
+    compute_dtype: str = "float32"  # training matrix products: float32 or bfloat16 (autocast)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -197,6 +199,10 @@ def _checked_inputs(model_path, reference_path, options: HealOptions) -> tuple[p
     unknown = set(options.stages) - {"local", "global"}
     if unknown or not options.stages:
         raise InvalidArgumentError(f"stages must be among local, global (got {', '.join(options.stages) or 'none'})")
+    if options.compute_dtype not in ("float32", "bfloat16"):
+        raise InvalidArgumentError(f"compute dtype must be float32 or bfloat16, not {options.compute_dtype!r}")
+    if options.hidden_weight < 0:
+        raise InvalidArgumentError(f"--hidden-weight must be at least 0, not {options.hidden_weight}")
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidArgumentError("--device cuda: torch sees no CUDA device here; use --device cpu")
     path, reference = model_file(model_path), model_file(reference_path)
@@ -228,6 +234,7 @@ def _local_stage(student, spans: Sequence[Span], fit_streams, held_streams, opti
         curve = distill.train_span([student.decoder_layer(u) for u in span.units], params,
                                    rows(fit_streams, span.start), rows(fit_streams, span.stop), x_held, y_held,
                                    lr=options.local_lr, epochs=options.local_epochs, seed=options.seed + index,
+                                   compute_dtype=options.compute_dtype,
                                    progress=_stage(progress, f"local {index}"))
         for p in params.values():
             p.requires_grad_(False)
@@ -252,8 +259,8 @@ def _global_stage(student, spans: Sequence[Span], head, data: distill.GlobalData
 
     curve, _, _ = distill.train_global(
         student.module, head, params, data, lr=options.global_lr, epochs=options.global_epochs,
-        batch=options.batch_windows, eval_every=options.eval_every, seed=options.seed,
-        progress=_stage(progress, "global"), on_eval=on_eval)
+        batch=options.batch_windows, eval_every=options.eval_every, hidden_weight=options.hidden_weight,
+        seed=options.seed, compute_dtype=options.compute_dtype, progress=_stage(progress, "global"), on_eval=on_eval)
     return curve
 
 
