@@ -143,11 +143,14 @@ def checkpoint_tensors(model: ir.Model, source_config: dict, tensor_parallel: in
     """Every tensor of the Nemotron-NAS checkpoint of ``model``, by checkpoint name, with the graph
     value it comes from: :func:`export_hf` writes them, and a trained checkpoint's values are written
     back into the same initializers (``ffnfusion heal``)."""
-    block_map = find_blocks(model)
-    graph = model.graph
     hidden = source_config["hidden_size"]
     heads = source_config["num_attention_heads"]
     head_dim = source_config.get("head_dim") or hidden // heads
+    reason = unrepresentable(source_config, head_dim)
+    if reason:
+        raise BlockRecognitionError(f"{reason}: a Nemotron-NAS checkpoint cannot represent it")
+    block_map = find_blocks(model)
+    graph = model.graph
     tensors: list[CheckpointTensor] = []
     layers = [_layer_tensors(position, layer, tensors, hidden, heads, head_dim, tensor_parallel)
               for position, layer in enumerate(block_map.layers)]
@@ -170,6 +173,27 @@ def checkpoint_tensors(model: ir.Model, source_config: dict, tensor_parallel: in
     tensors += [_gain("model.norm.weight", norm.gain),
                 _weight("lm_head.weight", head.weight)]
     return CheckpointTensors(block_map, layers, tensors)
+
+
+def unrepresentable(source_config: dict, head_dim: int) -> str | None:
+    """What the source model's config says its layers do that a Nemotron-NAS (Llama) layer cannot:
+    sliding-window attention (Mistral, Qwen2 with it on, Gemma 2/3), soft-capped scores or logits
+    (Gemma 2), attention scaled other than by 1/√head_dim or scaled logits (Granite); None if nothing.
+    These leave no weight of their own in the graph, so the config is where they show."""
+    layer_types = source_config.get("layer_types") or []
+    window = source_config.get("sliding_window")
+    if "sliding_attention" in layer_types or (
+            window is not None and not layer_types and source_config.get("use_sliding_window") is not False):
+        return f"sliding-window attention (window {window})"
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if source_config.get(key) is not None:
+            return f"soft-capping ({key} {source_config[key]})"
+    scale = source_config.get("attention_multiplier")
+    if scale is not None and abs(scale * head_dim ** 0.5 - 1) > 1e-6:
+        return f"attention scores scaled by {scale} (attention_multiplier), not 1/sqrt(head_dim)"
+    if source_config.get("logits_scaling") not in (None, 1, 1.0):
+        return f"logits divided by {source_config['logits_scaling']} (logits_scaling)"
+    return None
 
 
 def _weight(name: str, weight: op_matchers.Weight) -> CheckpointTensor:

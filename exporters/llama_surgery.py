@@ -37,9 +37,40 @@ def ffn_norms(layer: HFModel) -> tuple[nn.Module, nn.Module | None]:
     return layer.post_attention_layernorm, None
 
 
+def residual_multiplier(layer: HFModel) -> float:
+    """The factor a layer scales each branch's update by before adding it to the stream (Granite's
+    ``residual_multiplier``; 1 elsewhere)."""
+    return float(getattr(layer, "residual_multiplier", 1.0))
+
+
+def fold_residual_multipliers(model: HFModel) -> bool:
+    """Granite scales every branch's update, ``x + m·f(x)``: fold ``m`` into each branch's output
+    projection (attention ``o_proj``, FFN ``down_proj``, weights and biases) and set it to 1, so the
+    model is Llama-shaped for everything downstream (one linear layer ends each branch). Same
+    function up to float32 rounding; returns whether anything was folded."""
+    folded = False
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            factor = residual_multiplier(layer)
+            if factor == 1.0:
+                continue
+            for projection in (getattr(getattr(layer, "self_attn", None), "o_proj", None),
+                               getattr(getattr(layer, "mlp", None), "down_proj", None)):
+                if projection is None:
+                    raise ModelSourceError(f"{type(layer).__name__} scales its residual branches by {factor} but has "
+                                           "no o_proj/down_proj to fold the factor into")
+                projection.weight.mul_(factor)
+                if projection.bias is not None:
+                    projection.bias.mul_(factor)
+            layer.residual_multiplier = 1.0
+            folded = True
+    return folded
+
+
 class AttentionFreeDecoderLayer(nn.Module):
     """A decoder layer whose attention residual branch is skipped entirely:
-    ``y = x + post(mlp(pre(x)))`` (``post`` only in sandwich-norm layers)."""
+    ``y = x + m·post(mlp(pre(x)))`` (``post`` only in sandwich-norm layers, ``m`` Granite's residual
+    multiplier, else 1)."""
 
     def __init__(self, layer: HFModel):
         super().__init__()
@@ -47,9 +78,11 @@ class AttentionFreeDecoderLayer(nn.Module):
         self.post_attention_layernorm = pre  # the FFN's input norm, under the Llama name
         self.mlp = layer.mlp
         self.post_feedforward_layernorm = post if post is not None else nn.Identity()
+        self.residual_multiplier = residual_multiplier(layer)
 
     def ffn_update(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.post_feedforward_layernorm(self.mlp(self.post_attention_layernorm(hidden_states)))
+        update = self.post_feedforward_layernorm(self.mlp(self.post_attention_layernorm(hidden_states)))
+        return update if self.residual_multiplier == 1.0 else update * self.residual_multiplier
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return hidden_states + self.ffn_update(hidden_states)
@@ -190,8 +223,10 @@ class _ZeroFFN(nn.Module):
 def apply_depth_plan(model: HFModel, plan, down_deltas=None) -> None:
     """A :class:`~ffnfusion.passes.depth_plan.DepthPlan` in torch, in place (the reference a written
     frontier model must match): attention dropped, FFNs removed, ``down_deltas`` (first layer ->
-    ``ΔW_down`` as ``[span width, hidden]``) added to the members' down projections, groups in parallel form."""
+    ``ΔW_down`` as ``[span width, hidden]``) added to the members' down projections, groups in parallel form.
+    Residual multipliers are folded first, as the exporter does: the deltas are in the exported weights' scale."""
     layers = decoder_layers(model)
+    fold_residual_multipliers(model)
     drop_attention(model, plan.removed_attention)
     with torch.no_grad():
         for first, delta in (down_deltas or {}).items():

@@ -165,7 +165,8 @@ def export_model(
 ) -> pathlib.Path:
     """Export a Hugging Face causal LM (already loaded) to ``out_dir/model.onnx``.
 
-    Layers in ``options.drop_attention`` are made attention-free first. Returns the model path.
+    Layers in ``options.drop_attention`` are made attention-free first, and residual multipliers
+    (Granite) are folded into each branch's output projection. Returns the model path.
     """
     if options.opset not in SUPPORTED_OPSETS and not (not options.dynamo and options.opset in LEGACY_OPSETS):
         raise InvalidArgumentError(f"opset {options.opset} not supported: use 18-23 (default 20), or 14-17 with "
@@ -174,6 +175,8 @@ def export_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
     num_layers = config.num_hidden_layers
+    if llama_surgery.fold_residual_multipliers(model):
+        logger.info("export: residual multiplier folded into o_proj and down_proj")
     dropped = llama_surgery.drop_attention(model, options.drop_attention)
     model = model.to(getattr(torch, options.dtype)).eval()
 

@@ -10,7 +10,9 @@ exporter's optimizer renames initializers ``val_N``). The roles come from the da
   right from ``k``) and ``v`` is the projection the Softmax does not depend on.
 
 Rotary embeddings, head reshapes and KV-cache concatenations sit between the projections and the
-attention product; they carry no weights and are not looked at.
+attention product; they carry no weights and are not looked at. A *norm* there (Qwen3's and Gemma 3's
+QK-norm: q and k normalised per head before RoPE) is looked for and refused: q/k/v/o alone would
+describe another function.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from ffnfusion.passes import op_matchers
 from ffnfusion.passes.blocks import AttentionBlock
 
 FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention"}
+# Ops that start a norm (decomposed RMSNorm's ReduceMean, or a norm op): found downstream of q or k,
+# they are a QK-norm.
+NORM_OPS = {"ReduceMean", "RMSNormalization", "SimplifiedLayerNormalization", "LayerNormalization",
+            "SkipSimplifiedLayerNormalization"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,4 +115,7 @@ def match_attention(block: AttentionBlock) -> AttentionWeights | str:
                     break
     if q is None or k is None or v is None or len({id(q), id(k), id(v)}) != 3:
         return "could not tell the q, k and v projections apart from the data flow"
+    projected = set(q.nodes) | set(k.nodes)
+    if any(node.op_type in NORM_OPS and _upstream(node.inputs[0], inside) & projected for node in block.nodes):
+        return "q and k are normalised after their projections (QK-norm), which q/k/v/o weights cannot describe"
     return AttentionWeights(norm, q.weight, k.weight, v.weight, o.weight)

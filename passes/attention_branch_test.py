@@ -44,12 +44,15 @@ class Builder:
         return AttentionBlock(self.x, add.outputs[0], add, tuple(self.nodes))
 
 
-def _softmax_branch(bias: bool = False) -> AttentionBlock:
+def _softmax_branch(bias: bool = False, qk_norm: bool = False) -> AttentionBlock:
     b = Builder()
     n = b.normed()
     v = b.project(n, "v", bias)  # created first: order must not matter
     k = b.project(n, "k")
     q = b.project(n, "q")
+    if qk_norm:  # Qwen3 / Gemma 3: an RMSNorm on q and on k before the scores
+        q = b.op("RMSNormalization", [q, b.const("q_norm", np.ones(HIDDEN, np.float32))], axis=-1)
+        k = b.op("RMSNormalization", [k, b.const("k_norm", np.ones(HIDDEN, np.float32))], axis=-1)
     scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 2, 1])])
     return b.block(b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v]))
 
@@ -89,3 +92,8 @@ def test_a_fused_qkv_projection_is_refused_with_the_reason():
 
 def test_biased_projections_are_refused():
     assert match_attention(_softmax_branch(bias=True)) == "attention projections with biases are not supported"
+
+
+def test_qk_norm_is_refused_with_the_reason():
+    match = match_attention(_softmax_branch(qk_norm=True))
+    assert isinstance(match, str) and "QK-norm" in match

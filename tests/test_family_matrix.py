@@ -1,0 +1,178 @@
+"""Pre-norm decoder families beside Llama, each a tiny random model built from its transformers
+config class: Qwen2 (q/k/v biases), Qwen3 (QK-norm), Mistral (sliding window shorter than the
+inputs), Phi-3 (one gate_up_proj and one qkv_proj matrix) and Granite (residual, embedding and
+attention multipliers, logits scaling).
+
+For each: the export equals transformers (with and without attention in layers 2-4), fusing 2-4
+equals a torch reference of the parallel form, and a 2-step frontier point written to disk equals
+the same plan and refits applied to the torch model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+from conftest import rel_err
+
+from ffnfusion.core.model_io import load_model
+from ffnfusion.exporters import llama_surgery
+from ffnfusion.exporters.onnx_export import ExportOptions, export_model
+from ffnfusion.passes.blocks import find_blocks
+from ffnfusion.passes.depth_plan import DepthPlan
+from ffnfusion.passes.ffn_fusion import FFNFusionPass
+from ffnfusion.runtime.exactness import fused_group_error
+from ffnfusion.runtime.onnxruntime import create_session, run_logits
+
+DROPPED = [2, 3, 4]
+COMMON = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+FAMILIES = {  # name -> (config class, model class, config beyond COMMON)
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"residual_multiplier": 0.5, "embedding_multiplier": 3.0,
+                                                        "attention_multiplier": 0.2, "logits_scaling": 2.0}),
+}
+IDS = np.random.default_rng(1).integers(0, 128, (2, 9))  # 9 tokens: past Mistral's window of 4
+
+
+def _without_attention(model, layers):
+    """transformers' own model with the attention output of ``layers`` zeroed (an independent
+    reference for the exporter's attention-free layers: residual multipliers still apply)."""
+    model = copy.deepcopy(model)
+    for index in layers:
+        def zero(*args, **kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            return torch.zeros_like(hidden), None
+        model.model.layers[index].self_attn.forward = zero
+    return model
+
+
+def _logits(model, ids=IDS) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids)).logits.numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, random model, full export, export with attention dropped in 2-4)."""
+    import transformers
+
+    name = request.param
+    config_class, model_class, extra = FAMILIES[name]
+    if not hasattr(transformers, model_class):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_class}")
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**COMMON, **extra)).eval()
+    with torch.no_grad():  # norms and biases away from their 1 and 0, so a misplaced one shows; every
+        for parameter_name, parameter in model.named_parameters():  # branch large enough to matter
+            if "norm" in parameter_name:
+                parameter.uniform_(0.5, 1.5)
+            elif parameter_name.endswith("bias"):
+                parameter.uniform_(-0.3, 0.3)
+            elif parameter.ndim == 2 and "embed" not in parameter_name:
+                parameter.normal_(0.0, 1.0 / parameter.shape[1] ** 0.5)
+    out = tmp_path_factory.mktemp(name)
+    full = export_model(copy.deepcopy(model), out / "full", ExportOptions())
+    dropped = export_model(copy.deepcopy(model), out / "dropped", ExportOptions(drop_attention=DROPPED))
+    return name, model, full, dropped
+
+
+def test_export_equals_transformers(family):
+    name, model, full, dropped = family
+    assert rel_err(run_logits(create_session(full), IDS), _logits(model)) < 1e-4, name
+    expected = _logits(_without_attention(model, DROPPED))
+    assert rel_err(run_logits(create_session(dropped), IDS), expected) < 1e-4, name
+    block_map = find_blocks(ir.load(dropped))
+    assert block_map.runs == [(2, 4)] and len(block_map.layers) == 6
+
+
+def test_fusion_equals_the_torch_parallel_form(family, tmp_path):
+    name, model, _, dropped = family
+    onnx_model = ir.load(dropped)
+    FFNFusionPass([DROPPED])(onnx_model)
+    fused = tmp_path / "fused.onnx"
+    ir.save(onnx_model, fused)
+    reference = copy.deepcopy(model)
+    llama_surgery.drop_attention(reference, DROPPED)
+    llama_surgery.parallelize_groups(reference, [DROPPED])
+    assert rel_err(run_logits(create_session(fused), IDS), _logits(reference)) <= 1e-5, name
+    assert fused_group_error(str(dropped), str(fused), DROPPED)["rel_err"] <= 1e-5
+    assert find_blocks(ir.load(fused)).layer(2).span == range(2, 5)
+
+
+def test_depth_plan_equals_the_torch_model_with_the_same_plan(family, tmp_path):
+    from ffnfusion.passes.depth_plan import DepthReductionPass
+
+    name, model, full, _ = family
+    plan = DepthPlan(6, removed_attention=frozenset({3, 4}), removed_ffn=frozenset({5}), groups=((2, 4),))
+    rng = np.random.default_rng(2)
+    deltas = {1: rng.normal(0, 0.05, (96, 64)).astype(np.float32),
+              2: rng.normal(0, 0.05, (3 * 96, 64)).astype(np.float32)}
+    onnx_model = load_model(full)
+    DepthReductionPass(plan, deltas)(onnx_model)
+    written = tmp_path / "model.onnx"
+    ir.save(onnx_model, written)
+    assert find_blocks(ir.load(written)).sequential_steps == plan.steps
+    reference = copy.deepcopy(model)
+    llama_surgery.apply_depth_plan(reference, plan, deltas)
+    assert rel_err(run_logits(create_session(written), IDS), _logits(reference)) <= 1e-5, name
+    assert rel_err(_logits(reference), _logits(model)) > 1e-2  # the plan changes the model
+
+
+def _refits(original, written, plan: DepthPlan, refitted: list[int]) -> dict[int, np.ndarray]:
+    """The frontier's refits read back from the files: written down projection minus the original
+    members' (``[width, hidden]``, members in order; a fused group's zero padding left out)."""
+    before, after = find_blocks(load_model(original)), find_blocks(load_model(written))
+    deltas = {}
+    for first in refitted:
+        last = plan.ffn_span(first)[1]
+        members = np.concatenate([before.ffn(i).down.numpy_in_out() for i in range(first, last + 1)])
+        written_down = after.ffn(first).down.numpy_in_out()
+        assert not written_down[len(members):].any()  # padding to an aligned width adds nothing
+        deltas[first] = written_down[:len(members)] - members
+    return deltas
+
+
+@pytest.mark.slow
+def test_frontier_point_equals_the_torch_model_with_its_plan(family, tmp_path):
+    from ffnfusion.cli import main
+
+    name, model, full, _ = family
+    calib = []
+    for index in range(3):
+        calib.append(tmp_path / f"calib{index}.npy")
+        np.save(calib[-1], np.random.default_rng(10 + index).integers(0, 128, 1024))
+    assert main(["frontier", str(full), "-o", str(tmp_path / "frontier"), "--steps", "2", "--tokens", "512",
+                 "--select-tokens", "128", "--eval-tokens", "128", "--window", "64", "--baselines", "none",
+                 "--no-latency", "--calib-ids", *map(str, calib), "--eval-ids", str(calib[0])]) == 0
+    point = tmp_path / "frontier" / "steps-2"
+    reduction = json.loads((point / "ffnfusion.json").read_text())["depth_reduction"]
+    plan = DepthPlan.from_dict(reduction["plan"])
+    assert plan.saved == 2
+    reference = copy.deepcopy(model)
+    llama_surgery.apply_depth_plan(
+        reference, plan, _refits(full, point / "model.onnx", plan, reduction["refitted_ffns"]))
+    assert rel_err(run_logits(create_session(point / "model.onnx"), IDS), _logits(reference)) <= 1e-5, \
+        (name, reduction["moves"])
+
+
+EXPORT_HF_REFUSALS = {"qwen2": "attention projections with biases", "qwen3": "QK-norm",
+                      "mistral": "sliding-window attention (window 4)", "phi3": "fused qkv projection",
+                      "granite": "attention_multiplier"}
+
+
+def test_export_hf_refuses_what_nemotron_nas_cannot_carry_in_one_line(family, tmp_path, capsys):
+    from ffnfusion.cli import main
+
+    name, _, _, dropped = family
+    assert main(["export-hf", str(dropped), "-o", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert EXPORT_HF_REFUSALS[name] in err[-1] and err[-1].startswith("ffnfusion: error:"), err
+    assert not (tmp_path / "hf").exists()
