@@ -18,7 +18,7 @@ from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.depth_plan import DepthPlan, DepthReductionPass, Move
 from ffnfusion.runtime.block_runner import BlockRunner
 from ffnfusion.runtime.frontier import search
-from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, _ridge
+from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, Streams, _ridge
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,57 @@ def test_written_plan_equals_the_evaluator_and_torch(evaluator, tiny_llama, tiny
     with torch.no_grad():
         expected = reference(torch.from_numpy(windows["eval"][:1]), use_cache=False).logits.numpy()
     assert rel_err(BlockRunner(written, streamed=False).logits(windows["eval"][:1]), expected) < 1e-5
+    evaluator.reset()
+
+
+def test_stale_fitting_streams_are_brought_up_to_date_exactly_where_read(evaluator, windows):
+    evaluator.reset()
+    before = evaluator.token_positions
+    for move in [Move("attention", (5,)), Move("ffn", (2,))]:
+        evaluator.accept(evaluator.candidate(move, refit=False))
+    fit = evaluator.state.fit
+    assert fit.current == 2 * 2 + 1  # FFN 2's position: everything after it is stale
+    # accepting ran only the selection tokens from each change to the end, not the fitting tokens
+    select_tokens = windows["select"].size
+    assert evaluator.token_positions - before == 2 * ((16 - 10) + (16 - 5)) * select_tokens
+    state = evaluator.state
+    recomputed = evaluator.capture(state.plan, state.deltas, windows["fit"]).at
+    assert np.array_equal(evaluator._fit_stream(11), recomputed[11]) and fit.current == 11
+    assert all(np.array_equal(fit.at[p], recomputed[p]) for p in range(12))
+    # a refit reads the stream at its FFN's position: the same refit and score as from a full capture
+    lazy = evaluator.candidate(Move("attention", (6,)), refit=True)
+    state.fit = Streams(windows["fit"], recomputed)
+    full = evaluator.candidate(Move("attention", (6,)), refit=True)
+    assert full.refit is not None and lazy.kl == full.kl and lazy.deltas.keys() == full.deltas.keys()
+    assert all(np.array_equal(lazy.deltas[k], full.deltas[k]) for k in full.deltas)
+    evaluator.reset()
+
+
+def test_a_screened_score_is_the_score_on_windows_cut_to_the_screen(evaluator, tiny_full, windows):
+    evaluator.reset()
+    move = Move("attention", (4,))
+    screened = evaluator.candidate(move, refit=True, screen=12)
+    cut = DepthEvaluator(BlockRunner(tiny_full, streamed=False), windows["fit"], windows["select"][:, :12])
+    exact = cut.candidate(move, refit=True)
+    assert abs(screened.kl - exact.kl) < 1e-6 and screened.screen == 12
+    assert abs(evaluator.current_kl(12)) < 1e-6
+    # accepted, it is scored in full
+    evaluator.accept(screened)
+    assert evaluator.state.kl == pytest.approx(evaluator.score_plan(screened.plan, screened.deltas), abs=1e-6)
+    assert evaluator.state.kl != pytest.approx(screened.kl, abs=1e-6)
+    evaluator.reset()
+
+
+def test_a_screened_search_records_full_scores_and_costs_less(evaluator):
+    start = evaluator.token_positions
+    unscreened = search.greedy(evaluator, [3], refit=True, lazy=True, method="auto")
+    middle = evaluator.token_positions
+    screened = search.greedy(evaluator, [3], refit=True, lazy=True, method="auto",
+                             options=search.SearchOptions(screen_tokens=8))
+    assert evaluator.token_positions - middle < 0.75 * (middle - start)
+    point = screened[0]
+    assert point.kl == pytest.approx(evaluator.score_plan(point.plan, point.deltas), abs=1e-6)
+    assert unscreened[0].steps_saved == point.steps_saved == 3
     evaluator.reset()
 
 

@@ -11,19 +11,14 @@ import numpy as np
 from ffnfusion.cli.arguments import stream_arguments
 from ffnfusion.cli.progress import log
 from ffnfusion.cli.registry import arguments, command, parse_int_list
-from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.files import staged_directory
-
-DEFAULT_FIT_TOKENS = 4096
-DEFAULT_SELECT_TOKENS = 512
-DEFAULT_EVAL_TOKENS = 4096
-# The refits fit on Python's docs, candidates are scored on license texts, perplexity is measured on
-# IDLE's release notes. Measured against the broad mix (README: "Calibration data"): fitting on Brown,
-# Wikipedia and the docs and selecting on State of the Union gave points that are better only on
-# State of the Union and worse on every other text, Moby Dick included: the 512 selection tokens
-# steer the search more than the fitting text does.
-DEFAULT_CALIB = ("python-docs", "licenses")
-DEFAULT_EVAL = "idle-news"
+from ffnfusion.runtime.frontier.windows import (
+    DEFAULT_CALIB,
+    DEFAULT_EVAL,
+    DEFAULT_EVAL_TOKENS,
+    DEFAULT_FIT_TOKENS,
+    DEFAULT_SELECT_TOKENS,
+)
 
 
 def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,44 +123,17 @@ def write_frontier(result, model_path: pathlib.Path, out: pathlib.Path, evaluati
 
 
 def _calibration(args, model_dir: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-    """(fitting windows, selection windows): all sources but the last fit, in equal shares from each
-    source's start (one source: its first windows, as always), the last scores."""
-    from ffnfusion.runtime import calibration
+    from ffnfusion.runtime.frontier.windows import fit_and_select_windows
 
-    if args.calib_ids:
-        named = [calibration.load_token_ids(p).reshape(-1) for p in args.calib_ids]
-    else:
-        tokenizer = calibration.load_tokenizer(model_dir)
-        specs = args.calib or DEFAULT_CALIB
-        budget = (args.tokens + args.select_tokens) * calibration.CHARS_PER_TOKEN * 2
-        named = [tokenizer(calibration.read_text(spec, budget), return_tensors="np")["input_ids"][0] for spec in specs]
-    if len(named) == 1:
-        log("frontier: one calibration source: its last windows score candidates (a second, different text "
-            "is better: the selection should not be the kind of text the refits fit)")
-        ids = named[0]
-        cut = max(0, len(ids) - args.select_tokens)
-        named = [ids[:cut], ids[cut:]]
-    sources = named[:-1]
-    total = max(len(sources), args.tokens // args.window)  # windows, shared out evenly (the first get the rest)
-    counts = [total // len(sources) + (i < total % len(sources)) for i in range(len(sources))]
-    fit = np.concatenate([calibration.windows_from_ids(ids, count * args.window, args.window)
-                          for ids, count in zip(sources, counts)])
-    select = calibration.windows_from_ids(named[-1], args.select_tokens, args.window)
-    if len(fit) < 2:
-        raise InvalidArgumentError(f"--tokens {args.tokens} gives {len(fit)} window(s); the refits need at least "
-                                   f"2 (one held out to choose their strength): use --tokens >= {2 * args.window}")
-    return fit, select
+    return fit_and_select_windows(model_dir, args.calib or DEFAULT_CALIB, ids_files=args.calib_ids or (),
+                                  tokens=args.tokens, select_tokens=args.select_tokens, window=args.window)
 
 
 def _evaluation(args, model_dir: pathlib.Path) -> np.ndarray:
-    from ffnfusion.runtime import calibration
+    from ffnfusion.runtime.frontier.windows import evaluation_windows
 
-    if args.eval_ids:
-        return calibration.windows_from_ids(calibration.load_token_ids(args.eval_ids), args.eval_tokens, args.window)
-    budget = args.eval_tokens * calibration.CHARS_PER_TOKEN * 2
-    text = "\n\n".join(calibration.read_text(spec, budget) for spec in (args.eval or [DEFAULT_EVAL]))
-    ids = calibration.load_tokenizer(model_dir)(text, return_tensors="np")["input_ids"][0]
-    return calibration.windows_from_ids(ids, args.eval_tokens, args.window)
+    return evaluation_windows(model_dir, args.eval or [DEFAULT_EVAL], ids_file=args.eval_ids,
+                              tokens=args.eval_tokens, window=args.window)
 
 
 def _write_models(result, path: pathlib.Path, out: pathlib.Path, evaluation: np.ndarray, target: str,

@@ -8,7 +8,10 @@ The search needs thousands of "what if" forwards. They are cheap here because
 * the streams of the current plan at every sublayer position are kept, for the fitting and the
   selection tokens: a candidate runs from the first position it changes, never from the embedding;
 * the original model's next-token distributions on the selection tokens are kept: a candidate's score
-  is its final stream through the head, and one KL.
+  is its final stream through the head, and one KL;
+* the fitting tokens' streams (eight times the selection's tokens) are brought up to date lazily:
+  accepting a move only marks those after its first change stale, and a refit runs the plan forward
+  only as far as the stream it reads — most accepted steps never pay for the rest of the model.
 
 A *refit* (ReplaceMe's idea, arXiv 2505.02819, merged into existing weights): after a move, the down
 projection of the last FFN before the cut gets ``W += Δ`` so that the stream after the cut matches the
@@ -18,6 +21,8 @@ chosen on held-out fitting windows (no repair when none helps). No step is added
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import logging
 
@@ -41,10 +46,12 @@ HEAD_ROWS = 1024  # rows of logits at a time
 @dataclasses.dataclass
 class Streams:
     """Stream at the input of every sublayer position ``0..2L`` (``2L``: the final stream) for one
-    set of token windows under one plan. Positions a plan skips share the array before them."""
+    set of token windows under one plan. Positions a plan skips share the array before them. Only
+    positions up to ``current`` are up to date with the plan (None: all of them)."""
 
     windows: np.ndarray
     at: list[np.ndarray]
+    current: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +82,7 @@ class Candidate:
     start: int  # first position that differs from the current state
     kl: float
     refit: Refit | None
+    screen: int = 0  # scored on the first ``screen`` selection tokens of each window (0: all)
 
     def score(self, current_kl: float) -> float:
         return (self.kl - current_kl) / self.move.saved
@@ -86,7 +94,7 @@ class DepthEvaluator:
     ``fit``: windows the refits fit on (a quarter of them held out to choose λ); ``select``: windows
     of another text whose KL(original ‖ candidate) scores candidates."""
 
-    def __init__(self, runner: BlockRunner, fit: np.ndarray, select: np.ndarray):
+    def __init__(self, runner: BlockRunner, fit: np.ndarray, select: np.ndarray, lazy_fit: bool = True):
         post_normed = [layer.index for layer in runner.block_map.layers if layer.ffn and layer.ffn.post_norm]
         if post_normed:  # the search runs FFNs in numpy and refits W_down linearly
             raise InvalidArgumentError(f"frontier: the FFNs of layers {format_ranges(post_normed)} normalise their "
@@ -97,6 +105,7 @@ class DepthEvaluator:
             raise InvalidArgumentError(f"frontier: layers {parallel} are parallel-residual (attention and FFN read "
                                        "the same input); the depth search handles sequential layers only")
         self.runner = runner
+        self.lazy_fit = lazy_fit  # False: every accepted move brings the fitting streams up to date (the old way)
         self.plan0 = DepthPlan.of(runner.block_map)
         self.num_layers = self.plan0.num_layers
         self.blocks: dict[int, FFNBlock] = {layer.index: layer.ffn for layer in runner.block_map.layers
@@ -105,10 +114,13 @@ class DepthEvaluator:
         self.hidden = next(iter(self.blocks.values())).hidden
         self._weights: dict[int, tuple] = {}
         self.token_positions = 0  # tokens × sublayer positions run: the search's cost
+        self.cost_by_work: collections.Counter[str] = collections.Counter()  # ... split by what it was for
+        self._work = "capture"
         original_fit = self.capture(self.plan0, {}, fit)
         original_select = self.capture(self.plan0, {}, select)
         self.original = original_fit.at
         self.reference = CachedReference(self._logits(original_select.at[-1]))
+        self._screen_references: dict[int, CachedReference] = {}
         self._initial = State(self.plan0, {}, original_fit, original_select, 0.0)
         self.state = self._initial
         self.val_rows = len(fit) // 4 * fit.shape[1]  # the last quarter of the fitting windows chooses λ
@@ -124,6 +136,7 @@ class DepthEvaluator:
         """Positions ``start..stop-1`` under ``plan`` applied to ``stream`` (the input of ``start``)."""
         stop = self.positions if stop is None else stop
         self.token_positions += (stop - start) * windows.size
+        self.cost_by_work[self._work] += (stop - start) * windows.size
         for position in range(start, stop):
             if capture is not None:
                 capture[position] = stream
@@ -197,9 +210,21 @@ class DepthEvaluator:
             return np.concatenate([head(rows[i:i + HEAD_ROWS]).astype(np.float32, copy=False)
                                    for i in range(0, len(rows), HEAD_ROWS)])
 
-    def kl(self, final: np.ndarray) -> float:
-        """Mean KL(original ‖ this) over the selection tokens, from a final stream."""
-        return self.reference.kl(self._logits(final))
+    def kl(self, final: np.ndarray, screen: int = 0) -> float:
+        """Mean KL(original ‖ this) over the selection tokens (the first ``screen`` of each window
+        when given), from a final stream."""
+        if not screen:
+            return self.reference.kl(self._logits(final))
+        if screen not in self._screen_references:
+            original = self._initial.select.at[-1][:, :screen]
+            self._screen_references[screen] = CachedReference(self._logits(original))
+        return self._screen_references[screen].kl(self._logits(final))
+
+    def current_kl(self, screen: int = 0) -> float:
+        """The current state's KL on the selection tokens (or the first ``screen`` of each window)."""
+        if not screen:
+            return self.state.kl
+        return self.kl(self.state.select.at[-1][:, :screen], screen)
 
     def score_plan(self, plan: DepthPlan, deltas: dict) -> float:
         """KL(original ‖ plan) on the selection tokens, run from the plan's first change."""
@@ -217,26 +242,68 @@ class DepthEvaluator:
         """Back to the original model."""
         self.state = self._initial
 
+    @contextlib.contextmanager
+    def charging(self, work: str):
+        """Count the forwards run inside under ``work`` (``cost_by_work``)."""
+        previous, self._work = self._work, work
+        try:
+            yield
+        finally:
+            self._work = previous
+
     # --- candidates ----------------------------------------------------------------------------------
 
-    def candidate(self, move: Move, refit: bool) -> Candidate:
-        """The current plan after ``move`` (and its refit), scored on the selection tokens."""
+    def candidate(self, move: Move, refit: bool, screen: int = 0) -> Candidate:
+        """The current plan after ``move`` (and its refit), scored on the selection tokens — only the
+        first ``screen`` tokens of each selection window when given (a cheaper, rougher score: causal
+        attention makes them exactly what a ``screen``-token window would compute)."""
         state = self.state
         plan = state.plan.apply(move)
         deltas = remap_deltas(state.plan, plan, state.deltas, self._width, self.hidden)
         start = change_position(move)
         fitted = None
         if refit:
-            fitted, deltas, repair_start = self._refit(move, plan, deltas)
+            with self.charging("refit"):
+                fitted, deltas, repair_start = self._refit(move, plan, deltas)
             start = min(start, repair_start) if fitted else start
-        final = self.run(plan, deltas, state.select.at[start], state.select.windows, start)
-        return Candidate(move, plan, deltas, start, self.kl(final), fitted)
+        rows = slice(None, screen or None)
+        with self.charging(("refit score" if refit else "score") + (" (screen)" if screen else "")):
+            final = self.run(plan, deltas, state.select.at[start][:, rows], state.select.windows[:, rows], start)
+        return Candidate(move, plan, deltas, start, self.kl(final, screen), fitted, screen)
 
     def accept(self, candidate: Candidate) -> None:
-        """Make ``candidate`` the current state: its streams from its first change onwards."""
+        """Make ``candidate`` the current state: its selection streams from its first change onwards;
+        its fitting streams from there are stale until a refit reads one (:meth:`_fit_stream`)."""
         state = self.state
-        fit, select = (self._updated(streams, candidate) for streams in (state.fit, state.select))
+        with self.charging("accept"):
+            select = self._updated(state.select, candidate)
+        if candidate.screen:  # its full score, from the final stream just brought up to date
+            candidate = dataclasses.replace(candidate, kl=self.kl(select.at[-1]), screen=0)
+        if self.lazy_fit:
+            current = candidate.start if state.fit.current is None else min(state.fit.current, candidate.start)
+            fit = Streams(state.fit.windows, list(state.fit.at), current)
+        else:
+            with self.charging("accept"):
+                fit = self._updated(self._fit_streams_up_to_date(), candidate)
         self.state = State(candidate.plan, candidate.deltas, fit, select, candidate.kl)
+
+    def _fit_streams_up_to_date(self) -> Streams:
+        fit = self.state.fit
+        if fit.current is not None:
+            self._fit_stream(self.positions)
+        return fit
+
+    def _fit_stream(self, position: int) -> np.ndarray:
+        """The current plan's stream on the fitting tokens at ``position``, run forward from the last
+        up-to-date position if needed (and kept)."""
+        state = self.state
+        fit = state.fit
+        if fit.current is not None and position > fit.current:
+            with self.charging("fit streams"):
+                self.run(state.plan, state.deltas, fit.at[fit.current], fit.windows, fit.current, position,
+                         capture=fit.at)
+            fit.current = position
+        return fit.at[position]
 
     def _updated(self, streams: Streams, candidate: Candidate) -> Streams:
         at = list(streams.at)
@@ -260,9 +327,8 @@ class DepthEvaluator:
                 return None, deltas, cut
             member = span[1]
         start = 2 * span[0] + 1
-        fit = self.state.fit
-        x = fit.at[start]
-        after = self.run(plan, deltas, x, fit.windows, start, cut)
+        x = self._fit_stream(start)
+        after = self.run(plan, deltas, x, self.state.fit.windows, start, cut)
         residual = (self.original[cut] - after).reshape(-1, self.hidden)
         a = self.activation(member, x.reshape(-1, self.hidden))
         chosen = _ridge(a, residual, self.val_rows)

@@ -46,11 +46,13 @@ class FrontierResult:
     tokens: dict[str, int]
     seconds: dict[str, float]
     full_forward_equivalents: float  # the search's sublayer forwards, in full forwards of its tokens
+    cost_by_work: dict[str, float] = dataclasses.field(default_factory=dict)  # ... split by what they were for
 
     def to_dict(self) -> dict:
         return {"original_steps": self.original_steps, "original_ppl": round(self.original_ppl, 3),
                 "method": self.method, "tokens": self.tokens, "seconds": self.seconds,
                 "search_full_forward_equivalents": round(self.full_forward_equivalents, 1),
+                "search_cost_by_work": {k: round(v, 1) for k, v in self.cost_by_work.items()},
                 "points": [p.to_dict() for p in self.points],
                 "baselines": {name.replace("-", "_"): [p.to_dict() for p in points]
                               for name, points in self.baselines.items()}}
@@ -108,7 +110,8 @@ def describe_estimate(method: str, estimate: dict) -> str:
 
 def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.ndarray, evaluation: np.ndarray,
                  steps: Sequence[int], method: str = "auto", baselines: Sequence[str] = BASELINES,
-                 threads: int | None = None, stream: bool | None = None) -> FrontierResult:
+                 threads: int | None = None, stream: bool | None = None,
+                 search_options: search.SearchOptions = search.DEFAULT_SEARCH) -> FrontierResult:
     """Search ``method``'s frontier at ``steps`` saved and score it with ``baselines``.
 
     ``fit``: windows the refits fit on; ``select``: windows of *another* text that score candidates;
@@ -124,7 +127,7 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
     check_steps(runner.block_map.num_layers, steps)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    evaluator = DepthEvaluator(runner, fit, select)
+    evaluator = DepthEvaluator(runner, fit, select, lazy_fit=search_options.lazy_fit)
     seconds["capture"] = round(time.perf_counter() - clock, 1)
     logger.info(f"frontier: {path}, {evaluator.plan0.original_steps} sequential steps; fit {fit.size} tokens, "
                 f"selection {select.size}, held-out perplexity {evaluation.size} ({seconds['capture']} s to capture)")
@@ -133,13 +136,14 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
     logger.info(describe_estimate(method, _estimate(evaluator.plan0, steps, method, fit.size, select.size,
                                                     forward_seconds)))
     forwards = 0.0
+    by_work: dict[str, float] = {}
 
     def points_of(name: str) -> list[FrontierPoint]:
         clock = time.perf_counter()
-        start_positions = evaluator.token_positions
+        start_positions, start_by_work = evaluator.token_positions, dict(evaluator.cost_by_work)
         if name in ("auto", "greedy-plain"):
             found = search.greedy(evaluator, steps, refit=name == "auto", lazy=name == "auto", method=name,
-                                  progress=logger.info)
+                                  progress=logger.info, options=search_options)
         elif name == "fusion":
             found = search.fusion_runs(evaluator, steps, progress=logger.info)
         else:
@@ -147,7 +151,10 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
         seconds[name] = round(time.perf_counter() - clock, 1)
         if name == method:
             nonlocal forwards
-            forwards = (evaluator.token_positions - start_positions) / (evaluator.positions * select.size)
+            unit = evaluator.positions * select.size
+            forwards = (evaluator.token_positions - start_positions) / unit
+            by_work.update({work: (count - start_by_work.get(work, 0)) / unit
+                            for work, count in evaluator.cost_by_work.items() if count > start_by_work.get(work, 0)})
         return found
 
     points = points_of(method)
@@ -163,8 +170,10 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
     if missing:
         logger.warning(f"frontier: {method} found no point at {missing} steps saved")
     tokens = {"fit": int(fit.size), "select": int(select.size), "evaluation": int(evaluation.size)}
+    logger.info(f"frontier: search {method}: {forwards:.1f} full-forward equivalents (" +
+                ", ".join(f"{work} {value:.1f}" for work, value in sorted(by_work.items(), key=lambda kv: -kv[1])) + ")")
     return FrontierResult(method, evaluator.plan0.original_steps, original_ppl, points, others, tokens, seconds,
-                          forwards)
+                          forwards, by_work)
 
 
 def check_steps(num_layers: int, steps: Sequence[int]) -> None:

@@ -37,6 +37,26 @@ MIN_FRESH = 4  # lazy greedy: moves scored afresh per step at least
 NEAR = 1  # ... and every move within this many layers of the last change
 REFITTED = 4  # auto: the best plain candidates of a step that are tried again with their refit
 
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """How much the greedy search spends per step. ``screen_tokens``: score candidates on the first
+    that many tokens of each selection window (0: all); the accepted one is scored in full.
+    ``refitted``: plain candidates tried again with their refit. ``lazy_fit``: bring the fitting
+    streams up to date only where a refit reads them."""
+
+    screen_tokens: int = 0
+    refitted: int = REFITTED
+    lazy_fit: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+DEFAULT_SEARCH = SearchOptions()
+# The search as it was measured before its cost was cut (issue 26): the frontier_cost benchmark's baseline.
+UNSCREENED = SearchOptions(screen_tokens=0, refitted=REFITTED, lazy_fit=False)
+
 Progress = Callable[[str], None]
 
 
@@ -67,9 +87,11 @@ class FrontierPoint:
 
 
 def greedy(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool, lazy: bool, method: str,
-           progress: Progress | None = None) -> list[FrontierPoint]:
+           progress: Progress | None = None, options: SearchOptions = DEFAULT_SEARCH) -> list[FrontierPoint]:
     """The greedy path from the original model to ``max(budgets)`` steps saved; a point at each budget."""
     evaluator.reset()
+    window = evaluator.state.select.windows.shape[1]
+    screen = options.screen_tokens if 0 < options.screen_tokens < window else 0
     budgets = sorted(set(budgets))
     stale: dict[Move, float] = {}
     path: list[dict] = []
@@ -85,11 +107,12 @@ def greedy(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool, la
         # Plain scores first (lazily: stale guesses in order), then the refit of the most promising few.
         scored: list = []
         best_score, fresh = math.inf, 0
+        current = evaluator.current_kl(screen)
         for move in sorted(moves, key=lambda m: stale.get(m, -math.inf)):
             if lazy and fresh >= MIN_FRESH and stale.get(move, -math.inf) >= best_score:
                 break
-            candidate = evaluator.candidate(move, refit=False)
-            stale[move] = score = candidate.score(state.kl)
+            candidate = evaluator.candidate(move, refit=False, screen=screen)
+            stale[move] = score = candidate.score(current)
             scored.append((score, candidate))
             best_score = min(best_score, score)
             fresh += 1
@@ -97,21 +120,22 @@ def greedy(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool, la
         best = scored[0][1]
         if refit:
             # A refit is kept only where it lowers the selection KL (tokens it was not fitted on).
-            for _, plain in scored[:REFITTED]:
-                refitted = evaluator.candidate(plain.move, refit=True)
-                if refitted.refit is not None and refitted.score(state.kl) < best.score(state.kl):
+            for _, plain in scored[:options.refitted]:
+                refitted = evaluator.candidate(plain.move, refit=True, screen=screen)
+                if refitted.refit is not None and refitted.score(current) < best.score(current):
                     best = refitted
         evaluator.accept(best)
-        path.append({**best.move.to_dict(), "kl": round(best.kl, 5),
+        kl = evaluator.state.kl  # in full, also when the candidates were screened
+        path.append({**best.move.to_dict(), "kl": round(kl, 5),
                      "refit": best.refit.to_dict() if best.refit else None})
         for move in [m for m in stale if _distance(m, best.move) <= NEAR]:
             del stale[move]
         done = evaluator.state.plan.saved
         if progress:
             progress(f"{method}: {best.move}{' + refit' if best.refit else ''} -> {done} steps saved, "
-                     f"KL {best.kl:.4f} ({fresh} of {len(moves)} moves scored, {time.perf_counter() - clock:.0f} s)")
+                     f"KL {kl:.4f} ({fresh} of {len(moves)} moves scored, {time.perf_counter() - clock:.0f} s)")
         if done in budgets:
-            points.append(FrontierPoint(method, done, list(path), best.kl, evaluator.state.plan,
+            points.append(FrontierPoint(method, done, list(path), kl, evaluator.state.plan,
                                         dict(evaluator.state.deltas)))
     return points
 

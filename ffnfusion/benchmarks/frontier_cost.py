@@ -1,0 +1,87 @@
+"""What the frontier's search costs, and what it finds for that cost: the search as it was (every
+candidate scored on all selection tokens, fitting streams brought up to date at every step) beside
+the cheaper searches, same model, same tokens, same machine, one run.
+
+    python -m ffnfusion.benchmarks.frontier_cost MODEL [--steps 8,14,20] [--screen 128,256]
+        [--calib python-docs licenses] [--eval idle-news] [--json FILE]
+
+For each variant: full-forward equivalents of the search (sublayer forwards in full forwards of the
+selection tokens; ``frontier.json``'s ``search_full_forward_equivalents``), its wall time, and at every
+budget the KL on the selection tokens and the held-out perplexity of the point it chose, with the
+ratio to the unscreened search's. Frontier defaults otherwise (4,096 fitting tokens, 512 selection
+tokens, 4,096 held-out tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="an exported model folder or .onnx file (e.g. `ffnfusion export smollm2`)")
+    parser.add_argument("--steps", default="8,14,20", help="budgets (default 8,14,20)")
+    parser.add_argument("--screen", default="128",
+                        help="screening token counts to compare, comma-separated (default 128)")
+    parser.add_argument("--calib", nargs="+", default=["python-docs", "licenses"],
+                        help="frontier --calib: fitting sources then the selection source")
+    parser.add_argument("--eval", default="idle-news", help="held-out perplexity text (default idle-news)")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    from ffnfusion.cli.progress import configure_logging
+    from ffnfusion.core.model_io import model_file
+    from ffnfusion.runtime.frontier import search
+    from ffnfusion.runtime.frontier.frontier import run_frontier
+    from ffnfusion.runtime.frontier.windows import evaluation_windows, fit_and_select_windows
+
+    configure_logging()
+    path = model_file(args.model)
+    steps = [int(s) for s in args.steps.split(",")]
+    fit, select = fit_and_select_windows(path.parent, args.calib)
+    evaluation = evaluation_windows(path.parent, [args.eval])
+    variants = {"unscreened (as before)": search.UNSCREENED, "lazy fitting streams": search.SearchOptions()}
+    for screen in (int(s) for s in args.screen.split(",") if s):
+        variants[f"lazy + screen {screen}"] = search.SearchOptions(screen_tokens=screen)
+    rows = []
+    for name, options in variants.items():
+        clock = time.perf_counter()
+        result = run_frontier(path, fit=fit, select=select, evaluation=evaluation, steps=steps, baselines=(),
+                              search_options=options)
+        rows.append({"variant": name, "options": options.to_dict(),
+                     "full_forward_equivalents": round(result.full_forward_equivalents, 1),
+                     "cost_by_work": {k: round(v, 1) for k, v in result.cost_by_work.items()},
+                     "search_seconds": result.seconds.get("auto"), "seconds": round(time.perf_counter() - clock, 1),
+                     "points": {p.steps_saved: {"kl": round(p.kl, 5), "ppl": round(p.ppl or 0, 3),
+                                                "moves": [m["move"] + " " + str(m["layers"]) for m in p.moves]}
+                                for p in result.points}})
+        print(_row(rows[0], rows[-1], steps), flush=True)
+    print("\n| search | full-forward equivalents | search time | " +
+          " | ".join(f"{s} steps: KL, perplexity (vs unscreened)" for s in steps) + " | same path |")
+    print("|---|---|---|" + "---|" * len(steps) + "---|")
+    for row in rows:
+        print(_row(rows[0], row, steps))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _row(base: dict, row: dict, steps: list[int]) -> str:
+    cells = [row["variant"], f"{row['full_forward_equivalents']} ({row['full_forward_equivalents'] / base['full_forward_equivalents']:.2f}×)",
+             f"{row['search_seconds']} s"]
+    for s in steps:
+        point, reference = row["points"].get(s), base["points"].get(s)
+        if point is None or reference is None:
+            cells.append("—")
+            continue
+        cells.append(f"{point['kl']:.4f}, {point['ppl']:.2f} ({point['ppl'] / reference['ppl'] - 1:+.1%})")
+    same = all(row["points"].get(s, {}).get("moves") == base["points"].get(s, {}).get("moves") for s in steps)
+    return "| " + " | ".join(cells) + f" | {'yes' if same else 'no'} |"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
