@@ -27,7 +27,7 @@ from ffnfusion.runtime.onnxruntime import create_session, run_logits
 
 PLAN = DepthPlan(8, removed_attention=frozenset({3, 4}), removed_ffn=frozenset({6}), groups=((2, 4),))
 OPTIONS = HealOptions(tokens=1280, select_tokens=256, window=64, local_epochs=6, global_epochs=3, eval_every=5,
-                      local_lr=3e-3, global_lr=1e-3)
+                      local_lr=3e-3, global_lr=1e-3, compute_dtype="float32")
 
 
 def markov_windows(seed: int, count: int, length: int = 64) -> np.ndarray:
@@ -91,6 +91,16 @@ def test_bfloat16_training_with_the_final_stream_term_heals_every_source(models)
     assert report.to_dict()["options"]["compute_dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_compute_dtype_is_bfloat16_only_where_the_cpu_has_it(monkeypatch, native):
+    from ffnfusion.runtime.heal.distill import resolve_compute_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_compute_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert resolve_compute_dtype("float32", "cpu") == "float32"
+
+
 def test_final_stream_term_is_the_relative_squared_error():
     from ffnfusion.runtime.heal.distill import relative_error
 
@@ -100,7 +110,7 @@ def test_final_stream_term_is_the_relative_squared_error():
     assert float(relative_error(hidden, target)) == pytest.approx((0 / 25 + 2 / 1) / 2)
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [("compute_dtype", "float16", "float32 or bfloat16"),
+@pytest.mark.parametrize(("field", "value", "message"), [("compute_dtype", "float16", "auto, float32, bfloat16"),
                                                          ("hidden_weight", -1.0, "at least 0")])
 def test_bad_training_options_are_refused_before_any_work(models, field, value, message):
     reference, student = models

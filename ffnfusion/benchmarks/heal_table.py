@@ -4,7 +4,7 @@ healing recovers, measured side by side in one run.
 
     python -m ffnfusion.benchmarks.heal_table FRONTIER_DIR --reference BASE [--steps 8,14,20]
         [--stages local,global] [--train changed|all] [--lr LR] [--epochs N] [--set FIELD=VALUE ...]
-        [--name NAME] [--eval idle-news moby-dick] [--json FILE]
+        [--calib NAME ...] [--name NAME] [--eval idle-news moby-dick] [--json FILE]
 
 Each ``FRONTIER_DIR/steps-N`` is healed into ``FRONTIER_DIR/steps-N-healed`` (``-healed-local``
 for ``--stages local``, ``-NAME`` with ``--name``) with heal's defaults and the options given
@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, help="heal --epochs (default: heal's)")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="other HealOptions fields, e.g. local_lr=1e-3 local_epochs=12")
+    parser.add_argument("--calib", nargs="+", metavar="NAME|FILE",
+                        help="heal --calib: calibration sources (default: heal's)")
     parser.add_argument("--name", help="output folder suffix (default healed, or healed-STAGES)")
     parser.add_argument("--eval", nargs="+", default=list(EVAL_TEXTS),
                         help=f"perplexity texts, names or files (default {' '.join(EVAL_TEXTS)})")
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
                 options = dataclasses.replace(options, global_lr=args.lr)
             if args.epochs:
                 options = dataclasses.replace(options, global_epochs=args.epochs)
-            heal_model_file(point, reference, healed, options=options)
+            heal_model_file(point, reference, healed, texts=args.calib or (), options=options)
             seconds = round(time.perf_counter() - clock, 1)
         else:
             seconds = None

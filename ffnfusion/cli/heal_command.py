@@ -48,10 +48,10 @@ def _heal_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-weight", type=float, default=defaults.hidden_weight, metavar="W",
                         help="global stage: also match the original's final normed stream, weighted W beside KL "
                              f"(Puzzle's GKD; default {defaults.hidden_weight})")
-    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=defaults.compute_dtype,
+    parser.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default=defaults.compute_dtype,
                         help="training matrix products (autocast; weights and held-out checks stay float32): "
-                             f"bfloat16 is ~4x faster on CPUs with AVX-512 BF16 and on GPUs "
-                             f"(default {defaults.compute_dtype})")
+                             "bfloat16 halves a step's time on CPUs with AVX-512 BF16 or AMX and on GPUs; auto "
+                             f"picks it where the hardware has it (default {defaults.compute_dtype})")
     parser.add_argument("--device", default=None, metavar="cpu|cuda",
                         help="torch device: cpu or cuda (default: cuda when torch sees one, else cpu)")
     parser.add_argument("--seed", type=int, default=defaults.seed, metavar="N", help="shuffling seed (default 0)")

@@ -69,7 +69,7 @@ class HealOptions:
     train: str = "changed"  # or "all"
     stages: tuple[str, ...] = ("local", "global")
     device: str = "cpu"
-    compute_dtype: str = "float32"  # training matrix products: float32 or bfloat16 (autocast)
+    compute_dtype: str = "auto"  # training matrix products: float32, bfloat16 (autocast), or auto
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -134,6 +134,9 @@ def heal(model_path, reference_path, sources: Sequence[calibration.CalibrationSo
     import torch
 
     path, reference = _checked_inputs(model_path, reference_path, options)
+    options = dataclasses.replace(options, compute_dtype=distill.resolve_compute_dtype(options.compute_dtype,
+                                                                                       options.device))
+    logger.info(f"heal: training products in {options.compute_dtype} on {options.device}")
     torch.manual_seed(options.seed)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -199,8 +202,9 @@ def _checked_inputs(model_path, reference_path, options: HealOptions) -> tuple[p
     unknown = set(options.stages) - {"local", "global"}
     if unknown or not options.stages:
         raise InvalidArgumentError(f"stages must be among local, global (got {', '.join(options.stages) or 'none'})")
-    if options.compute_dtype not in ("float32", "bfloat16"):
-        raise InvalidArgumentError(f"compute dtype must be float32 or bfloat16, not {options.compute_dtype!r}")
+    if options.compute_dtype not in distill.COMPUTE_DTYPES:
+        raise InvalidArgumentError(f"compute dtype must be one of {', '.join(distill.COMPUTE_DTYPES)}, not "
+                                   f"{options.compute_dtype!r}")
     if options.hidden_weight < 0:
         raise InvalidArgumentError(f"--hidden-weight must be at least 0, not {options.hidden_weight}")
     if options.device.startswith("cuda") and not torch.cuda.is_available():
