@@ -65,6 +65,19 @@ def prefill_then_decode(session, input_ids, split: int):
     return first, session.run(None, feeds)
 
 
+def without_attention(model, layers):
+    """A copy of ``model`` with the attention *output* of ``layers`` zeroed inside transformers' own
+    layers (an independent reference for the exporter's attention-free layers: residual multipliers
+    and Gemma 3's post_attn(0) = 0 still apply, the FFN runs as it always does)."""
+    model = copy.deepcopy(model)
+    for index in layers:
+        def zero(*args, **kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            return torch.zeros_like(hidden), None
+        model.model.layers[index].self_attn.forward = zero
+    return model
+
+
 def rel_err(actual, reference) -> float:
     return float(np.linalg.norm(actual - reference) / np.linalg.norm(reference))
 

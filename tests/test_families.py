@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, without_attention
 
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.onnx_export import ExportOptions, export_model
@@ -130,18 +130,6 @@ def tiny_gemma3(tmp_path_factory):
     return _random_model_and_export(Gemma3ForCausalLM, config, randomize, 5, tmp_path_factory.mktemp("gemma3"))
 
 
-def _without_attention(model, layers):
-    """``model`` with the attention *output* of ``layers`` zeroed inside transformers' own layers:
-    Gemma 3's layer then adds post_attn(0) = 0 and runs its FFN as it always does (an independent
-    reference for the exporter's attention-free layers)."""
-    model = copy.deepcopy(model)
-    for index in layers:
-        def zero(*args, **kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            return torch.zeros_like(hidden), None
-        model.model.layers[index].self_attn.forward = zero
-    return model
-
 
 def test_sandwich_norm_layers_export_exactly_are_read_and_are_not_fused(tiny_gemma3, tmp_path, capsys):
     from ffnfusion.cli import main
@@ -149,7 +137,7 @@ def test_sandwich_norm_layers_export_exactly_are_read_and_are_not_fused(tiny_gem
     model, path = tiny_gemma3
     ids = np.random.default_rng(6).integers(0, 128, (2, 9))
     with torch.no_grad():
-        expected = _without_attention(model, DROPPED)(input_ids=torch.from_numpy(ids)).logits.numpy()
+        expected = without_attention(model, DROPPED)(input_ids=torch.from_numpy(ids)).logits.numpy()
     assert rel_err(run_logits(create_session(path), ids), expected) < 1e-4  # attention-free layers: FFN post-normed
     block_map = find_blocks(ir.load(path))
     assert block_map.runs == [(2, 4)]
@@ -177,5 +165,5 @@ def test_sandwich_norm_layers_export_exactly_are_read_and_are_not_fused(tiny_gem
         # Removing a whole branch stays exact: attention dropped in layer 5 as well.
     assert main(["drop-attention", str(path), "--layers", "5", "-o", str(tmp_path / "dropped")]) == 0
     with torch.no_grad():
-        expected = _without_attention(model, [*DROPPED, 5])(input_ids=torch.from_numpy(ids)).logits.numpy()
+        expected = without_attention(model, [*DROPPED, 5])(input_ids=torch.from_numpy(ids)).logits.numpy()
     assert rel_err(run_logits(create_session(tmp_path / "dropped" / "model.onnx"), ids), expected) < 1e-4

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from conftest import rel_err
+from conftest import prefill_then_decode, rel_err, without_attention
 
 from ffnfusion.core.model_io import load_model
 from ffnfusion.exporters import llama_surgery
@@ -41,17 +41,6 @@ FAMILIES = {  # name -> (config class, model class, config beyond COMMON)
 }
 IDS = np.random.default_rng(1).integers(0, 128, (2, 9))  # 9 tokens: past Mistral's window of 4
 
-
-def _without_attention(model, layers):
-    """transformers' own model with the attention output of ``layers`` zeroed (an independent
-    reference for the exporter's attention-free layers: residual multipliers still apply)."""
-    model = copy.deepcopy(model)
-    for index in layers:
-        def zero(*args, **kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            return torch.zeros_like(hidden), None
-        model.model.layers[index].self_attn.forward = zero
-    return model
 
 
 def _logits(model, ids=IDS) -> np.ndarray:
@@ -87,10 +76,23 @@ def family(request, tmp_path_factory):
 def test_export_equals_transformers(family):
     name, model, full, dropped = family
     assert rel_err(run_logits(create_session(full), IDS), _logits(model)) < 1e-4, name
-    expected = _logits(_without_attention(model, DROPPED))
+    expected = _logits(without_attention(model, DROPPED))
     assert rel_err(run_logits(create_session(dropped), IDS), expected) < 1e-4, name
     block_map = find_blocks(ir.load(dropped))
     assert block_map.runs == [(2, 4)] and len(block_map.layers) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_kv_cache_export_prefill_then_decode_equals_transformers(family, tmp_path, dtype):
+    name, model, _, _ = family
+    path = export_model(copy.deepcopy(model), tmp_path, ExportOptions(drop_attention=[0, 3], kv_cache=True,
+                                                                      dtype=dtype))
+    prefill, decode = prefill_then_decode(create_session(path), IDS, 6)
+    full = _logits(without_attention(model, [0, 3]))
+    tolerance = 1e-4 if dtype == "float32" else 5e-3  # fp16 round-off, a few dozen ops deep
+    assert rel_err(prefill[0].astype(np.float32), full[:, :6]) <= tolerance, name
+    assert rel_err(decode[0].astype(np.float32), full[:, 6:]) <= tolerance, name
 
 
 def test_fusion_equals_the_torch_parallel_form(family, tmp_path):
@@ -176,3 +178,28 @@ def test_export_hf_refuses_what_nemotron_nas_cannot_carry_in_one_line(family, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert EXPORT_HF_REFUSALS[name] in err[-1] and err[-1].startswith("ffnfusion: error:"), err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+def test_every_model_command_runs(family, tmp_path, capsys):
+    """analyze, fuse --repair, verify, bench and check-trt on each family's attention-dropped export."""
+    from ffnfusion.cli import main
+
+    name, _, _, dropped = family
+    ids, other = tmp_path / "ids.npy", tmp_path / "other.npy"
+    np.save(ids, np.random.default_rng(3).integers(0, 128, 4096))
+    np.save(other, np.random.default_rng(4).integers(0, 128, 4096))
+    report = tmp_path / "report"
+    repaired = tmp_path / "repaired.onnx"
+    for argv in (["analyze", dropped, "-o", report, "--calib-ids", ids, "--tokens", 128, "--window", 32,
+                  "--dependency-tokens", 64, "--threshold", 10, "--include-last"],
+                 ["fuse", dropped, "-o", repaired, "--groups", "2-4", "--repair", "--repair-tokens", 2048,
+                  "--calib-ids", ids, other],
+                 ["verify", dropped, repaired, "--text-ids", ids, "--tokens", 64, "--window", 32, "--json"],
+                 ["bench", dropped, repaired, "--batch", "1", "--seq", "4", "--repeats", "2"],
+                 ["check-trt", repaired]):
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert code == 0, (name, argv[0], err[-2000:])
+    assert json.loads((report / "plan.json").read_text())["groups"]  # the dropped run is found and planned
+    assert find_blocks(ir.load(repaired)).layer(2).span == range(2, 5)

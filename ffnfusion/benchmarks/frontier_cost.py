@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     parser.add_argument("--calib", nargs="+", default=["python-docs", "licenses"],
                         help="frontier --calib: fitting sources then the selection source")
     parser.add_argument("--eval", default="idle-news", help="held-out perplexity text (default idle-news)")
+    parser.add_argument("--calib-ids", nargs="+", metavar="IDS.npy", help="token ids instead of --calib")
+    parser.add_argument("--eval-ids", metavar="IDS.npy", help="token ids instead of --eval")
+    parser.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
 
@@ -42,8 +45,9 @@ def main(argv=None) -> int:
     configure_logging()
     path = model_file(args.model)
     steps = [int(s) for s in args.steps.split(",")]
-    fit, select = fit_and_select_windows(path.parent, args.calib)
-    evaluation = evaluation_windows(path.parent, [args.eval])
+    fit, select = fit_and_select_windows(path.parent, args.calib, ids_files=args.calib_ids or (),
+                                         window=args.window)
+    evaluation = evaluation_windows(path.parent, [args.eval], ids_file=args.eval_ids, window=args.window)
     variants = {"unscreened (as before)": search.UNSCREENED, "lazy fitting streams": search.SearchOptions()}
     for screen in (int(s) for s in args.screen.split(",") if s):
         variants[f"lazy + screen {screen}"] = search.SearchOptions(screen_tokens=screen)

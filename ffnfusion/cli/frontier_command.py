@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 
@@ -11,7 +12,9 @@ import numpy as np
 from ffnfusion.cli.arguments import stream_arguments
 from ffnfusion.cli.progress import log
 from ffnfusion.cli.registry import arguments, command, parse_int_list
+from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.files import staged_directory
+from ffnfusion.runtime.frontier.search import DEFAULT_SEARCH
 from ffnfusion.runtime.frontier.windows import (
     DEFAULT_CALIB,
     DEFAULT_EVAL,
@@ -59,6 +62,10 @@ def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-latency", dest="latency", action="store_false",
                         help="skip the ONNX Runtime latency of the written models")
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    parser.add_argument("--screen-tokens", type=int, default=DEFAULT_SEARCH.screen_tokens, metavar="N",
+                        help="auto: score candidates on the first N tokens of each selection window, the move "
+                             "taken in full (0: every candidate on all of them; default "
+                             f"{DEFAULT_SEARCH.screen_tokens})")
     parser.add_argument("--dry-run", action="store_true",
                         help="print what the search will cost at most (full-forward equivalents, and minutes at "
                              "the rate of one timed forward) and write nothing")
@@ -96,8 +103,12 @@ def run_frontier_command(args) -> None:
         return
     evaluation = _evaluation(args, path.parent)
     out = pathlib.Path(args.output)
+    if args.screen_tokens < 0:
+        raise InvalidArgumentError(f"--screen-tokens must be at least 0, not {args.screen_tokens}")
+    options = dataclasses.replace(DEFAULT_SEARCH, screen_tokens=args.screen_tokens)
     result = run_frontier(path, fit=fit, select=select, evaluation=evaluation, steps=args.steps,
-                          method=args.method, baselines=baselines, threads=args.threads, stream=args.stream)
+                          method=args.method, baselines=baselines, threads=args.threads, stream=args.stream,
+                          search_options=options)
     write_frontier(result, path, out, evaluation, target=args.target, latency=args.latency, threads=args.threads,
                    stream=args.stream, heal=args if args.heal else None)
     print((out / "frontier.md").read_text())

@@ -47,12 +47,14 @@ class FrontierResult:
     seconds: dict[str, float]
     full_forward_equivalents: float  # the search's sublayer forwards, in full forwards of its tokens
     cost_by_work: dict[str, float] = dataclasses.field(default_factory=dict)  # ... split by what they were for
+    search_options: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"original_steps": self.original_steps, "original_ppl": round(self.original_ppl, 3),
                 "method": self.method, "tokens": self.tokens, "seconds": self.seconds,
                 "search_full_forward_equivalents": round(self.full_forward_equivalents, 1),
                 "search_cost_by_work": {k: round(v, 1) for k, v in self.cost_by_work.items()},
+                "search_options": self.search_options,
                 "points": [p.to_dict() for p in self.points],
                 "baselines": {name.replace("-", "_"): [p.to_dict() for p in points]
                               for name, points in self.baselines.items()}}
@@ -173,7 +175,7 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
     logger.info(f"frontier: search {method}: {forwards:.1f} full-forward equivalents (" +
                 ", ".join(f"{work} {value:.1f}" for work, value in sorted(by_work.items(), key=lambda kv: -kv[1])) + ")")
     return FrontierResult(method, evaluator.plan0.original_steps, original_ppl, points, others, tokens, seconds,
-                          forwards, by_work)
+                          forwards, by_work, search_options.to_dict())
 
 
 def check_steps(num_layers: int, steps: Sequence[int]) -> None:

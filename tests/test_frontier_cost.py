@@ -1,0 +1,32 @@
+"""The frontier_cost benchmark on the tiny Llama: every variant runs, the lazy search takes the
+unscreened one's path at less cost, and the table says so."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ffnfusion.benchmarks import frontier_cost
+
+
+def test_variants_side_by_side(tiny_full, tmp_path, capsys):
+    ids = []
+    for index in range(3):
+        ids.append(tmp_path / f"ids{index}.npy")
+        np.save(ids[-1], np.random.default_rng(20 + index).integers(0, 128, 1024))
+    out = tmp_path / "cost.json"
+    assert frontier_cost.main([str(tiny_full), "--steps", "2,4", "--screen", "16", "--window", "32",
+                               "--calib-ids", str(ids[0]), str(ids[1]), "--eval-ids", str(ids[2]),
+                               "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["unscreened (as before)", "lazy fitting streams", "lazy + screen 16"]
+    unscreened, lazy, screened = rows
+    assert lazy["points"] == unscreened["points"]  # the same search, to the last digit
+    assert lazy["full_forward_equivalents"] < unscreened["full_forward_equivalents"]
+    # accepting a move no longer runs the fitting tokens to the end of the model
+    assert lazy["cost_by_work"]["accept"] < unscreened["cost_by_work"]["accept"]
+    assert "fit streams" not in unscreened["cost_by_work"]
+    assert screened["options"]["screen_tokens"] == 16 and set(screened["points"]) == {"2", "4"}
+    table = capsys.readouterr().out
+    assert "| lazy fitting streams |" in table and "| yes |" in table
