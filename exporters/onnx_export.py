@@ -112,7 +112,10 @@ def _kv_shape(model: HFModel, layer: int, past_len: int) -> tuple[int, int, int]
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention = llama_surgery.decoder_layers(model)[layer].self_attn
-    heads = attention.k_proj.out_features // head_dim
+    if hasattr(attention, "k_proj"):  # per layer: Nemotron-NAS layers differ
+        heads = attention.k_proj.out_features // head_dim
+    else:  # one fused qkv projection (Phi-3): the config's count
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return heads, past_len, head_dim
 
 
