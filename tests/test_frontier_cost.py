@@ -20,8 +20,8 @@ def test_variants_side_by_side(tiny_full, tmp_path, capsys):
                                "--calib-ids", str(ids[0]), str(ids[1]), "--eval-ids", str(ids[2]),
                                "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["variant"] for r in rows] == ["unscreened (as before)", "lazy fitting streams", "lazy + screen 16"]
-    unscreened, lazy, screened = rows
+    assert [r["variant"] for r in rows] == ["unscreened (as before)", "lazy + screen 16", "lazy fitting streams"]
+    unscreened, screened, lazy = rows
     assert lazy["points"] == unscreened["points"]  # the same search, to the last digit
     assert lazy["full_forward_equivalents"] < unscreened["full_forward_equivalents"]
     # accepting a move no longer runs the fitting tokens to the end of the model
