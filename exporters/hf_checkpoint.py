@@ -27,7 +27,7 @@ from ffnfusion.core.errors import BlockRecognitionError, InvalidArgumentError, M
 from ffnfusion.core.files import staged_directory
 from ffnfusion.core.model_io import COMPANION_FILES, METADATA_FILE, load_model, model_file
 from ffnfusion.exporters import nemotron_nas
-from ffnfusion.passes import op_matchers
+from ffnfusion.passes import norm_matchers, op_matchers
 from ffnfusion.passes.attention_branch import match_attention
 from ffnfusion.passes.blocks import BlockMap, DecoderLayer, find_blocks
 from ffnfusion.passes.embedding import embedding_table, find_embedding_gather, find_embedding_output
@@ -167,7 +167,7 @@ def checkpoint_tensors(model: ir.Model, source_config: dict, tensor_parallel: in
     assert final is not None  # find_blocks makes no layer without either
     final_stream = final.output
     head = _head(graph)
-    norm = op_matchers.match_norm(head.input, final_stream)
+    norm = norm_matchers.match_norm(head.input, final_stream)
     if norm is None or norm.gain is None or norm.centered:
         raise BlockRecognitionError("no RMSNorm with a gain between the last layer and the output projection")
     tensors += [_gain("model.norm.weight", norm.gain),

@@ -21,7 +21,7 @@ import dataclasses
 
 import onnx_ir as ir
 
-from ffnfusion.passes import op_matchers
+from ffnfusion.passes import norm_matchers, op_matchers
 from ffnfusion.passes.blocks import AttentionBlock
 
 FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention"}
@@ -35,7 +35,7 @@ NORM_OPS = {"ReduceMean", "RMSNormalization", "SimplifiedLayerNormalization", "L
 class AttentionWeights:
     """The constant weights of one attention branch; projections as :class:`op_matchers.Weight`."""
 
-    norm: op_matchers.Norm
+    norm: norm_matchers.Norm
     q: op_matchers.Weight
     k: op_matchers.Weight
     v: op_matchers.Weight
@@ -88,7 +88,7 @@ def match_attention(block: AttentionBlock) -> AttentionWeights | str:
     normed, linears = candidates[0]
     if any(linear.bias is not None for linear in linears):
         return "attention projections with biases are not supported"
-    norm = op_matchers.match_norm(normed, block.input)
+    norm = norm_matchers.match_norm(normed, block.input)
     if norm is None:
         return "the q/k/v projections do not read a norm of the residual stream"
     owner = {node: linear for linear in linears for node in linear.nodes}

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import onnx_ir as ir
 
 from ffnfusion.core.errors import BlockRecognitionError, InvalidPlanError
-from ffnfusion.passes import op_matchers
+from ffnfusion.passes import norm_matchers, op_matchers
 from ffnfusion.passes.canonical import canonical_view
 from ffnfusion.passes.embedding import find_embedding_output
 from ffnfusion.passes.ffn_branch import match_ffn
@@ -53,7 +53,7 @@ class FFNBlock:
     input: ir.Value  # residual stream value x
     output: ir.Value  # y, the residual Add's output
     residual_add: ir.Node
-    norm: op_matchers.Norm
+    norm: norm_matchers.Norm
     gate: op_matchers.Weight | None  # None for a plain two-matrix MLP
     up: op_matchers.Weight
     down: op_matchers.Weight
@@ -63,7 +63,7 @@ class FFNBlock:
     up_bias: ir.Value | None = None
     down_bias: ir.Value | None = None
     # Gemma 2/3 sandwich layers normalise the FFN's output too: y = x + post(down(...)).
-    post_norm: op_matchers.Norm | None = None
+    post_norm: norm_matchers.Norm | None = None
 
     @property
     def norm_description(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ffnfusion.passes import op_matchers
+from ffnfusion.passes import norm_matchers, op_matchers
 
 
 def _op_of(value: ir.Value) -> str:
@@ -21,7 +21,7 @@ def _op_of(value: ir.Value) -> str:
 
 
 def _with_norm(x: ir.Value, first_input: ir.Value, parts: dict) -> dict | str:
-    norm = op_matchers.match_norm(first_input, x)
+    norm = norm_matchers.match_norm(first_input, x)
     if norm is None:
         return (f"FFN input comes from {_op_of(first_input)}; expected a norm of the residual stream "
                 "(RMSNorm decomposed, RMSNormalization, SimplifiedLayerNormalization or LayerNormalization)")
@@ -49,7 +49,7 @@ def match_ffn(output: ir.Value | None, x: ir.Value) -> dict | str:
     return inner_parts
 
 
-def _post_norm(output: ir.Value) -> tuple[op_matchers.Norm, ir.Value, list[ir.Node]] | None:
+def _post_norm(output: ir.Value) -> tuple[norm_matchers.Norm, ir.Value, list[ir.Node]] | None:
     """``output = norm(v)`` with ``v`` a linear layer's output (the down projection): the norm,
     ``v`` and the Casts after the norm; the nearest such ``v`` first."""
     casts: list[ir.Node] = []
@@ -68,7 +68,7 @@ def _post_norm(output: ir.Value) -> tuple[op_matchers.Norm, ir.Value, list[ir.No
                 if candidate is None or candidate.const_value is not None:
                     continue
                 if op_matchers.match_linear(candidate) is not None:
-                    norm = op_matchers.match_norm(normed, candidate)
+                    norm = norm_matchers.match_norm(normed, candidate)
                     if norm is not None:
                         return norm, candidate, casts
                 next_values.append(candidate)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from ffnfusion.passes import op_matchers
+from ffnfusion.passes import norm_matchers, op_matchers
 
 HIDDEN, WIDTH = 4, 6
 
@@ -111,7 +111,7 @@ def test_decomposed_rms_norm(reciprocal):
     graph, x = _graph()
     gain = _initializer(graph, "gain", np.full(HIDDEN, 1.5, np.float32))
     output = _node(graph, "Mul", [gain, _rms_core(graph, x, reciprocal, eps=1e-6)], "scale")
-    norm = op_matchers.match_norm(output, x)
+    norm = norm_matchers.match_norm(output, x)
     assert norm is not None and norm.kind == "rms_decomposed" and norm.gain is gain
     assert norm.epsilon == pytest.approx(1e-6)
 
@@ -121,7 +121,7 @@ def test_norm_of_another_value_is_refused():
     other = _node(graph, "Relu", [x], "relu")
     output = _node(graph, "Mul", [_initializer(graph, "gain", np.ones(HIDDEN, np.float32)),
                                   _rms_core(graph, other, "Reciprocal")], "scale")
-    assert op_matchers.match_norm(output, x) is None
+    assert norm_matchers.match_norm(output, x) is None
 
 
 @pytest.mark.parametrize("op", ["RMSNormalization", "LayerNormalization"])
@@ -129,7 +129,7 @@ def test_one_op_norms(op):
     graph, x = _graph()
     gain = _initializer(graph, "gain", np.ones(HIDDEN, np.float32))
     inputs = [x, gain] + ([_initializer(graph, "beta", np.zeros(HIDDEN, np.float32))] if op == "LayerNormalization" else [])
-    norm = op_matchers.match_norm(_node(graph, op, inputs, "norm", epsilon=1e-5, axis=-1), x)
+    norm = norm_matchers.match_norm(_node(graph, op, inputs, "norm", epsilon=1e-5, axis=-1), x)
     assert norm is not None and norm.kind == op and norm.epsilon == pytest.approx(1e-5)
 
 
@@ -194,12 +194,12 @@ def test_decomposed_layernorm_with_gain_and_bias():
     unit = _node(graph, "Div", [centered, std], "unit")
     out = _node(graph, "Add", [_node(graph, "Mul", [unit, _initializer(graph, "s", np.ones(HIDDEN, np.float32))], "gain"),
                                _initializer(graph, "b", np.zeros(HIDDEN, np.float32))], "bias")
-    norm = op_matchers.match_norm(out, x)
+    norm = norm_matchers.match_norm(out, x)
     assert norm is not None and norm.kind == "layernorm_decomposed" and norm.centered
     assert norm.unit_output is unit and norm.gain.name == "s" and norm.bias.name == "b" and norm.epsilon == 1e-5
     # an RMS-style core (no centring) is not a LayerNorm; the RMS matcher takes it
     rms = _node(graph, "Div", [x, std], "rms_like")
-    assert op_matchers.match_norm(rms, x) is None or op_matchers.match_norm(rms, x).kind != "layernorm_decomposed"
+    assert norm_matchers.match_norm(rms, x) is None or norm_matchers.match_norm(rms, x).kind != "layernorm_decomposed"
 
 
 def test_split_of_one_matmul_reads_as_two_linear_layers():
