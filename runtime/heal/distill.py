@@ -110,8 +110,7 @@ def autocast(device, compute_dtype: str):
 
     if compute_dtype == "float32":
         return contextlib.nullcontext()
-    if compute_dtype != "bfloat16":
-        raise ValueError(f"compute dtype must be float32 or bfloat16, not {compute_dtype!r}")
+    assert compute_dtype == "bfloat16", compute_dtype  # HealOptions are checked before any work
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
@@ -126,6 +125,12 @@ def _step(optimizer, loss, curve: Curve, total: int, progress: Progress | None) 
         progress(curve.steps, total, curve.train[-1])
 
 
+def relative_error(hidden, target):
+    """Mean over tokens of ``‖h − h*‖² / ‖h*‖²`` (``[..., hidden]``): the local stage's loss and
+    the global stage's final-stream term."""
+    return (((hidden - target) ** 2).sum(-1) / (target ** 2).sum(-1).clamp_min(1e-12)).mean()
+
+
 def train_span(units: Sequence, params: dict, x_fit, y_fit, x_held, y_held, *, lr: float, epochs: int,
                batch: int = 512, patience: int = 2, seed: int = 0, compute_dtype: str = "float32",
                progress: Progress | None = None) -> Curve:
@@ -138,12 +143,9 @@ def train_span(units: Sequence, params: dict, x_fit, y_fit, x_held, y_held, *, l
             x = x + unit.mlp(unit.post_attention_layernorm(x))
         return x
 
-    def loss_of(x, y):  # summed over tokens
-        return (((run(x) - y) ** 2).sum(-1) / (y ** 2).sum(-1).clamp_min(1e-12)).sum()
-
     def held_out() -> float:
         with torch.no_grad():
-            return sum(float(loss_of(x_held[i:i + 4096], y_held[i:i + 4096]))
+            return sum(float(relative_error(run(x_held[i:i + 4096]), y_held[i:i + 4096])) * len(x_held[i:i + 4096])
                        for i in range(0, len(x_held), 4096)) / len(x_held)
 
     curve = Curve(lr)
@@ -160,7 +162,7 @@ def train_span(units: Sequence, params: dict, x_fit, y_fit, x_held, y_held, *, l
             rows = order[k * batch:(k + 1) * batch]
             _schedule(optimizer, curve.steps, total, lr, max(1, total // 20))
             with autocast(x_fit.device, compute_dtype):
-                loss = loss_of(x_fit[rows], y_fit[rows]) / len(rows)
+                loss = relative_error(run(x_fit[rows]), y_fit[rows])
             _step(optimizer, loss.float(), curve, total, progress)
         current = held_out()
         curve.held_out.append((curve.steps, current))
@@ -207,11 +209,6 @@ def held_out_kl(model, head, data: GlobalData, batch: int) -> dict[str, float]:
                 total += float(next_token_kl(logits, head(data.held_final[name][i:i + batch]))) * len(ids[i:i + batch])
             result[name] = total / len(ids)
     return result
-
-
-def relative_error(hidden, target):
-    """Mean over tokens of ``‖h − h*‖² / ‖h*‖²`` (``[..., hidden]``)."""
-    return (((hidden - target) ** 2).sum(-1) / (target ** 2).sum(-1).clamp_min(1e-12)).mean()
 
 
 def train_global(model, head, params: dict, data: GlobalData, *, lr: float, epochs: int, batch: int,
