@@ -5,7 +5,9 @@
 
 with ``n`` an RMSNorm or LayerNorm of the residual stream and any projection optionally biased; or
 either one followed by a *post-norm* of its output, ``post(ffn(n(x)))`` (Gemma 2/3's sandwich layers),
-recorded as ``post_norm``.
+recorded as ``post_norm``; or a group of post-normed FFNs in the grouped form
+:mod:`.post_norm_fusion` writes, read as one FFN of the members' total width whose post-norm gain is
+stacked ``[k, 1, H]``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def match_ffn(output: ir.Value | None, x: ir.Value) -> dict | str:
     parts = _match_pre_norm_ffn(output, x)
     if not isinstance(parts, str) or output is None:
         return parts
+    grouped = _match_grouped_post_norm(output, x)
+    if grouped is not None:
+        return grouped
     post = _post_norm(output)
     if post is None:
         return parts
@@ -80,6 +85,11 @@ def _match_pre_norm_ffn(output: ir.Value | None, x: ir.Value) -> dict | str:
     down = op_matchers.match_linear(op_matchers.skip_casts(output))
     if down is None:
         return "branch output is not a MatMul/Gemm with a constant weight (down projection)"
+    return _match_mlp(down, x)
+
+
+def _match_mlp(down: op_matchers.Linear, x: ir.Value) -> dict | str:
+    """The FFN whose down projection is ``down``, from its input back to the norm of ``x``."""
     common = {"down": down.weight, "down_bias": down.bias}
     product = op_matchers.producer(down.input, "Mul")
     if product is not None:
@@ -112,3 +122,55 @@ def _match_pre_norm_ffn(output: ir.Value | None, x: ir.Value) -> dict | str:
     nodes = (*up.nodes, *activation_nodes, *down.nodes)
     return _with_norm(x, up.input, {**common, "gate": None, "gate_bias": None, "up": up.weight, "up_bias": up.bias,
                                     "activation": kind, "nodes": nodes})
+
+
+def _int64s(value: ir.Value | None) -> list[int] | None:
+    array = op_matchers.const_array(value)
+    return None if array is None else [int(v) for v in array.reshape(-1)]
+
+
+def _match_grouped_post_norm(output: ir.Value, x: ir.Value) -> dict | None:
+    """The grouped form of :mod:`.post_norm_fusion`, node for node: ``Reshape(ReduceSum(rms(d)·g, 0),
+    Shape(x))`` with ``d = Transpose(Reshape(h, [-1, k, I])) @ Reshape(D, [k, I, H])`` and ``h`` an
+    FFN's hidden activations. None when anything differs."""
+    producer, casts = op_matchers.producer, list[ir.Node]()
+    update = producer(op_matchers.skip_casts(output, casts), "Reshape")
+    shape = producer(update.inputs[1], "Shape") if update is not None else None
+    if update is None or shape is None or not op_matchers.reaches(shape.inputs[0], x):
+        return None
+    summed = producer(op_matchers.skip_casts(update.inputs[0], casts), "ReduceSum")
+    if summed is None or op_matchers.attribute(summed, "keepdims", 1) != 0:
+        return None
+    axes = op_matchers.attribute(summed, "axes") or _int64s(summed.inputs[1] if len(summed.inputs) > 1 else None)
+    scaled = producer(summed.inputs[0], "Mul")
+    if list(axes or ()) != [0] or scaled is None:
+        return None
+    gain, unit = op_matchers.initializer_of(scaled.inputs[1]), scaled.inputs[0]
+    divided = producer(unit, "Div")
+    if op_matchers.const_rank(gain) != 3 or unit is None or divided is None:
+        return None
+    stacked_output = op_matchers.skip_casts(divided.inputs[0], casts)
+    core = norm_matchers.match_rms_core(unit, stacked_output) if stacked_output is not None else None
+    matmul = producer(stacked_output, "MatMul")
+    if core is None or matmul is None:
+        return None
+    transpose, stack = producer(matmul.inputs[0], "Transpose"), producer(matmul.inputs[1], "Reshape")
+    rows = producer(transpose.inputs[0], "Reshape") if transpose is not None else None
+    weight = op_matchers.initializer_of(stack.inputs[0]) if stack is not None else None
+    if transpose is None or rows is None or stack is None or weight is None or weight.const_value is None or \
+            rows.inputs[0] is None or list(op_matchers.attribute(transpose, "perm") or ()) != [1, 0, 2]:
+        return None
+    count, width, hidden = _int64s(stack.inputs[1]) or [0, 0, 0]
+    if _int64s(rows.inputs[1]) != [-1, count, width] or \
+            tuple(weight.const_value.shape.numpy()) != (count * width, hidden):
+        return None
+    down = op_matchers.Linear(rows.inputs[0], op_matchers.Weight(weight, transposed=False),
+                              (rows, transpose, stack, matmul))
+    parts = _match_mlp(down, x)
+    if isinstance(parts, str):
+        return None
+    epsilon, core_nodes = core
+    parts["post_norm"] = norm_matchers.Norm("rms_decomposed", epsilon, gain, scaled.outputs[0], unit,
+                                            (*core_nodes, scaled), scaled)
+    parts["nodes"] = tuple(dict.fromkeys((*parts["nodes"], *core_nodes, scaled, summed, shape, update, *casts)))
+    return parts

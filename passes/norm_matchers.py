@@ -38,7 +38,9 @@ class Norm:
     # | "layernorm_decomposed" (exports below opset 17)
     kind: str
     epsilon: float
-    gain: ir.Value | None  # 1-D initializer ``s``; None when the norm has no gain
+    # 1-D initializer ``s`` (a grouped post-norm, see post_norm_fusion: the members' gains stacked
+    # [k, 1, H]); None when the norm has no gain
+    gain: ir.Value | None
     # (LayerNorm only) 1-D initializer ``β``: n(x) = unit(x)·s + β
     output: ir.Value  # n(x), what the FFN's gate/up MatMuls read
     # The unit-gain value x/rms(x) the gain multiplies (decomposed kind only): a fused group
@@ -48,6 +50,9 @@ class Norm:
     gain_node: ir.Node | None = None
     bias: ir.Value | None = None
     bias_node: ir.Node | None = None  # decomposed LayerNorm: the Add of β
+    # Casts *after* the gain (Gemma computes its norm in float32, gain included, then casts to the
+    # weights' dtype); ``output`` is the last one's output. A fused group casts its unit norm the same.
+    output_casts: tuple[ir.Node, ...] = ()
 
     @property
     def centered(self) -> bool:
@@ -59,7 +64,19 @@ class Norm:
 
 def match_norm(output: ir.Value, x: ir.Value) -> Norm | None:
     """``output = RMSNorm(x)`` in any of the encodings listed in the module docstring, or
-    ``LayerNormalization(x, s, β)``."""
+    ``LayerNormalization(x, s, β)``; either one possibly cast after its gain."""
+    norm = _match_uncast_norm(output, x)
+    if norm is not None or producer(output, "Cast") is None:
+        return norm
+    casts: list[ir.Node] = []
+    inner = skip_casts(output, casts)
+    norm = _match_uncast_norm(inner, x) if inner is not None else None
+    if norm is None:
+        return None
+    return dataclasses.replace(norm, output=output, nodes=(*norm.nodes, *casts), output_casts=tuple(casts))
+
+
+def _match_uncast_norm(output: ir.Value, x: ir.Value) -> Norm | None:
     node = producer(output)
     if node is None:
         return None
@@ -82,11 +99,11 @@ def match_norm(output: ir.Value, x: ir.Value) -> Norm | None:
         for gain_input, unit in (node.inputs, reversed(node.inputs)):
             gain = initializer_of(gain_input)
             if const_rank(gain) == 1 and unit is not None:
-                core = _match_rms_core(unit, x)
+                core = match_rms_core(unit, x)
                 if core is not None:
                     epsilon, nodes = core
                     return Norm("rms_decomposed", epsilon, gain, output, unit, (*nodes, node), node)
-    core = _match_rms_core(output, x)
+    core = match_rms_core(output, x)
     if core is not None:
         return Norm("rms_decomposed", core[0], None, output, output, core[1])
     return None
@@ -139,7 +156,7 @@ def _match_decomposed_layernorm(output: ir.Value, x: ir.Value) -> Norm | None:
     return None
 
 
-def _match_rms_core(value: ir.Value, x: ir.Value) -> tuple[float, tuple[ir.Node, ...]] | None:
+def match_rms_core(value: ir.Value, x: ir.Value) -> tuple[float, tuple[ir.Node, ...]] | None:
     """``value = x / sqrt(mean(x², -1) + eps)`` (through Casts): returns ``(eps, nodes)``."""
     nodes: list[ir.Node] = []
     scaled = producer(skip_casts(value, nodes), {"Mul", "Div"})

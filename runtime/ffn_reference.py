@@ -35,11 +35,17 @@ def normed(block: FFNBlock, x: np.ndarray) -> np.ndarray:
     return unit * gain + _const(block.norm.bias)
 
 
+def check_refittable(block: FFNBlock) -> None:
+    """The refits and the repair fit ``W_down`` linearly: refuse an FFN whose update is not linear in it."""
+    if block.post_norm is not None:
+        raise InvalidPlanError(f"layer {block.layer}'s FFN normalises its output (a post-norm, as in Gemma 2/3's sandwich "
+                               "layers): its update is not linear in W_down, which the refits and the repair assume; "
+                               "not supported for this model yet")
+
+
 def ffn_activation(block: FFNBlock, x: np.ndarray, columns: slice = slice(None)) -> np.ndarray:
     """``act(n(x)·G + b_g) ⊙ (n(x)·U + b_u)`` (or ``act(n(x)·U + b_u)``), restricted to ``columns``."""
-    if block.post_norm is not None:
-        raise InvalidPlanError(f"layer {block.layer}'s FFN normalises its output (a post-norm, as in Gemma 2/3's sandwich layers): its update is not linear in "
-                               "W_down, which the refits and the repair assume; not supported for this model yet")
+    check_refittable(block)
     n = normed(block, x.astype(np.float32, copy=False))
     start, stop, _ = columns.indices(block.width)
 

@@ -22,10 +22,12 @@ from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.files import write_json_atomically
 from ffnfusion.core.model_io import COMPANION_FILES, METADATA_FILE, MODEL_FILE, load_model, model_file, save_model
 from ffnfusion.passes.attention_removal import AttentionRemovalPass, AttentionRemovalResult
+from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.canonical import rewriting
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan
+from ffnfusion.runtime.ffn_reference import check_refittable
 from ffnfusion.runtime.validation import validate_model
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,10 @@ def _repair_pass(model_path, plan: FusionPlan, options: RepairOptions, target: s
     if tokens < calibration.DEFAULT_WINDOW:
         raise InvalidArgumentError(f"--repair-tokens must be at least one window ({calibration.DEFAULT_WINDOW})")
     path = model_file(model_path)
+    blocks = find_blocks(load_model(path))
+    for layer in blocks.layers:  # before the calibration text is read
+        if layer.ffn is not None and any(layer.index in group for group in plan.groups):
+            check_refittable(layer.ffn)
     sources = calibration.repair_sources(path.parent, texts=options.texts, ids_files=options.ids_files, tokens=tokens)
     logger.info(f"repair: sources {', '.join(f'{s.name} ({s.fit.size} fit + {s.select.size} held out)' for s in sources)}")
     return RepairPass(path, plan.groups, sources, method=options.method, lambdas=lambdas, target=target,

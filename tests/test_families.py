@@ -131,39 +131,96 @@ def tiny_gemma3(tmp_path_factory):
 
 
 
-def test_sandwich_norm_layers_export_exactly_are_read_and_are_not_fused(tiny_gemma3, tmp_path, capsys):
+def test_sandwich_norm_layers_export_exactly_and_are_read(tiny_gemma3, tmp_path, capsys):
     from ffnfusion.cli import main
 
     model, path = tiny_gemma3
-    ids = np.random.default_rng(6).integers(0, 128, (2, 9))
     with torch.no_grad():
-        expected = without_attention(model, DROPPED)(input_ids=torch.from_numpy(ids)).logits.numpy()
-    assert rel_err(run_logits(create_session(path), ids), expected) < 1e-4  # attention-free layers: FFN post-normed
+        expected = without_attention(model, DROPPED)(input_ids=torch.from_numpy(GEMMA3_IDS)).logits.numpy()
+    assert rel_err(run_logits(create_session(path), GEMMA3_IDS), expected) < 1e-4  # attention-free layers: FFN post-normed
     block_map = find_blocks(ir.load(path))
     assert block_map.runs == [(2, 4)]
     assert all(layer.ffn is not None and layer.ffn.post_norm is not None for layer in block_map.layers)
     assert main(["inspect", str(path)]) == 0 and "rms_decomposed+post" in capsys.readouterr().out
-    # Each member normalises its own output: one wide FFN would be wrong, so the group is refused.
-    with pytest.raises(InvalidPlanError, match="layer 2's FFN normalises its output .* not one wide FFN"):
-        FFNFusionPass([[2, 3, 4]])(ir.load(path))
-    assert main(["fuse", str(path), "--groups", "2-4", "-o", str(tmp_path / "fused")]) == 1
-    assert "post-norm" in capsys.readouterr().err and not (tmp_path / "fused").exists()
-    for argv in (["frontier", str(path), "-o", str(tmp_path / "frontier"), "--steps", "2", "--tokens", "256",
-                  "--select-tokens", "128", "--eval-tokens", "128", "--window", "64", "--baselines", "none",
-                  "--no-latency", "--calib-ids", *[str(tmp_path / f"{n}.npy") for n in "abc"]],
-                 ["export-hf", str(path), "-o", str(tmp_path / "hf")]):
-        for name in "abc":
-            np.save(tmp_path / f"{name}.npy", np.random.default_rng(7).integers(0, 128, 512))
-        assert main(argv) in (1, 2), argv[0]
-        assert len(capsys.readouterr().err.strip().splitlines()[-1:]) == 1
-        assert not (tmp_path / argv[argv.index("-o") + 1].split("/")[-1]).exists()
-    # The planner leaves them out even where nothing else would stop it.
-    np.save(tmp_path / "ids.npy", np.random.default_rng(8).integers(0, 128, 1024))
-    assert main(["analyze", str(path), "-o", str(tmp_path / "report"), "--token-ids", str(tmp_path / "ids.npy"),
-                 "--tokens", "512", "--window", "64", "--threshold", "10", "--include-last"]) == 0
-    assert json.loads((tmp_path / "report" / "plan.json").read_text())["groups"] == []
-        # Removing a whole branch stays exact: attention dropped in layer 5 as well.
+    # Removing a whole branch stays exact: attention dropped in layer 5 as well.
     assert main(["drop-attention", str(path), "--layers", "5", "-o", str(tmp_path / "dropped")]) == 0
     with torch.no_grad():
-        expected = without_attention(model, [*DROPPED, 5])(input_ids=torch.from_numpy(ids)).logits.numpy()
-    assert rel_err(run_logits(create_session(tmp_path / "dropped" / "model.onnx"), ids), expected) < 1e-4
+        expected = without_attention(model, [*DROPPED, 5])(input_ids=torch.from_numpy(GEMMA3_IDS)).logits.numpy()
+    assert rel_err(run_logits(create_session(tmp_path / "dropped" / "model.onnx"), GEMMA3_IDS), expected) < 1e-4
+
+
+GEMMA3_IDS = np.random.default_rng(6).integers(0, 128, (2, 9))
+
+
+def _parallel_reference_logits(model, groups) -> np.ndarray:
+    """The torch model with attention dropped in 2-4 and ``groups`` in parallel form:
+    ``x + Σ post_j(mlp_j(pre_j(x)))`` (llama_surgery.ParallelFFNGroup)."""
+    reference = copy.deepcopy(model)
+    llama_surgery.drop_attention(reference, DROPPED)
+    llama_surgery.parallelize_groups(reference, groups)
+    with torch.no_grad():
+        return reference(input_ids=torch.from_numpy(GEMMA3_IDS)).logits.numpy()
+
+
+def test_sandwich_norm_group_fuses_exactly_into_the_grouped_form(tiny_gemma3, tmp_path, capsys):
+    from ffnfusion.cli import main
+
+    model, path = tiny_gemma3
+    assert main(["fuse", str(path), "--groups", "2-4", "-o", str(tmp_path / "fused")]) == 0
+    fused = tmp_path / "fused" / "model.onnx"
+    logits = run_logits(create_session(fused), GEMMA3_IDS)
+    assert rel_err(logits, _parallel_reference_logits(model, [DROPPED])) <= 1e-5
+    assert rel_err(logits, run_logits(create_session(path), GEMMA3_IDS)) > 1e-3  # not the sequential model
+    # Read back as one FFN of the members' total width with a stacked post-norm: 4 sequential steps
+    # (norm, wide gate/up GEMM, batched down GEMM, norms + sum) where there were 12.
+    onnx_model = ir.load(fused)
+    block = find_blocks(onnx_model).layer(2)
+    assert block.span == range(2, 5) and block.ffn.width == 3 * 96 and block.ffn.norm_description == "rms_decomposed+post"
+    assert block.ffn.post_norm.gain.const_value.shape.numpy() == (3, 1, 64)
+    matmuls = [node for node in onnx_model.graph if node.op_type == "MatMul" and node.name.startswith("ffnfusion.layers.2-4")]
+    assert len(matmuls) == 3  # gate, up, the batched down projection
+    assert main(["inspect", str(fused)]) == 0 and "2-4" in capsys.readouterr().out
+
+
+def test_sandwich_norm_groups_side_by_side_and_in_float16(tiny_gemma3, tmp_path):
+    model, path = tiny_gemma3
+    onnx_model = ir.load(path)
+    FFNFusionPass([[2, 3]])(onnx_model)  # then layer 4 alone: two groups' worth of the stream rewired
+    ir.save(onnx_model, tmp_path / "fused.onnx")
+    assert rel_err(run_logits(create_session(tmp_path / "fused.onnx"), GEMMA3_IDS),
+                   _parallel_reference_logits(model, [[2, 3]])) <= 1e-5
+    # An already fused group is not fused again with its neighbour: the original layers are.
+    with pytest.raises(InvalidPlanError, match="layer 2 is already a fused post-normed group"):
+        FFNFusionPass([[2, 3, 4]])(ir.load(tmp_path / "fused.onnx"))
+    half = export_model(copy.deepcopy(model), tmp_path / "fp16", ExportOptions(drop_attention=DROPPED, dtype="float16"))
+    onnx_model = ir.load(half)
+    FFNFusionPass([DROPPED])(onnx_model)
+    ir.save(onnx_model, tmp_path / "fused16.onnx")
+    logits = run_logits(create_session(tmp_path / "fused16.onnx"), GEMMA3_IDS).astype(np.float32)
+    assert rel_err(logits, _parallel_reference_logits(model, [DROPPED])) <= 5e-3  # fp16 weights; post-norms in float32
+
+
+def test_sandwich_norm_models_through_the_commands(tiny_gemma3, tmp_path, capsys):
+    """analyze plans post-normed groups; the repair, the frontier and export-hf refuse them in one
+    line and write nothing."""
+    from ffnfusion.cli import main
+
+    _, path = tiny_gemma3
+    for name in "abc":
+        np.save(tmp_path / f"{name}.npy", np.random.default_rng(7).integers(0, 128, 1024))
+    calib = [str(tmp_path / f"{n}.npy") for n in "abc"]
+    assert main(["analyze", str(path), "-o", str(tmp_path / "report"), "--token-ids", calib[0],
+                 "--tokens", "512", "--window", "64", "--threshold", "10", "--include-last"]) == 0
+    assert json.loads((tmp_path / "report" / "plan.json").read_text())["groups"] == [[2, 3, 4]]
+    capsys.readouterr()
+    # No text is read before the refusal (the frontier is given no evaluation text, and no tokenizer is here).
+    for argv, why in ((["fuse", str(path), "--groups", "2-4", "--repair", "--calib-ids", *calib[:2], "-o",
+                        str(tmp_path / "repaired")], "post-norm"),
+                      (["frontier", str(path), "-o", str(tmp_path / "frontier"), "--steps", "2", "--tokens", "256",
+                        "--select-tokens", "128", "--window", "64", "--calib-ids", *calib], "post-norms"),
+                      (["export-hf", str(path), "-o", str(tmp_path / "hf")], "sliding-window attention")):
+        assert main(argv) in (1, 2), argv[0]
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("ffnfusion: error:") and why in err[-1], (argv[0], err[-3:])
+        assert not any("sources" in line or "calibration" in line for line in err), err
+        assert not (tmp_path / argv[argv.index("-o") + 1].split("/")[-1]).exists()

@@ -88,10 +88,13 @@ def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
 def run_frontier_command(args) -> None:
     from ffnfusion.core.model_io import load_model, model_file
     from ffnfusion.passes.blocks import find_blocks
+    from ffnfusion.runtime.frontier.evaluator import check_searchable
     from ffnfusion.runtime.frontier.frontier import check_steps, run_frontier
 
     path = model_file(args.model)
-    check_steps(find_blocks(load_model(path)).num_layers, args.steps)
+    block_map = find_blocks(load_model(path))
+    check_steps(block_map.num_layers, args.steps)
+    check_searchable(block_map)
     baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
     fit, select = _calibration(args, path.parent)
     if args.dry_run:

@@ -184,7 +184,7 @@ def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
     for unit, layer in zip(units, runner.block_map.layers):
         entry = unit.to_dict()
         entry["width"] = layer.ffn.width if layer.ffn else 0
-        entry["post_norm"] = bool(layer.ffn and layer.ffn.post_norm)  # not fusable into one wide FFN
+        entry["post_norm"] = bool(layer.ffn and layer.ffn.post_norm)  # fused in the grouped form, not refitted
         blocks.append(entry)
     cost = {
         "tokens": tokens, "dependency_tokens": dep_tokens if reach else 0, "unit_evaluations": evaluations,

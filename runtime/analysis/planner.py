@@ -2,8 +2,8 @@
 
 Per attention-free run (layers a..b):
 
-1. by default drop the run's last FFN from the candidates (the paper found fusing it hurts), and
-   FFNs with a post-norm (Gemma 2/3), which the fusion refuses;
+1. by default drop the run's last FFN from the candidates (the paper found fusing it hurts);
+   post-normed FFNs (Gemma 2/3) are candidates like any other (the fusion writes their grouped form);
 2. a window of consecutive candidates is valid when every pair inside it has
    ``M[i, j] <= threshold`` and its total FFN width is at most ``max_width``;
 3. take valid windows greedily: longest first (most sequential steps saved), then lowest
@@ -24,7 +24,7 @@ def plan_groups(report: DependencyReport, *, threshold: float = DEFAULT_THRESHOL
                 max_width: int | None = None, include_last: bool = False) -> FusionPlan:
     widths = {}
     for block in report.blocks:
-        if block["kind"] == "ffn" and not block.get("post_norm"):  # fuse refuses post-normed FFNs
+        if block["kind"] == "ffn":
             widths[block["layer"]] = block["width"]
     chosen: list[tuple[list[int], dict]] = []
     for first, last in report.runs:

@@ -29,7 +29,7 @@ import logging
 import numpy as np
 
 from ffnfusion.core.errors import InvalidArgumentError
-from ffnfusion.passes.blocks import FFNBlock
+from ffnfusion.passes.blocks import BlockMap, FFNBlock
 from ffnfusion.passes.depth_plan import DepthPlan, Move
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.streaming import read_columns, read_rows
@@ -88,6 +88,20 @@ class Candidate:
         return (self.kl - current_kl) / self.move.saved
 
 
+def check_searchable(block_map: BlockMap) -> None:
+    """The depth search runs FFNs in numpy, refits ``W_down`` linearly and assumes sequential layers:
+    refuse, before any text is read, a model where those do not hold."""
+    post_normed = [layer.index for layer in block_map.layers if layer.ffn and layer.ffn.post_norm]
+    if post_normed:  # the search runs FFNs in numpy and refits W_down linearly
+        raise InvalidArgumentError(f"frontier: the FFNs of layers {format_ranges(post_normed)} normalise their "
+                                   "output (post-norms, Gemma 2/3 sandwich layers); the depth search does not "
+                                   "handle them yet")
+    parallel = [layer.index for layer in block_map.layers if layer.parallel]
+    if parallel:  # the sublayer runs assume attention, then the FFN on the stream after it
+        raise InvalidArgumentError(f"frontier: layers {parallel} are parallel-residual (attention and FFN read "
+                                   "the same input); the depth search handles sequential layers only")
+
+
 class DepthEvaluator:
     """Incremental forwards and scores for depth plans of one model (see the module docstring).
 
@@ -95,15 +109,7 @@ class DepthEvaluator:
     of another text whose KL(original ‖ candidate) scores candidates."""
 
     def __init__(self, runner: BlockRunner, fit: np.ndarray, select: np.ndarray, lazy_fit: bool = True):
-        post_normed = [layer.index for layer in runner.block_map.layers if layer.ffn and layer.ffn.post_norm]
-        if post_normed:  # the search runs FFNs in numpy and refits W_down linearly
-            raise InvalidArgumentError(f"frontier: the FFNs of layers {format_ranges(post_normed)} normalise their "
-                                       "output (post-norms, Gemma 2/3 sandwich layers); the depth search does not "
-                                       "handle them yet")
-        parallel = [layer.index for layer in runner.block_map.layers if layer.parallel]
-        if parallel:  # the sublayer runs assume attention, then the FFN on the stream after it
-            raise InvalidArgumentError(f"frontier: layers {parallel} are parallel-residual (attention and FFN read "
-                                       "the same input); the depth search handles sequential layers only")
+        check_searchable(runner.block_map)
         self.runner = runner
         self.lazy_fit = lazy_fit  # False: every accepted move brings the fitting streams up to date (the old way)
         self.plan0 = DepthPlan.of(runner.block_map)
