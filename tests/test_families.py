@@ -1,4 +1,6 @@
-"""Model families beyond Llama: GeGLU (Gemma) and a plain biased MLP after LayerNorm (GPT-NeoX)."""
+"""Model families beyond Llama: GeGLU (Gemma), a plain biased MLP after LayerNorm (GPT-NeoX), and Gemma 2/3's
+sandwich norms (post-normed FFNs: exported, read, fused in their grouped form, refused where a step
+assumes W_down enters linearly)."""
 
 from __future__ import annotations
 
@@ -136,8 +138,8 @@ def test_sandwich_norm_layers_export_exactly_and_are_read(tiny_gemma3, tmp_path,
 
     model, path = tiny_gemma3
     with torch.no_grad():
-        expected = without_attention(model, DROPPED)(input_ids=torch.from_numpy(GEMMA3_IDS)).logits.numpy()
-    assert rel_err(run_logits(create_session(path), GEMMA3_IDS), expected) < 1e-4  # attention-free layers: FFN post-normed
+        expected = without_attention(model, DROPPED)(input_ids=torch.from_numpy(GEMMA_IDS)).logits.numpy()
+    assert rel_err(run_logits(create_session(path), GEMMA_IDS), expected) < 1e-4  # attention-free layers: FFN post-normed
     block_map = find_blocks(ir.load(path))
     assert block_map.runs == [(2, 4)]
     assert all(layer.ffn is not None and layer.ffn.post_norm is not None for layer in block_map.layers)
@@ -145,11 +147,11 @@ def test_sandwich_norm_layers_export_exactly_and_are_read(tiny_gemma3, tmp_path,
     # Removing a whole branch stays exact: attention dropped in layer 5 as well.
     assert main(["drop-attention", str(path), "--layers", "5", "-o", str(tmp_path / "dropped")]) == 0
     with torch.no_grad():
-        expected = without_attention(model, [*DROPPED, 5])(input_ids=torch.from_numpy(GEMMA3_IDS)).logits.numpy()
-    assert rel_err(run_logits(create_session(tmp_path / "dropped" / "model.onnx"), GEMMA3_IDS), expected) < 1e-4
+        expected = without_attention(model, [*DROPPED, 5])(input_ids=torch.from_numpy(GEMMA_IDS)).logits.numpy()
+    assert rel_err(run_logits(create_session(tmp_path / "dropped" / "model.onnx"), GEMMA_IDS), expected) < 1e-4
 
 
-GEMMA3_IDS = np.random.default_rng(6).integers(0, 128, (2, 9))
+GEMMA_IDS = np.random.default_rng(6).integers(0, 128, (2, 9))
 
 
 def _parallel_reference_logits(model, groups) -> np.ndarray:
@@ -159,7 +161,7 @@ def _parallel_reference_logits(model, groups) -> np.ndarray:
     llama_surgery.drop_attention(reference, DROPPED)
     llama_surgery.parallelize_groups(reference, groups)
     with torch.no_grad():
-        return reference(input_ids=torch.from_numpy(GEMMA3_IDS)).logits.numpy()
+        return reference(input_ids=torch.from_numpy(GEMMA_IDS)).logits.numpy()
 
 
 def test_sandwich_norm_group_fuses_exactly_into_the_grouped_form(tiny_gemma3, tmp_path, capsys):
@@ -168,9 +170,9 @@ def test_sandwich_norm_group_fuses_exactly_into_the_grouped_form(tiny_gemma3, tm
     model, path = tiny_gemma3
     assert main(["fuse", str(path), "--groups", "2-4", "-o", str(tmp_path / "fused")]) == 0
     fused = tmp_path / "fused" / "model.onnx"
-    logits = run_logits(create_session(fused), GEMMA3_IDS)
+    logits = run_logits(create_session(fused), GEMMA_IDS)
     assert rel_err(logits, _parallel_reference_logits(model, [DROPPED])) <= 1e-5
-    assert rel_err(logits, run_logits(create_session(path), GEMMA3_IDS)) > 1e-3  # not the sequential model
+    assert rel_err(logits, run_logits(create_session(path), GEMMA_IDS)) > 1e-3  # not the sequential model
     # Read back as one FFN of the members' total width with a stacked post-norm: 4 sequential steps
     # (norm, wide gate/up GEMM, batched down GEMM, norms + sum) where there were 12.
     onnx_model = ir.load(fused)
@@ -187,7 +189,7 @@ def test_sandwich_norm_groups_side_by_side_and_in_float16(tiny_gemma3, tmp_path)
     onnx_model = ir.load(path)
     FFNFusionPass([[2, 3]])(onnx_model)  # then layer 4 alone: two groups' worth of the stream rewired
     ir.save(onnx_model, tmp_path / "fused.onnx")
-    assert rel_err(run_logits(create_session(tmp_path / "fused.onnx"), GEMMA3_IDS),
+    assert rel_err(run_logits(create_session(tmp_path / "fused.onnx"), GEMMA_IDS),
                    _parallel_reference_logits(model, [[2, 3]])) <= 1e-5
     # An already fused group is not fused again with its neighbour: the original layers are.
     with pytest.raises(InvalidPlanError, match="layer 2 is already a fused post-normed group"):
@@ -196,7 +198,7 @@ def test_sandwich_norm_groups_side_by_side_and_in_float16(tiny_gemma3, tmp_path)
     onnx_model = ir.load(half)
     FFNFusionPass([DROPPED])(onnx_model)
     ir.save(onnx_model, tmp_path / "fused16.onnx")
-    logits = run_logits(create_session(tmp_path / "fused16.onnx"), GEMMA3_IDS).astype(np.float32)
+    logits = run_logits(create_session(tmp_path / "fused16.onnx"), GEMMA_IDS).astype(np.float32)
     assert rel_err(logits, _parallel_reference_logits(model, [DROPPED])) <= 5e-3  # fp16 weights; post-norms in float32
 
 
@@ -224,3 +226,27 @@ def test_sandwich_norm_models_through_the_commands(tiny_gemma3, tmp_path, capsys
         assert err[-1].startswith("ffnfusion: error:") and why in err[-1], (argv[0], err[-3:])
         assert not any("sources" in line or "calibration" in line for line in err), err
         assert not (tmp_path / argv[argv.index("-o") + 1].split("/")[-1]).exists()
+
+
+def test_gemma2_soft_capping_and_sandwich_norms_export_and_fuse_exactly(tmp_path):
+    """Gemma 2: logits and attention scores soft-capped, sliding and global layers alternating,
+    sandwich norms: the export equals transformers, a fused group equals the torch parallel form."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                          sliding_window=4, final_logit_softcapping=5.0, attn_logit_softcapping=10.0)
+    model, path = _random_model_and_export(
+        Gemma2ForCausalLM, config, lambda name, p: p.uniform_(-0.5, 0.5) if "norm" in name else None, 0, tmp_path)
+    full = export_model(copy.deepcopy(model), tmp_path / "full", ExportOptions())
+    with torch.no_grad():
+        expected = model(input_ids=torch.from_numpy(GEMMA_IDS)).logits.numpy()  # 9 tokens: past the window
+    assert rel_err(run_logits(create_session(full), GEMMA_IDS), expected) <= 1e-4
+    with torch.no_grad():
+        expected = without_attention(model, DROPPED)(input_ids=torch.from_numpy(GEMMA_IDS)).logits.numpy()
+    assert rel_err(run_logits(create_session(path), GEMMA_IDS), expected) <= 1e-4
+    onnx_model = ir.load(path)
+    FFNFusionPass([DROPPED])(onnx_model)
+    ir.save(onnx_model, tmp_path / "fused.onnx")
+    assert rel_err(run_logits(create_session(tmp_path / "fused.onnx"), GEMMA_IDS),
+                   _parallel_reference_logits(model, [DROPPED])) <= 1e-5
