@@ -82,10 +82,15 @@ def test_export_equals_transformers(family):
     assert block_map.runs == [(2, 4)] and len(block_map.layers) == 6
 
 
+FLOAT16_KV = {"qwen2", "phi3"}  # biased and fused projections: where float16 casts differ from Llama's
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_kv_cache_export_prefill_then_decode_equals_transformers(family, tmp_path, dtype):
     name, model, _, _ = family
+    if dtype == "float16" and name not in FLOAT16_KV:
+        pytest.skip(f"float16 KV export checked on {', '.join(sorted(FLOAT16_KV))} (one export each; CI time)")
     path = export_model(copy.deepcopy(model), tmp_path, ExportOptions(drop_attention=[0, 3], kv_cache=True,
                                                                       dtype=dtype))
     prefill, decode = prefill_then_decode(create_session(path), IDS, 6)
