@@ -88,3 +88,25 @@ def test_bad_opset_and_layers_are_refused(tmp_path, tiny_llama):
         export_model(copy.deepcopy(tiny_llama), tmp_path, ExportOptions(opset=17))
     with pytest.raises(FFNFusionError, match="layer 8 out of range: the model has 8 layers"):
         export_model(copy.deepcopy(tiny_llama), tmp_path, ExportOptions(drop_attention=[8]))
+
+
+def test_export_check_compares_an_export_with_its_source(tmp_path, capsys):
+    """``python -m ffnfusion.benchmarks.export_check``: an export from a Hugging Face folder against
+    that folder's model in transformers; an export that is not plain is refused."""
+    from conftest import make_tiny_llama, save_tiny_tokenizer
+
+    from ffnfusion.benchmarks.export_check import main as export_check
+    from ffnfusion.cli import main
+
+    source = tmp_path / "hf"
+    make_tiny_llama(3).save_pretrained(source)
+    save_tiny_tokenizer(source)
+    (tmp_path / "text.txt").write_text(" ".join(f"t{i % 128}" for i in range(0, 4000, 7)))
+    assert main(["export", str(source), "-o", str(tmp_path / "onnx")]) == 0
+    assert export_check([str(tmp_path / "onnx"), "--text", str(tmp_path / "text.txt"), "--tokens", "64"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "64 tokens" in line and float(line.split("relative error ")[1].split(",")[0]) < 1e-5, line
+    assert "agrees at 100.0%" in line
+    assert main(["export", str(source), "-o", str(tmp_path / "dropped"), "--drop-attention", "1"]) == 0
+    with pytest.raises(SystemExit, match="plain exports"):
+        export_check([str(tmp_path / "dropped")])
