@@ -18,6 +18,7 @@ from ffnfusion.passes.blocks import FFNBlock
 from ffnfusion.passes.norm_matchers import Norm
 from ffnfusion.passes.op_matchers import attribute
 from ffnfusion.passes.plan import InvalidPlanError
+from ffnfusion.passes.streaming import FoldedColumns
 
 
 class Emitter:
@@ -113,6 +114,23 @@ def replace_group(graph: ir.Graph, last: FFNBlock, residual: ir.Value, new_nodes
     if output_name is not None:
         old_output.name = None
         residual.name = output_name
+
+
+def wide_hidden(emit: Emitter, members: Sequence[FFNBlock], unit_norm: ir.Value, gains: list[np.ndarray],
+                pad: int = 0) -> ir.Value:
+    """The members' hidden activations side by side, ``act(u·G*) ⊙ (u·U*)`` (or ``act(u·U*)``), each
+    member's gain folded into its own columns; ``pad`` zero columns at the end."""
+    first, prefix, dtype = members[0], emit.prefix, emit.dtype
+    # Weights are computed when saved, a block of rows at a time (models larger than RAM).
+    up = register(emit.graph, FoldedColumns([m.up for m in members], gains, dtype, f"{prefix}.up_proj.weight", pad))
+    up_out = emit.linear(unit_norm, up, folded_bias(members, "up", dtype, f"{prefix}.up_proj.bias", pad), "up_proj")
+    if first.kind != "gated":
+        return emit.activate(up_out, first.activation)
+    gate_weights = [m.gate for m in members if m.gate is not None]  # check_fusable: all gated alike
+    gate = register(emit.graph, FoldedColumns(gate_weights, gains, dtype, f"{prefix}.gate_proj.weight", pad))
+    gate_out = emit.linear(unit_norm, gate, folded_bias(members, "gate", dtype, f"{prefix}.gate_proj.bias", pad),
+                           "gate_proj")
+    return emit.add("Mul", [emit.activate(gate_out, first.activation), up_out], "gated")
 
 
 def shared_gain(members: Sequence[FFNBlock], gains: list[np.ndarray]) -> np.ndarray | None:

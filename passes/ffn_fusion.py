@@ -36,18 +36,18 @@ from ffnfusion.passes.canonical import RewritePass
 from ffnfusion.passes.ffn_emission import (
     Emitter,
     const_float32,
-    folded_bias,
     group_nodes,
     pre_norm_gain,
     register,
     replace_group,
     shared_gain,
     unit_gain_norm,
+    wide_hidden,
 )
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan, InvalidPlanError
 from ffnfusion.passes.post_norm_fusion import check_post_normed, fuse_post_normed_group
-from ffnfusion.passes.streaming import FoldedColumns, StackedRows
+from ffnfusion.passes.streaming import StackedRows
 
 # What the emitted layout is tuned for: "gpu" (TensorRT, CUDA; the default) keeps the width, a sum
 # of the members' tensor-core friendly widths; "cpu" (ONNX Runtime's MLAS kernels) pads it.
@@ -145,18 +145,8 @@ def fuse_group(graph: ir.Graph, label: str, members: Sequence[FFNBlock],
     unit_norm = unit_gain_norm(first, emit, doomed, shared)
     if shared is not None:  # what is folded is each member's gain relative to the one the norm applies
         gains = [gain / shared for gain in gains]
-    # Weights are computed when saved, a block of rows at a time (models larger than RAM).
-    up = register(graph, FoldedColumns([m.up for m in members], gains, dtype, f"{prefix}.up_proj.weight", pad))
+    hidden = wide_hidden(emit, members, unit_norm, gains, pad)
     down = register(graph, StackedRows([m.down for m in members], dtype, f"{prefix}.down_proj.weight", pad))
-    up_out = emit.linear(unit_norm, up, folded_bias(members, "up", dtype, f"{prefix}.up_proj.bias", pad), "up_proj")
-    if first.kind == "gated":
-        gate_weights = [m.gate for m in members if m.gate is not None]  # check_fusable: all gated alike
-        gate = register(graph, FoldedColumns(gate_weights, gains, dtype, f"{prefix}.gate_proj.weight", pad))
-        gate_out = emit.linear(unit_norm, gate, folded_bias(members, "gate", dtype, f"{prefix}.gate_proj.bias", pad),
-                               "gate_proj")
-        hidden = emit.add("Mul", [emit.activate(gate_out, first.activation), up_out], "gated")
-    else:
-        hidden = emit.activate(up_out, first.activation)
     down_out = emit.linear(hidden, down, summed_down_bias(members, dtype, f"{prefix}.down_proj.bias"), "down_proj")
     residual = emit.add("Add", [stream_input, down_out], "residual_add")
     replace_group(graph, last, residual, emit.nodes, doomed)

@@ -34,20 +34,11 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from ffnfusion.passes import ffn_emission as emission
 from ffnfusion.passes import nbits
 from ffnfusion.passes.blocks import FFNBlock
-from ffnfusion.passes.ffn_emission import (
-    Emitter,
-    const_float32,
-    folded_bias,
-    group_nodes,
-    pre_norm_gain,
-    register,
-    replace_group,
-    unit_gain_norm,
-)
 from ffnfusion.passes.plan import InvalidPlanError
-from ffnfusion.passes.streaming import FoldedColumns, StackedRows
+from ffnfusion.passes.streaming import StackedRows
 
 
 def check_post_normed(label: str, members: Sequence[FFNBlock]) -> None:
@@ -84,7 +75,7 @@ def check_post_normed(label: str, members: Sequence[FFNBlock]) -> None:
 def _post_gain(member: FFNBlock) -> np.ndarray:
     post = member.post_norm
     assert post is not None
-    return np.ones(member.hidden, np.float32) if post.gain is None else const_float32(post.gain)
+    return np.ones(member.hidden, np.float32) if post.gain is None else emission.const_float32(post.gain)
 
 
 def fuse_post_normed_group(graph: ir.Graph, label: str, members: Sequence[FFNBlock],
@@ -96,28 +87,18 @@ def fuse_post_normed_group(graph: ir.Graph, label: str, members: Sequence[FFNBlo
     prefix = f"ffnfusion.layers.{label}"
     dtype, count, width, hidden_size = first.dtype, len(members), first.width, first.hidden
     opset = graph.opset_imports.get("", 20)
-    doomed = group_nodes(label, members)
-    emit = Emitter(graph, prefix, dtype)
+    doomed = emission.group_nodes(label, members)
+    emit = emission.Emitter(graph, prefix, dtype)
 
-    unit_norm = unit_gain_norm(first, emit, doomed)
-    gains = [pre_norm_gain(m) for m in members]
-    up = register(graph, FoldedColumns([m.up for m in members], gains, dtype, f"{prefix}.up_proj.weight"))
-    up_out = emit.linear(unit_norm, up, folded_bias(members, "up", dtype, f"{prefix}.up_proj.bias"), "up_proj")
-    if first.kind == "gated":
-        gate = register(graph, FoldedColumns([m.gate for m in members if m.gate is not None], gains, dtype,
-                                             f"{prefix}.gate_proj.weight"))
-        gate_out = emit.linear(unit_norm, gate, folded_bias(members, "gate", dtype, f"{prefix}.gate_proj.bias"),
-                               "gate_proj")
-        hidden = emit.add("Mul", [emit.activate(gate_out, first.activation), up_out], "gated")
-    else:
-        hidden = emit.activate(up_out, first.activation)
+    unit_norm = emission.unit_gain_norm(first, emit, doomed)
+    hidden = emission.wide_hidden(emit, members, unit_norm, [emission.pre_norm_gain(m) for m in members])
 
     def int64(values: list[int], name: str) -> ir.Value:
         return emit.constant(np.array(values, np.int64), name)
 
     rows = emit.add("Reshape", [hidden, int64([-1, count, width], "member_rows_shape")], "member_rows")
     per_member = emit.add("Transpose", [rows], "per_member", perm=[1, 0, 2])
-    down = register(graph, StackedRows([m.down for m in members], dtype, f"{prefix}.down_proj.weight"))
+    down = emission.register(graph, StackedRows([m.down for m in members], dtype, f"{prefix}.down_proj.weight"))
     stacked_down = emit.add("Reshape", [down, int64([count, width, hidden_size], "down_proj_shape")], "down_proj_stack")
     outputs = emit.add("MatMul", [per_member, stacked_down], "down_proj")
     if dtype != ir.DataType.FLOAT:
@@ -139,5 +120,5 @@ def fuse_post_normed_group(graph: ir.Graph, label: str, members: Sequence[FFNBlo
         summed = emit.add("Cast", [summed], "member_sum_cast", to=dtype)
     update = emit.add("Reshape", [summed, emit.add("Shape", [stream_input], "stream_shape")], "update")
     residual = emit.add("Add", [stream_input, update], "residual_add")
-    replace_group(graph, last, residual, emit.nodes, doomed)
+    emission.replace_group(graph, last, residual, emit.nodes, doomed)
     return residual
