@@ -62,7 +62,8 @@ class FFNBlock:
     gate_bias: ir.Value | None = None
     up_bias: ir.Value | None = None
     down_bias: ir.Value | None = None
-    # Gemma 2/3 sandwich layers normalise the FFN's output too: y = x + post(down(...)).
+    # Gemma 2/3 sandwich layers normalise the FFN's output too: y = x + post(down(...)). A fused group
+    # of them (post_norm_fusion's grouped form) has its members' post-norm gains stacked [k, 1, H].
     post_norm: norm_matchers.Norm | None = None
 
     @property
