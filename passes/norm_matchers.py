@@ -41,14 +41,13 @@ class Norm:
     # 1-D initializer ``s`` (a grouped post-norm, see post_norm_fusion: the members' gains stacked
     # [k, 1, H]); None when the norm has no gain
     gain: ir.Value | None
-    # (LayerNorm only) 1-D initializer ``β``: n(x) = unit(x)·s + β
     output: ir.Value  # n(x), what the FFN's gate/up MatMuls read
     # The unit-gain value x/rms(x) the gain multiplies (decomposed kind only): a fused group
     # keeps the first member's nodes up to here and drops the gain Mul.
     unit_output: ir.Value | None
     nodes: tuple[ir.Node, ...]
     gain_node: ir.Node | None = None
-    bias: ir.Value | None = None
+    bias: ir.Value | None = None  # (LayerNorm only) 1-D initializer ``β``: n(x) = unit(x)·s + β
     bias_node: ir.Node | None = None  # decomposed LayerNorm: the Add of β
     # Casts *after* the gain (Gemma computes its norm in float32, gain included, then casts to the
     # weights' dtype); ``output`` is the last one's output. A fused group casts its unit norm the same.
@@ -58,8 +57,6 @@ class Norm:
     def centered(self) -> bool:
         """A LayerNorm (the mean is subtracted first), not an RMSNorm."""
         return self.kind in ("LayerNormalization", "layernorm_decomposed")
-
-
 
 
 def match_norm(output: ir.Value, x: ir.Value) -> Norm | None:
