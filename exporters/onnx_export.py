@@ -84,11 +84,17 @@ class _WithKVCache(nn.Module):
 
 def _attention_layers_cache(dynamic_cache_class):
     """A DynamicCache that answers length queries about attention-free layers (which never store
-    anything) with the first attention layer's numbers; transformers asks layer 0 by default."""
+    anything) with the first attention layer's numbers; transformers asks layer 0 by default.
+
+    Every layer keeps its whole past, sliding-window layers (Gemma 2/3) included: the flat
+    past/present signature carries every token, and the window is the attention mask's job (a
+    cropping cache layer would return fewer keys than the mask it was given has columns)."""
+    from transformers.cache_utils import DynamicLayer
 
     class AttentionLayersCache(dynamic_cache_class):  # type: ignore[valid-type,misc]  # a base chosen at run time
         def __init__(self, config, attention_layers):
             super().__init__(config=config)
+            self.layers = [DynamicLayer() for _ in range(config.get_text_config(decoder=True).num_hidden_layers)]
             self._attention_layers = set(attention_layers)
             self._first = min(attention_layers)
 
