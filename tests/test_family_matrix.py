@@ -1,7 +1,8 @@
-"""Pre-norm decoder families beside Llama, each a tiny random model built from its transformers
-config class: Qwen2 (q/k/v biases), Qwen3 (QK-norm), Mistral (sliding window shorter than the
-inputs), Phi-3 (one gate_up_proj and one qkv_proj matrix) and Granite (residual, embedding and
-attention multipliers, logits scaling).
+"""Decoder families beside Llama, each a tiny random model built from its transformers config class:
+Qwen2 (q/k/v biases), Qwen3 (QK-norm), Mistral (sliding window shorter than the inputs), Phi-3 (one
+gate_up_proj and one qkv_proj matrix), Granite (residual, embedding and attention multipliers, logits
+scaling), Gemma 2 and Gemma 3 (sandwich norms: post-normed FFNs, fused in the grouped form and
+refitted through their RMS; alternating sliding-window layers; soft-capping, QK-norm).
 
 For each: the export equals transformers (with and without attention in layers 2-4), fusing 2-4
 equals a torch reference of the parallel form, and a 2-step frontier point written to disk equals
@@ -38,6 +39,11 @@ FAMILIES = {  # name -> (config class, model class, config beyond COMMON)
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"residual_multiplier": 0.5, "embedding_multiplier": 3.0,
                                                         "attention_multiplier": 0.2, "logits_scaling": 2.0}),
+    # sandwich norms (post-normed FFNs), GeGLU, (1 + w) gains, sliding and global layers; Gemma 2
+    # soft-caps attention scores and logits, Gemma 3 has QK-norm
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 4,  # caps low enough to bite
+                                                    "final_logit_softcapping": 5.0, "attn_logit_softcapping": 10.0}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 4}),
 }
 IDS = np.random.default_rng(1).integers(0, 128, (2, 9))  # 9 tokens: past Mistral's window of 4
 
@@ -172,7 +178,8 @@ def test_frontier_point_equals_the_torch_model_with_its_plan(family, tmp_path):
 
 EXPORT_HF_REFUSALS = {"qwen2": "attention projections with biases", "qwen3": "QK-norm",
                       "mistral": "sliding-window attention (window 4)", "phi3": "fused qkv projection",
-                      "granite": "attention_multiplier"}
+                      "granite": "attention_multiplier", "gemma2": "sliding-window attention",
+                      "gemma3": "sliding-window attention"}
 
 
 def test_export_hf_refuses_what_nemotron_nas_cannot_carry_in_one_line(family, tmp_path, capsys):

@@ -17,8 +17,9 @@ from ffnfusion.core.model_io import load_model
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.depth_plan import DepthPlan, DepthReductionPass, Move
 from ffnfusion.runtime.block_runner import BlockRunner
+from ffnfusion.runtime.frontier import evaluator as evaluator_module
 from ffnfusion.runtime.frontier import search
-from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, Streams, _ridge
+from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, Streams, _ridge, _ridge_post_norm
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +279,35 @@ def test_streamed_evaluator_scores_like_the_in_ram_one(evaluator, tiny_full, win
     for move in (Move("attention", (3,)), Move("block", (5,))):
         a, b = evaluator.candidate(move, refit=True), streamed.candidate(move, refit=True)
         assert abs(a.kl - b.kl) <= 1e-5 * max(1.0, a.kl) and (a.refit is None) == (b.refit is None)
+
+
+def test_post_norm_refit_closes_a_reachable_gap_and_declines_noise(monkeypatch):
+    """An FFN with a post-RMSNorm (``u = g ⊙ d / rms(d)``, ``d = A·W``) whose W_down drifted from one
+    that reaches the target: the fixed-point refit (RMS held, re-solved) closes the gap on every
+    token, better than one round; a residual the features cannot explain gets no refit."""
+    import onnx_ir as ir
+
+    from ffnfusion.passes.norm_matchers import Norm
+
+    rng = np.random.default_rng(0)
+    tokens, width, hidden = 2048, 32, 16
+    a = rng.normal(size=(tokens, width)).astype(np.float32)
+    reachable = rng.normal(0, 0.3, (width, hidden)).astype(np.float32)
+    drifted = reachable + rng.normal(0, 0.1, (width, hidden)).astype(np.float32)
+    gain = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
+    norm = Norm("rms_decomposed", 1e-6, ir.Value(name="g", const_value=ir.tensor(gain)), ir.Value(name="y"), None, ())
+    bias = np.zeros(hidden, np.float32)
+
+    def post_normed(weight):
+        d = a @ weight
+        return gain * d / np.sqrt(np.mean(d * d, -1, keepdims=True) + 1e-6)
+
+    residual = post_normed(reachable) - post_normed(drifted)
+    delta, _, held_out = _ridge_post_norm(a, drifted, bias, norm, residual, 512)
+    gap = float(np.linalg.norm(post_normed(drifted + delta) - post_normed(reachable)) / np.linalg.norm(residual))
+    assert gap < 0.05 and held_out < 0.2, (gap, held_out)
+    monkeypatch.setattr(evaluator_module, "POST_NORM_ROUNDS", 1)
+    one_round, _, _ = _ridge_post_norm(a, drifted, bias, norm, residual, 512)
+    assert gap < 0.5 * float(np.linalg.norm(post_normed(drifted + one_round) - post_normed(reachable))
+                             / np.linalg.norm(residual))
+    assert _ridge_post_norm(a, drifted, bias, norm, rng.normal(size=residual.shape).astype(np.float32), 512) is None

@@ -123,7 +123,8 @@ def _fuse_arguments(parser: argparse.ArgumentParser) -> None:
     from ffnfusion.runtime.calibration import DEFAULT_REPAIR_TOKENS
 
     repair = parser.add_argument_group(
-        "repair", "refit each group's down projection on calibration text (least squares, no training); "
+        "repair", "refit each group's down projection on calibration text (least squares, no training; "
+                  "groups of post-normed FFNs, Gemma 2/3: their post-norm gains); "
                   "a refit is kept only where it lowers KL(unfused || fused) on held-out text of another source")
     repair.add_argument("--repair", action="store_true", help="repair the fused groups (needs the tokenizer "
                         "beside the model, or --calib-ids)")

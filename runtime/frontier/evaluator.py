@@ -35,7 +35,7 @@ from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.streaming import read_columns, read_rows
 from ffnfusion.runtime import ridge
 from ffnfusion.runtime.block_runner import BlockRunner
-from ffnfusion.runtime.ffn_reference import activation, down_bias, normed
+from ffnfusion.runtime.ffn_reference import activation, apply_norm, down_bias, normed, post_norm_members
 from ffnfusion.runtime.numerics import CachedReference, windowed_perplexity
 
 logger = logging.getLogger(__name__)
@@ -89,13 +89,14 @@ class Candidate:
 
 
 def check_searchable(block_map: BlockMap) -> None:
-    """The depth search runs FFNs in numpy, refits ``W_down`` linearly and assumes sequential layers:
-    refuse, before any text is read, a model where those do not hold."""
-    post_normed = [layer.index for layer in block_map.layers if layer.ffn and layer.ffn.post_norm]
-    if post_normed:  # the search runs FFNs in numpy and refits W_down linearly
-        raise InvalidArgumentError(f"frontier: the FFNs of layers {format_ranges(post_normed)} normalise their "
-                                   "output (post-norms, Gemma 2/3 sandwich layers); the depth search does not "
-                                   "handle them yet")
+    """The depth search runs FFNs in numpy, refits ``W_down`` and assumes sequential layers: refuse,
+    before any text is read, a model where those do not hold."""
+    unsupported = [layer.index for layer in block_map.layers if layer.ffn and layer.ffn.post_norm
+                   and (layer.ffn.post_norm.centered or post_norm_members(layer.ffn) > 1)]
+    if unsupported:  # the search fuses post-normed FFNs itself, and refits them as RMSNorms
+        raise InvalidArgumentError(f"frontier: the FFNs of layers {format_ranges(unsupported)} have a LayerNorm "
+                                   "or an already fused group of post-norms; the depth search handles single "
+                                   "post-RMSNormed FFNs (Gemma 2/3) only")
     parallel = [layer.index for layer in block_map.layers if layer.parallel]
     if parallel:  # the sublayer runs assume attention, then the FFN on the stream after it
         raise InvalidArgumentError(f"frontier: layers {parallel} are parallel-residual (attention and FFN read "
@@ -165,8 +166,8 @@ class DepthEvaluator:
         return Streams(windows, at)
 
     def ffn_update(self, span: tuple[int, int], stream: np.ndarray, delta: np.ndarray | None) -> np.ndarray:
-        """``Σ_j down_j(act_j(x))`` over the span's members at one input (exactly the fused FFN), with
-        ``delta`` added to the stacked down projection."""
+        """``Σ_j down_j(act_j(x))`` (``post_j(down_j(act_j(x)))`` for post-normed FFNs) over the span's
+        members at one input (exactly the fused FFN), with ``delta`` added to the stacked down projection."""
         x = stream.reshape(-1, stream.shape[-1])
         total = np.zeros_like(x)
         offset = 0
@@ -175,7 +176,9 @@ class DepthEvaluator:
             if delta is not None:
                 down = down + delta[offset:offset + len(down)]
                 offset += len(down)
-            total += self.activation(layer, x) @ down + bias
+            output = self.activation(layer, x) @ down + bias
+            post_norm = self.blocks[layer].post_norm
+            total += output if post_norm is None else apply_norm(post_norm, output)
         return total.reshape(stream.shape)
 
     def activation(self, layer: int, x: np.ndarray) -> np.ndarray:
@@ -337,12 +340,19 @@ class DepthEvaluator:
         after = self.run(plan, deltas, x, self.state.fit.windows, start, cut)
         residual = (self.original[cut] - after).reshape(-1, self.hidden)
         a = self.activation(member, x.reshape(-1, self.hidden))
-        chosen = _ridge(a, residual, self.val_rows)
+        offset = sum(self._width(layer) for layer in range(span[0], member))
+        width = sum(self._width(layer) for layer in range(span[0], span[1] + 1))
+        post_norm = self.blocks[member].post_norm
+        if post_norm is None:
+            chosen = _ridge(a, residual, self.val_rows)
+        else:  # what the member's output is now, with the deltas so far
+            down, bias = self._down(member)
+            if span[0] in deltas:
+                down = down + deltas[span[0]][offset:offset + len(down)]
+            chosen = _ridge_post_norm(a, down, bias, post_norm, residual, self.val_rows)
         if chosen is None:
             return None, deltas, cut
         delta, lam, held_out_residual = chosen
-        offset = sum(self._width(layer) for layer in range(span[0], member))
-        width = sum(self._width(layer) for layer in range(span[0], span[1] + 1))
         total = deltas.get(span[0], np.zeros((width, self.hidden), np.float32)).copy()
         total[offset:offset + len(delta)] += delta
         return Refit(member, span, lam, held_out_residual), {**deltas, span[0]: total}, start
@@ -419,3 +429,56 @@ def _ridge(a: np.ndarray, residual: np.ndarray, val_rows: int):
     if best is None or best[1] >= 1.0:
         return None
     return ridge.solve_primal(gram, cross, best[0]).astype(np.float32), best[0], best[1]
+
+
+POST_NORM_ROUNDS = 3  # fixed-point rounds of the post-norm refit (the output RMS settles in two)
+
+
+def _ridge_post_norm(a: np.ndarray, down: np.ndarray, bias: np.ndarray, norm, residual: np.ndarray,
+                     val_rows: int):
+    """The refit of an FFN whose output is RMS-normalised (Gemma's sandwich layers):
+    ``u = g ⊙ d / r(d)``, ``d = A·W + b``, ``r(d) = sqrt(mean(d²) + ε)`` per token. ``u`` is not
+    linear in ``W``, but it is with ``r`` held: ``u ≈ g ⊙ (A/r)(W + Δ) + g ⊙ b/r``. So each round
+    solves the ridge (:func:`_ridge`'s λ policy) on features ``A/r`` toward ``T/g − (A·W + b)/r``,
+    ``T = u + R`` the update that would close the residual ``R``, and recomputes ``r`` from the new
+    ``d``; the penalty stays on the whole ``Δ``. λ is chosen on the last ``val_rows`` rows by the true
+    (normalised) error after one round; None when no λ beats Δ = 0 there. Channels whose gain is ~0
+    cannot move ``u`` and keep a zero target."""
+    gain = np.ones(down.shape[1], np.float32) if norm.gain is None else \
+        norm.gain.const_value.numpy().astype(np.float32).reshape(-1)
+    live = np.abs(gain) > 1e-6 * max(float(np.abs(gain).max()), 1e-30)
+    safe_gain = np.where(live, gain, 1.0)
+
+    def output(delta):
+        return a @ (down if delta is None else down + delta) + bias
+
+    def rms(d):
+        return np.sqrt(np.mean(d * d, axis=-1, keepdims=True) + norm.epsilon)
+
+    base = output(None)
+    target = gain * (base / rms(base)) + residual  # T = u + R
+    scaled_target = np.where(live, target / safe_gain, base / rms(base))  # in units of d / r
+
+    def solve(rows: slice, r: np.ndarray, lam: float) -> np.ndarray:
+        features = a[rows] / r[rows]
+        wanted = scaled_target[rows] - (a[rows] @ down + bias) / r[rows]
+        gram = (features.T @ features).astype(np.float64)
+        return ridge.solve_primal(gram, (features.T @ wanted).astype(np.float64), lam).astype(np.float32)
+
+    val = slice(len(a) - val_rows, len(a))
+    fit = slice(0, len(a) - val_rows)
+    norm_val = float(np.linalg.norm(residual[val])) or 1.0
+    r0 = rms(base)
+    best = None
+    for lam in ridge.FRONTIER_LAMBDAS:
+        d_val = (a[val] @ (down + solve(fit, r0, lam)) + bias)
+        error = float(np.linalg.norm(gain * d_val / rms(d_val) - target[val])) / norm_val
+        if best is None or error < best[1]:
+            best = (lam, error)
+    if best is None or best[1] >= 1.0:
+        return None
+    r, delta = r0, None
+    for _ in range(POST_NORM_ROUNDS):
+        delta = solve(slice(None), r, best[0])
+        r = rms(output(delta))
+    return delta, best[0], best[1]

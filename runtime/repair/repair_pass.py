@@ -15,7 +15,9 @@ Groups are repaired in residual order. For group i..j of the fused model:
 5. the chosen λ is refitted on every source's fitting tokens and kept only if it also lowers the KL
    on the held-out tokens of all sources; otherwise the group keeps ``W₀``.
 
-Only the values of the fused ``W_down`` change: the repaired model is the same graph.
+Only the values of the fused ``W_down`` change: the repaired model is the same graph. A group whose
+members normalise their output (Gemma 2/3's post-norms, fused in the grouped form) is not linear in
+``W_down``; it is in the members' post-norm gains, and those are what it refits (``_PostNormGains``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,16 @@ from ffnfusion.passes.streaming import read_rows
 from ffnfusion.runtime import ridge
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed, forward_equivalents
 from ffnfusion.runtime.calibration import CalibrationSource
-from ffnfusion.runtime.ffn_reference import down_bias, ffn_activation, sequential_update, update
+from ffnfusion.runtime.ffn_reference import (
+    check_refittable,
+    down_bias,
+    ffn_activation,
+    member_output,
+    post_norm_members,
+    sequential_update,
+    unit_norm,
+    update,
+)
 from ffnfusion.runtime.numerics import kl_sum, log_softmax
 from ffnfusion.runtime.repair import down_refit
 
@@ -147,6 +158,8 @@ class RepairPass(RewritePass):
             partial = functools.partial(_partial_model, self.original, self.groups[:index + 1], self.target,
                                         dict(repaired))
             members = [original_blocks.ffn(layer) for layer in group]
+            for member in members:
+                check_refittable(member)
             runner = BlockRunner(partial, streamed=streamed, threads=self.threads, base_dir=self.original.parent)
             runners.append(runner)
             result, weight = self._repair_group(runner, group, members, reference)
@@ -155,7 +168,7 @@ class RepairPass(RewritePass):
                 repaired[group[0]] = weight
         fused_blocks = find_blocks(model)
         for first, weight in repaired.items():
-            fused_blocks.ffn(first).down.set_in_out(weight)
+            _write(fused_blocks.ffn(first), weight)
         sources = [{"name": s.name, "fit_tokens": int(s.fit.size), "held_out_tokens": int(s.select.size)}
                    for s in self.sources]
         tokens = sum(s.fit.size + s.select.size for s in self.sources)
@@ -198,7 +211,8 @@ class RepairPass(RewritePass):
         # Folds: hold each source out in turn (one source: fit on its fitting tokens, judge on its held-out).
         folds = ([(np.concatenate([r for j, r in enumerate(source_fit) if j != i]), i) for i in range(len(self.sources))]
                  if len(self.sources) > 1 else [(all_fit, 0)])
-        fit = (_Refit if self.method == "refit" else _Scale)(fused, x, true_update, all_fit)
+        fit_class = _PostNormGains if fused.post_norm is not None else _Refit if self.method == "refit" else _Scale
+        fit = fit_class(fused, x, true_update, all_fit)
 
         def kl_on(source: int, group_update: np.ndarray) -> float:
             """Mean KL(unfused ‖ candidate) on one source's held-out windows."""
@@ -239,7 +253,7 @@ class RepairPass(RewritePass):
             if kl_refit < kl_before:
                 chosen, kl_after, error_after = best["lambda"], kl_refit, error_refit
                 reason = "lowest held-out-source KL"
-                weight = fit.weight(chosen).astype(fused.down.tensor.dtype.numpy())  # held as the model stores it
+                weight = fit.weight(chosen)
             else:
                 reason = f"lambda {best['lambda']:g} fitted on all sources raised the held-out KL: rejected"
         result = GroupRepair((group[0], group[-1]), self.method, candidates, chosen, reason, kl_before, kl_after,
@@ -305,9 +319,10 @@ class _Refit:
         return down_refit.refit_update(self.kernel[np.ix_(eval_rows, columns)], self.base[eval_rows], alpha)
 
     def weight(self, lam) -> np.ndarray:
+        """The refitted ``W_down``, held as the model stores it."""
         _, alpha = self._alpha(self.fit_rows, lam)
         return down_refit.refit_down(functools.partial(read_rows, self.fused.down), self.x[self.fit_rows], alpha,
-                                     _column_blocks(self.fused))
+                                     _column_blocks(self.fused)).astype(self.fused.down.tensor.dtype.numpy())
 
 
 class _Scale:
@@ -327,7 +342,50 @@ class _Scale:
         return self.plain[eval_rows] * self._scales(fit_rows, lam) + self.bias
 
     def weight(self, lam) -> np.ndarray:
-        return read_rows(self.fused.down, 0, self.fused.width).astype(np.float32) * self._scales(self.fit_rows, lam)
+        scaled = read_rows(self.fused.down, 0, self.fused.width).astype(np.float32) * self._scales(self.fit_rows, lam)
+        return scaled.astype(self.fused.down.tensor.dtype.numpy())
+
+
+class _PostNormGains:
+    """A post-normed group's refit: its update ``Σ_j g_j ⊙ n_j`` (``n_j = d_j / rms(d_j)``, member j's
+    normalised output) is not linear in ``W_down`` but is in the gains. Per output channel c it is a
+    k-feature regression, ridged toward the gains as they are (λ relative to the mean feature energy):
+
+        (N_cᵀN_c + λ'I)·Δg_c = N_cᵀ(T_c − N_c·g_c),   λ' = λ · mean_c trace(N_cᵀN_c) / k.
+    """
+
+    def __init__(self, fused: FFNBlock, x: np.ndarray, true_update: np.ndarray, fit_rows: np.ndarray):
+        self.fit_rows = fit_rows
+        post_norm = fused.post_norm
+        assert post_norm is not None and post_norm.gain is not None and post_norm.gain.const_value is not None
+        self.stored = post_norm.gain.const_value  # check_refittable: an RMSNorm with a gain
+        count = post_norm_members(fused)
+        self.gains = self.stored.numpy().astype(np.float64).reshape(count, -1)  # [k, H]
+        self.units = np.stack([unit_norm(post_norm, member_output(fused, x, j)) for j in range(count)],
+                              axis=-1)  # [N, H, k]
+        self.base = self._apply(slice(None), self.gains)
+        self.residual = true_update - self.base
+
+    def _apply(self, rows, gains: np.ndarray) -> np.ndarray:
+        return np.einsum("nhk,kh->nh", self.units[rows], gains).astype(np.float32)
+
+    def _gains(self, fit_rows, lam) -> np.ndarray:
+        units = self.units[fit_rows].astype(np.float64)
+        gram = np.einsum("nhk,nhl->hkl", units, units)
+        cross = np.einsum("nhk,nh->hk", units, self.residual[fit_rows].astype(np.float64))
+        count = gram.shape[-1]
+        shift = lam * float(np.trace(gram, axis1=1, axis2=2).mean()) / count
+        if not shift > 0:
+            raise RepairError(f"lambda must be positive and the post-norm outputs non-zero (lambda {lam})")
+        delta = np.linalg.solve(gram + shift * np.eye(count), cross[..., None])[..., 0]  # [H, k]
+        return self.gains + delta.T
+
+    def update(self, fit_rows, eval_rows, lam) -> np.ndarray:
+        return self._apply(eval_rows, self._gains(fit_rows, lam))
+
+    def weight(self, lam) -> np.ndarray:
+        """The stacked gains ``[k, 1, H]``, held as the model stores them."""
+        return self._gains(self.fit_rows, lam).reshape(self.stored.shape.numpy()).astype(self.stored.dtype.numpy())
 
 
 def _partial_model(original: pathlib.Path, groups: list[list[int]], target: str,
@@ -337,8 +395,18 @@ def _partial_model(original: pathlib.Path, groups: list[list[int]], target: str,
     with rewriting(model):
         FFNFusionPass(groups, target)(model)
         for first, weight in repaired.items():
-            find_blocks(model).ffn(first).down.set_in_out(weight)
+            _write(find_blocks(model).ffn(first), weight)
     return model
+
+
+def _write(block: FFNBlock, weight: np.ndarray) -> None:
+    """A group's repair into the model: its ``W_down``, or a post-normed group's stacked gains."""
+    if block.post_norm is None:
+        block.down.set_in_out(weight)
+        return
+    gain = block.post_norm.gain
+    assert gain is not None and gain.const_value is not None  # check_refittable
+    gain.const_value = ir.tensor(weight.astype(gain.const_value.dtype.numpy()), name=gain.name)
 
 
 def _column_blocks(block: FFNBlock):
