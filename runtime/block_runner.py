@@ -11,7 +11,11 @@ model's own subgraph (so whatever the exporter wrote runs as it is):
   tokens).
 
 ``streamed=True`` builds a piece's session when it is needed and drops it afterwards: only that
-piece's weights are resident (ORT reads external data for the initializers the piece uses).
+piece's weights are resident (ORT reads external data for the initializers the piece uses). An FFN
+whose weights exceed ``WIDE_FFN_BYTES`` (a fused group of 8B layers: 2.8 GB, and ORT holds about
+twice a piece's weights while it loads them) runs in numpy instead, a block of its columns at a time
+read from the file (:func:`~ffnfusion.runtime.ffn_reference.update`, float32); its attention, if
+any, is still a session.
 ``streamed=False`` keeps every session: the whole model in memory, no rebuilding. Both compute the
 same numbers, batch for batch. Each piece runs on up to ``batch_tokens`` tokens at a time (whole
 windows), so activations stay bounded too.
@@ -38,11 +42,12 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ffnfusion.core.model_io import initializer_bytes, load_model, model_file
-from ffnfusion.passes.blocks import find_blocks
+from ffnfusion.passes.blocks import FFNBlock, find_blocks
 from ffnfusion.passes.canonical import canonicalize
 from ffnfusion.passes.dtype_widening import Float32WideningPass
 from ffnfusion.passes.embedding import embedding_table, find_embedding_gather, find_embedding_output
 from ffnfusion.passes.skip_norms import SPLIT_PREFIX
+from ffnfusion.runtime.ffn_reference import update
 from ffnfusion.runtime.model_pieces import HeadProjection, ProtoSlicer, shared_values, weights_in_dir
 from ffnfusion.runtime.onnxruntime import default_feeds, genai_head_size, session_from_bytes
 from ffnfusion.runtime.units import units_of
@@ -56,6 +61,7 @@ HEAD = "head"
 EMBEDDING = "embedding"
 SHARED = "shared"
 HEAD_SLICED = "head (projection fed by vocabulary slices)"
+WIDE_FFN_BYTES = 1 << 30  # streamed: an FFN with more weight bytes runs by column blocks in numpy
 # In-RAM needs the weights (float32 when widened) plus ONNX Runtime's copy while a session loads.
 IN_RAM_FACTOR = 2.0
 
@@ -174,10 +180,42 @@ class BlockRunner:
         """Yields ``apply(stream, windows) -> [output, *extras]`` for unit ``index``; with ``extras``,
         also :meth:`extras` (attention output, FFN input: asking for them costs ORT some fusions, so
         only the analysis does). Streamed: the weights are released on exit."""
+        ffn = self._column_ffn(index)
+        if ffn is not None:
+            with self._unit_by_columns(index, ffn, extras) as apply:
+                yield apply
+            return
         with self._session(("unit", index, extras)) as run:
             def apply(stream: np.ndarray, windows: np.ndarray) -> list[np.ndarray]:
                 self.sublayer_tokens += _sublayers(self.units[index]) * windows.size
                 return self._batched(windows, run, stream)
+            yield apply
+
+    def _column_ffn(self, index: int) -> FFNBlock | None:
+        """Streamed: unit ``index``'s FFN when its weights are too large to load at once, else None."""
+        unit = self.units[index]
+        layer = self.block_map.layer(unit.layer)
+        ffn = layer.ffn
+        if not self.streamed or ffn is None or layer.parallel or (unit.kind == "layer" and unit.attention_output is None):
+            return None
+        weights = [w for w in (ffn.gate, ffn.up, ffn.down) if w is not None]
+        size = sum(w.value.const_value.nbytes for w in weights if w.value.const_value is not None)
+        return ffn if size > WIDE_FFN_BYTES else None
+
+    @contextlib.contextmanager
+    def _unit_by_columns(self, index: int, ffn: FFNBlock, extras: bool):
+        """:meth:`unit` for a wide FFN: its attention (if any) as a session, then ``x + ffn(x)`` in
+        numpy, columns by blocks; the extras (attention output, FFN input) are both the stream between."""
+        unit = self.units[index]
+        with contextlib.ExitStack() as stack:
+            attend = stack.enter_context(self.attention(index)) if unit.attention_output is not None else None
+
+            def apply(stream: np.ndarray, windows: np.ndarray) -> list[np.ndarray]:
+                middle = attend(stream, windows) if attend is not None else stream
+                self.sublayer_tokens += windows.size  # the FFN (the attention counts itself)
+                x = middle.reshape(-1, middle.shape[-1]).astype(np.float32)
+                output = (x + update(ffn, x)).astype(middle.dtype).reshape(middle.shape)
+                return [output, *([middle] * len(self.extras(index)) if extras else [])]
             yield apply
 
     @contextlib.contextmanager

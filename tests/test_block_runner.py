@@ -66,6 +66,30 @@ def test_the_choice_between_streamed_and_in_ram(tiny_dynamo20, monkeypatch, capl
     assert "block-streamed (0.0 GiB of weights x2 vs 0.0 GiB available)" in caplog.text
 
 
+def test_wide_ffns_streamed_by_column_blocks_equal_one_session(tiny_dynamo20, tmp_path, monkeypatch):
+    """Streamed, an FFN over ``WIDE_FFN_BYTES`` runs in numpy a block of columns at a time (its
+    attention still a session): here every FFN, plain layers with attention, a fused group headed by
+    attention (1-2) and an attention-free group (3-5) — the same logits and analysis extras."""
+    from ffnfusion.runtime import ffn_reference
+
+    fused = ir.load(tiny_dynamo20)
+    FFNFusionPass([[1, 2], [3, 4, 5]])(fused)
+    path = save_model(fused, tmp_path / "fused" / "model.onnx")
+    in_ram = BlockRunner(path, streamed=False)
+    monkeypatch.setattr(block_runner, "WIDE_FFN_BYTES", 0)
+    monkeypatch.setattr(ffn_reference, "COLUMN_BLOCK", 40)  # several blocks per FFN (widths 96, 192, 288)
+    columns = BlockRunner(path, streamed=True)
+    assert all(columns._column_ffn(i) is not None for i in range(len(columns.units)))
+    assert in_ram._column_ffn(0) is None  # in RAM: every unit a session
+    assert rel_err(columns.logits(WINDOWS), run_logits(create_session(path), WINDOWS)) < 1e-5
+    stream = in_ram.embed(WINDOWS)
+    for index in range(len(columns.units)):
+        with in_ram.unit(index, extras=True) as session, columns.unit(index, extras=True) as numpy_ffn:
+            expected, actual = session(stream, WINDOWS), numpy_ffn(stream, WINDOWS)
+        assert len(actual) == len(expected) and all(rel_err(a, e) < 1e-5 for a, e in zip(actual, expected))
+        stream = expected[0]
+
+
 def test_verification_streamed_equals_in_ram_and_the_logits(tiny_dynamo20, tmp_path):
     fused = ir.load(tiny_dynamo20)
     FFNFusionPass([[2, 3, 4]])(fused)
