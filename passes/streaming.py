@@ -43,8 +43,10 @@ def read_rows(weight: Weight, start: int, stop: int) -> np.ndarray:
 
 def read_columns(weight: Weight, start: int, stop: int) -> np.ndarray:
     """Columns ``start:stop`` of the weight as ``[in, out]`` float32, reading only what they need:
-    a fused group's folded columns from its members, stored rows with plain file reads (a memory
-    map would leave every page it touched resident)."""
+    a fused group's folded columns from its members; from a file, all columns by plain reads of
+    rows (a memory map would leave every page it touched resident), a slice of them through a
+    memory map dropped right after the copy (only the slice's pages are touched: reading every row
+    whole for each block of columns of a fused 8B group read its 1.9 GB again per block, 18× slower)."""
     tensor = weight.value.const_value
     rows, cols = weight.shape_in_out
     if isinstance(tensor, FoldedColumns) and not weight.transposed:
@@ -55,6 +57,12 @@ def read_columns(weight: Weight, start: int, stop: int) -> np.ndarray:
             offset = (tensor.offset or 0) + start * rows * np_dtype.itemsize
             data = np.fromfile(tensor.path, dtype=np_dtype, count=(stop - start) * rows, offset=offset)
             return data.reshape(stop - start, rows).T.astype(np.float32)
+        if stop - start < cols:
+            mapped = np.memmap(tensor.path, dtype=np_dtype, mode="r", offset=tensor.offset or 0, shape=(rows, cols))
+            try:
+                return mapped[:, start:stop].astype(np.float32)
+            finally:
+                del mapped
         out = np.empty((rows, stop - start), np.float32)
         step = rows_per_chunk(cols * np_dtype.itemsize)
         for first in range(0, rows, step):

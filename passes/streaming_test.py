@@ -13,9 +13,10 @@ from ffnfusion.passes.streaming import FoldedColumns, StackedRows, read_columns,
 def _weight(array: np.ndarray, transposed: bool = False, *, external: str | None = None) -> Weight:
     stored = array.T.copy() if transposed else array
     tensor: ir.TensorProtocol = ir.tensor(stored, name="w")
-    if external is not None:
-        stored.tofile(external)
-        tensor = ir.ExternalTensor(external, 0, stored.nbytes, ir.DataType.from_numpy(stored.dtype),
+    if external is not None:  # after 10 bytes of something else: offsets are honoured
+        with open(external, "wb") as file:
+            file.write(b"x" * 10 + stored.tobytes())
+        tensor = ir.ExternalTensor(external, 10, stored.nbytes, ir.DataType.from_numpy(stored.dtype),
                                    shape=ir.Shape(stored.shape), name="w")
     return Weight(ir.Value(name="w", const_value=tensor), transposed)
 
@@ -25,7 +26,8 @@ def _weight(array: np.ndarray, transposed: bool = False, *, external: str | None
 def test_columns_and_rows_of_stored_weights(tmp_path, transposed, external):
     array = np.random.default_rng(0).standard_normal((5, 9)).astype(np.float16)
     weight = _weight(array, transposed, external=str(tmp_path / "w.bin") if external else None)
-    np.testing.assert_array_equal(read_columns(weight, 2, 7), array[:, 2:7].astype(np.float32))
+    np.testing.assert_array_equal(read_columns(weight, 2, 7), array[:, 2:7].astype(np.float32))  # a slice
+    np.testing.assert_array_equal(read_columns(weight, 0, 9), array.astype(np.float32))  # every column
     np.testing.assert_array_equal(read_rows(weight, 1, 4), array[1:4])
 
 
