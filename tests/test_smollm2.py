@@ -71,9 +71,12 @@ def test_fused_logits_equal_the_parallel_form(exported, smollm2):
 
 
 def test_demo_pipeline(tmp_path):
-    # Importance is measured on the first 4096 calibration tokens, as in the default demo.
+    # Importance is measured on the first 4096 calibration tokens, as in the default demo; the repair
+    # and the frontier's selection use fewer tokens than the demo's defaults (CI time: the repair's
+    # N×N solves were half of its 4.7 min, the frontier's first step scores every move).
     summary = run(DemoOptions(workdir=str(tmp_path), calib_tokens=4096, dependency_tokens=512,
-                              verify_tokens=1024, threshold=1.0, frontier_steps=(2,), frontier_fit_tokens=1024))
+                              verify_tokens=1024, threshold=1.0, frontier_steps=(2,), frontier_fit_tokens=1024,
+                              frontier_select_tokens=256, repair_tokens=2048))
     assert len(summary["dropped_attention"]) == 8
     assert summary["fused_vs_torch_parallel_rel_err"] <= 1e-5
     verification = summary["verification"]

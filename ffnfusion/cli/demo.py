@@ -45,6 +45,7 @@ class DemoOptions:
     frontier_steps: tuple[int, ...] = (8, 14, 20)  # empty: no frontier
     frontier_fit_tokens: int = 4096
     frontier_select_tokens: int = 512
+    repair_tokens: int = calibration.DEFAULT_REPAIR_TOKENS  # the repaired variant's fitting tokens
 
 
 def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
@@ -127,7 +128,7 @@ def run(options: DemoOptions) -> dict:
         log("demo: no group passes the planner's threshold (see report/report.md); only baselines follow")
 
     log(f"[5/{total}] fuse the auto plan {plan.describe() or '(empty)'} (plain and repaired) and, for comparison, whole runs")
-    names, fused, repaired, removed = _rewrite_variants(paths, report, plan, naive)
+    names, fused, repaired, removed = _rewrite_variants(paths, report, plan, naive, options.repair_tokens)
 
     checked_plan, checked_path = (plan, paths["fused"]) if plan.groups else (naive, paths["naive"])
     log(f"[6/{total}] exactness: fused ONNX ({checked_plan.describe()}) vs torch parallel form")
@@ -189,7 +190,8 @@ def _texts(options: DemoOptions, tokenizer) -> tuple[np.ndarray, np.ndarray, str
     return calib, held_out, held_out_name
 
 
-def _rewrite_variants(paths: dict[str, pathlib.Path], report, plan: FusionPlan, naive: FusionPlan):
+def _rewrite_variants(paths: dict[str, pathlib.Path], report, plan: FusionPlan, naive: FusionPlan,
+                      repair_tokens: int):
     """The auto plan fused (plain and repaired), whole runs fused, and as many FFNs removed as the
     plan saves steps: ``(names written, fused summary, repaired summary, removed layers)``."""
     names = ["dropped"]
@@ -197,7 +199,8 @@ def _rewrite_variants(paths: dict[str, pathlib.Path], report, plan: FusionPlan, 
     if plan.groups:
         fused = fuse_model_file(str(paths["dropped"]), str(paths["fused"]), plan)
         names.append("fused")
-        repaired = fuse_model_file(str(paths["dropped"]), str(paths["repaired"]), plan, repair=RepairOptions())
+        repaired = fuse_model_file(str(paths["dropped"]), str(paths["repaired"]), plan,
+                                   repair=RepairOptions(tokens=repair_tokens))
         names.append("repaired")
     fuse_model_file(str(paths["dropped"]), str(paths["naive"]), naive)
     names.append("naive")

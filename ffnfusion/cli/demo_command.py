@@ -23,6 +23,8 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-tokens", type=int, default=defaults.verify_tokens,
                         help=f"held-out tokens of license text (default {defaults.verify_tokens})")
     parser.add_argument("--threshold", type=float, help="planner threshold on M (default: the planner's)")
+    parser.add_argument("--repair-tokens", type=int, default=defaults.repair_tokens,
+                        help=f"fitting tokens of the repaired variant (default {defaults.repair_tokens})")
     parser.add_argument("--frontier-steps", type=lambda text: () if text == "none" else tuple(parse_int_list(text)),
                         default=defaults.frontier_steps,
                         help="budgets of the depth-reduction frontier that ends the demo, comma-separated, or "

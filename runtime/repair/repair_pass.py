@@ -308,11 +308,17 @@ class _Refit:
         self.residual = true_update - self.base
         self.kernel = down_refit.kernel(x, fit_rows, (block for _, block in _column_blocks(fused)))
         self.column = {row: i for i, row in enumerate(fit_rows)}
+        self._last: tuple[tuple, tuple] | None = None
 
     def _alpha(self, fit_rows, lam):
-        columns = [self.column[r] for r in fit_rows]
-        k_fit = self.kernel[np.ix_(fit_rows, columns)]
-        return columns, ridge.solve_kernel(k_fit, self.residual[fit_rows], lam, self.fused.width)
+        # The chosen λ on every fitting row is solved for its judgement, then again for the weight:
+        # the largest system of the repair (N×N, N all fitting tokens), kept once solved.
+        key = (fit_rows.tobytes(), lam)
+        if self._last is None or self._last[0] != key:
+            columns = [self.column[r] for r in fit_rows]
+            k_fit = self.kernel[np.ix_(fit_rows, columns)]
+            self._last = key, (columns, ridge.solve_kernel(k_fit, self.residual[fit_rows], lam, self.fused.width))
+        return self._last[1]
 
     def update(self, fit_rows, eval_rows, lam) -> np.ndarray:
         columns, alpha = self._alpha(fit_rows, lam)
