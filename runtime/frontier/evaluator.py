@@ -32,6 +32,7 @@ from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes.blocks import BlockMap, FFNBlock
 from ffnfusion.passes.depth_plan import DepthPlan, Move
 from ffnfusion.passes.layer_ranges import format_ranges
+from ffnfusion.passes.norm_matchers import Norm
 from ffnfusion.passes.streaming import read_columns, read_rows
 from ffnfusion.runtime import ridge
 from ffnfusion.runtime.block_runner import BlockRunner
@@ -434,7 +435,7 @@ def _ridge(a: np.ndarray, residual: np.ndarray, val_rows: int):
 POST_NORM_ROUNDS = 3  # fixed-point rounds of the post-norm refit (the output RMS settles in two)
 
 
-def _ridge_post_norm(a: np.ndarray, down: np.ndarray, bias: np.ndarray, norm, residual: np.ndarray,
+def _ridge_post_norm(a: np.ndarray, down: np.ndarray, bias: np.ndarray, norm: Norm, residual: np.ndarray,
                      val_rows: int):
     """The refit of an FFN whose output is RMS-normalised (Gemma's sandwich layers):
     ``u = g ⊙ d / r(d)``, ``d = A·W + b``, ``r(d) = sqrt(mean(d²) + ε)`` per token. ``u`` is not
@@ -444,8 +445,8 @@ def _ridge_post_norm(a: np.ndarray, down: np.ndarray, bias: np.ndarray, norm, re
     ``d``; the penalty stays on the whole ``Δ``. λ is chosen on the last ``val_rows`` rows by the true
     (normalised) error after one round; None when no λ beats Δ = 0 there. Channels whose gain is ~0
     cannot move ``u`` and keep a zero target."""
-    gain = np.ones(down.shape[1], np.float32) if norm.gain is None else \
-        norm.gain.const_value.numpy().astype(np.float32).reshape(-1)
+    stored = norm.gain.const_value if norm.gain is not None else None
+    gain = np.ones(down.shape[1], np.float32) if stored is None else stored.numpy().astype(np.float32).reshape(-1)
     live = np.abs(gain) > 1e-6 * max(float(np.abs(gain).max()), 1e-30)
     safe_gain = np.where(live, gain, 1.0)
 
@@ -459,26 +460,26 @@ def _ridge_post_norm(a: np.ndarray, down: np.ndarray, bias: np.ndarray, norm, re
     target = gain * (base / rms(base)) + residual  # T = u + R
     scaled_target = np.where(live, target / safe_gain, base / rms(base))  # in units of d / r
 
-    def solve(rows: slice, r: np.ndarray, lam: float) -> np.ndarray:
+    def system(rows: slice, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(FᵀF, FᵀY)`` for features ``F = A/r`` and targets ``Y = T/g − (A·W + b)/r`` on ``rows``."""
         features = a[rows] / r[rows]
         wanted = scaled_target[rows] - (a[rows] @ down + bias) / r[rows]
-        gram = (features.T @ features).astype(np.float64)
-        return ridge.solve_primal(gram, (features.T @ wanted).astype(np.float64), lam).astype(np.float32)
+        return (features.T @ features).astype(np.float64), (features.T @ wanted).astype(np.float64)
 
     val = slice(len(a) - val_rows, len(a))
-    fit = slice(0, len(a) - val_rows)
     norm_val = float(np.linalg.norm(residual[val])) or 1.0
-    r0 = rms(base)
+    r = rms(base)
+    gram, cross = system(slice(0, len(a) - val_rows), r)
     best = None
     for lam in ridge.FRONTIER_LAMBDAS:
-        d_val = (a[val] @ (down + solve(fit, r0, lam)) + bias)
+        d_val = a[val] @ (down + ridge.solve_primal(gram, cross, lam).astype(np.float32)) + bias
         error = float(np.linalg.norm(gain * d_val / rms(d_val) - target[val])) / norm_val
         if best is None or error < best[1]:
             best = (lam, error)
     if best is None or best[1] >= 1.0:
         return None
-    r, delta = r0, None
+    delta = np.zeros_like(down)
     for _ in range(POST_NORM_ROUNDS):
-        delta = solve(slice(None), r, best[0])
+        delta = ridge.solve_primal(*system(slice(None), r), best[0]).astype(np.float32)
         r = rms(output(delta))
     return delta, best[0], best[1]
