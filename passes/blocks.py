@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-from ffnfusion.core.errors import BlockRecognitionError, InvalidPlanError
+from ffnfusion.core.errors import BlockRecognitionError, InvalidPlanError, UnknownLayerError
 from ffnfusion.passes import norm_matchers, op_matchers
 from ffnfusion.passes.canonical import canonical_view
 from ffnfusion.passes.embedding import find_embedding_output
@@ -42,6 +42,9 @@ FUSED_GROUPS_METADATA = "ffnfusion.fused_groups"
 EMPTY_LAYERS_METADATA = "ffnfusion.empty_layers"
 # ... and layers that kept their attention but lost their FFN.
 ATTENTION_ONLY_METADATA = "ffnfusion.attention_only_layers"
+# Why a layer with attention has no FFN, when nothing is wrong with it (DecoderLayer.unknown); any
+# other reason is a branch of a kind ffnfusion does not know.
+NO_FFN_BRANCH, FFN_REMOVED = "no FFN branch", "FFN removed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +194,8 @@ class BlockMap:
 
     def ffn(self, index: int) -> FFNBlock:
         layer = self.layer(index)
+        if layer.ffn is None and layer.unknown not in (None, NO_FFN_BRANCH, FFN_REMOVED):
+            raise UnknownLayerError(f"layer {index} is of a kind ffnfusion does not know ({layer.unknown})")
         if layer.ffn is None:
             raise InvalidPlanError(f"layer {index} has no recognised FFN ({layer.unknown or 'none found'})")
         return layer.ffn
@@ -369,7 +374,7 @@ def find_blocks(model: ir.Model) -> BlockMap:
         kind, detail = _classify(branch, branch_output, x, add)
         if kind == "parallel":
             if pending_attention:
-                layers.append(DecoderLayer(index, True, None, "no FFN branch", attention_block=pending_attention))
+                layers.append(DecoderLayer(index, True, None, NO_FFN_BRANCH, attention_block=pending_attention))
                 index, pending_attention = index + 1, None
             while index in empty_layers:
                 index += 1
@@ -383,7 +388,7 @@ def find_blocks(model: ir.Model) -> BlockMap:
             continue
         if kind == "attention":
             if pending_attention:  # two attention branches in a row: a layer without FFN
-                why = "FFN removed" if index in attention_only else "no FFN branch"
+                why = FFN_REMOVED if index in attention_only else NO_FFN_BRANCH
                 layers.append(DecoderLayer(index, True, None, why, attention_block=pending_attention))
                 index += 1
             while index in empty_layers:
@@ -391,7 +396,7 @@ def find_blocks(model: ir.Model) -> BlockMap:
             pending_attention = AttentionBlock(x, add.outputs[0], add, tuple(branch))
             continue
         if pending_attention is not None and index in attention_only:
-            layers.append(DecoderLayer(index, True, None, "FFN removed", attention_block=pending_attention))
+            layers.append(DecoderLayer(index, True, None, FFN_REMOVED, attention_block=pending_attention))
             index, pending_attention = index + 1, None
         if pending_attention is None:
             while index in empty_layers:
@@ -404,7 +409,7 @@ def find_blocks(model: ir.Model) -> BlockMap:
         index = (index if last is None else last) + 1
         pending_attention = None
     if pending_attention:
-        layers.append(DecoderLayer(index, True, None, "no FFN branch", attention_block=pending_attention))
+        layers.append(DecoderLayer(index, True, None, NO_FFN_BRANCH, attention_block=pending_attention))
     if not layers:
         raise BlockRecognitionError(
             f"found {count} residual branches after the embedding; expected a chain of "

@@ -19,7 +19,7 @@ from ffnfusion.passes import norm_matchers, op_matchers
 
 def _op_of(value: ir.Value) -> str:
     node = value.producer()
-    return "a graph input or constant" if node is None else f"a {node.op_type} node"
+    return "a graph input or constant" if node is None else f"{node.op_type} node '{node.name}'"
 
 
 def _with_norm(x: ir.Value, first_input: ir.Value, parts: dict) -> dict | str:

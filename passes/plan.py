@@ -11,7 +11,7 @@ import json
 import pathlib
 from collections.abc import Sequence
 
-from ffnfusion.core.errors import InvalidArgumentError, InvalidPlanError
+from ffnfusion.core.errors import InvalidArgumentError, InvalidPlanError, UnknownLayerError
 from ffnfusion.core.files import write_json_atomically
 from ffnfusion.passes.blocks import BlockMap, FFNBlock
 from ffnfusion.passes.layer_ranges import format_ranges, parse_groups
@@ -113,6 +113,9 @@ class FusionPlan:
             # One FFN and the attention-free layers after it: the first member may keep the attention
             # before its FFN (it reads the stream after it), no attention may sit between members.
             first = block_map.layer(group[0])
+            if first.ffn is None and first.unknown:
+                raise UnknownLayerError(f"group {label}: layer {group[0]} is of a kind ffnfusion does not know "
+                                        f"({first.unknown}); nothing was rewritten")
             if first.ffn is None:
                 raise InvalidPlanError(f"group {label} starts at layer {group[0]}, which has no recognised FFN "
                                        f"({first.unknown}); attention-free runs: {_runs_text(block_map)}")
@@ -124,6 +127,9 @@ class FusionPlan:
                 position = block_map.layer(index)
                 if position.index != index:
                     continue  # inside an FFN fused earlier: nothing between its members
+                if position.ffn is None and position.unknown:
+                    raise UnknownLayerError(f"group {label}: layer {index} is of a kind ffnfusion does not know "
+                                            f"({position.unknown}); nothing was rewritten")
                 if position.attention or position.ffn is None:
                     why = "has attention" if position.attention else f"has no recognised FFN ({position.unknown})"
                     raise InvalidPlanError(

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ffnfusion.core.errors import BlockRecognitionError
-from ffnfusion.passes.blocks import BlockMap, DecoderLayer
+from ffnfusion.core.errors import BlockRecognitionError, UnknownLayerError
+from ffnfusion.passes.blocks import FFN_REMOVED, NO_FFN_BRANCH, BlockMap, DecoderLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,9 @@ def units_of(block_map: BlockMap) -> list[Unit]:
 
 def _unit(index: int, layer: DecoderLayer) -> Unit:
     attention, ffn = layer.attention_block, layer.ffn
+    if ffn is None and layer.unknown not in (None, NO_FFN_BRANCH, FFN_REMOVED):
+        # a branch the runner cannot cut around: running the model without it would be wrong
+        raise UnknownLayerError(f"layer {layer.index} is of a kind ffnfusion does not know ({layer.unknown})")
     if ffn is None and attention is None:
         raise BlockRecognitionError(f"layer {layer.index} has neither attention nor a recognised FFN")
     if ffn is None:

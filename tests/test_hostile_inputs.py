@@ -151,7 +151,7 @@ def _case_activation(d, synth):
         sigmoid.op_type = "Tanh"
 
     _edit(path, tanh_gate)
-    return path, "layer 3 has no recognised FFN (no SiLU/GELU-gated product"
+    return path, "layer 3 is of a kind ffnfusion does not know (no SiLU/GELU-gated product"
 
 
 CORPUS = {  # name: (builder, command after the model path, exit code)
@@ -166,7 +166,7 @@ CORPUS = {  # name: (builder, command after the model path, exit code)
     "external data symlinked out": (_case_symlink, ["--groups", "2-3"], 1),
     "no FFN blocks": (_case_no_ffn, ["--groups", "2-3"], 1),
     "mismatched epsilons": (_case_epsilon, ["--groups", "2-3"], 1),
-    "different activation": (_case_activation, ["--groups", "2-3"], 1),
+    "different activation": (_case_activation, ["--groups", "2-3"], 2),  # a layer kind it does not know
 }
 
 GROUP_ERRORS = {
@@ -250,3 +250,34 @@ def test_sigterm_leaves_nothing_half_written(tmp_path):
     assert process.returncode == 130, err
     assert "ffnfusion: interrupted" in err
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("layer", [1, 3], ids=["with-attention", "attention-free"])
+def test_a_layer_kind_it_does_not_know_is_refused_by_every_command(layer, synth_tiny, tmp_path, capsys):
+    """An FFN whose activation ffnfusion does not know (Tanh where SiLU's Sigmoid was): every command
+    that reads or rewrites the model exits 2 with one line naming the layer and the node where
+    recognition stopped, and writes nothing — the runner never runs a model around the unknown branch
+    (a layer with attention would otherwise have been run as attention alone)."""
+    inputs = tmp_path / "in"
+    path = _copy_model(synth_tiny, inputs)
+
+    def tanh_gate(model):
+        layer_nodes = [n for n in model.graph if (n.name or "").startswith(f"model.layers.{layer}/")]
+        next(n for n in layer_nodes if n.op_type == "Sigmoid").op_type = "Tanh"
+
+    _edit(path, tanh_gate)
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 128, 1024))
+    out = tmp_path / "out" / "x"
+    before = _snapshot(inputs)
+    for argv in (["fuse", path, "-o", out, "--groups", f"{layer}-{layer + 1}"],
+                 ["verify", synth_tiny, path, "--text-ids", ids, "--tokens", 128, "--window", 64],
+                 ["frontier", path, "-o", out, "--steps", 2, "--tokens", 256, "--select-tokens", 128, "--window", 64,
+                  "--baselines", "none", "--no-latency", "--calib-ids", ids, ids, ids, "--eval-ids", ids]):
+        returned = main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert returned == 2 and err[-1].startswith("ffnfusion: error: "), (argv[0], err[-3:])
+        assert f"layer {layer} is of a kind ffnfusion does not know (no SiLU/GELU-gated product" in err[-1], err[-1]
+        assert f"found Mul node 'model.layers.{layer}/" in err[-1], err[-1]  # where recognition stopped
+        assert not any("Traceback" in line for line in err)
+        assert not out.parent.exists() and _snapshot(inputs) == before

@@ -29,6 +29,11 @@ class BlockRecognitionError(FFNFusionError):
     """The graph does not have the residual structure ffnfusion rewrites."""
 
 
+class UnknownLayerError(BlockRecognitionError, InvalidArgumentError):
+    """A layer a command must read or rewrite is of a kind ffnfusion does not know (CLI: exit 2, as
+    for any bad input): the message names the layer and the node where recognition stopped."""
+
+
 class InvalidPlanError(FFNFusionError):
     """The requested groups or layers do not fit the model."""
 
