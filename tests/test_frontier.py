@@ -17,9 +17,9 @@ from ffnfusion.core.model_io import load_model
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.depth_plan import DepthPlan, DepthReductionPass, Move
 from ffnfusion.runtime.block_runner import BlockRunner
-from ffnfusion.runtime.frontier import evaluator as evaluator_module
-from ffnfusion.runtime.frontier import search
-from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, Streams, _ridge, _ridge_post_norm
+from ffnfusion.runtime.frontier import refits, search
+from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, Streams
+from ffnfusion.runtime.frontier.refits import down_refit, post_norm_down_refit
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +171,9 @@ def test_refit_lowers_the_stream_error_and_is_refused_when_it_cannot_help():
     rng = np.random.default_rng(1)
     a = rng.standard_normal((400, 20)).astype(np.float32)
     w = rng.standard_normal((20, 6)).astype(np.float32)
-    fitted = _ridge(a, a @ w + 0.01 * rng.standard_normal((400, 6)).astype(np.float32), val_rows=100)
+    fitted = down_refit(a, a @ w + 0.01 * rng.standard_normal((400, 6)).astype(np.float32), val_rows=100)
     assert fitted is not None and fitted[2] < 0.05
-    assert _ridge(a, rng.standard_normal((400, 6)).astype(np.float32), val_rows=100) is None  # noise: nothing to fit
+    assert down_refit(a, rng.standard_normal((400, 6)).astype(np.float32), val_rows=100) is None  # noise: nothing to fit
 
 
 def test_greedy_refit_never_worse_than_plain_on_held_out_tokens(evaluator):
@@ -303,11 +303,11 @@ def test_post_norm_refit_closes_a_reachable_gap_and_declines_noise(monkeypatch):
         return gain * d / np.sqrt(np.mean(d * d, -1, keepdims=True) + 1e-6)
 
     residual = post_normed(reachable) - post_normed(drifted)
-    delta, _, held_out = _ridge_post_norm(a, drifted, bias, norm, residual, 512)
+    delta, _, held_out = post_norm_down_refit(a, drifted, bias, norm, residual, 512)
     gap = float(np.linalg.norm(post_normed(drifted + delta) - post_normed(reachable)) / np.linalg.norm(residual))
     assert gap < 0.05 and held_out < 0.2, (gap, held_out)
-    monkeypatch.setattr(evaluator_module, "POST_NORM_ROUNDS", 1)
-    one_round, _, _ = _ridge_post_norm(a, drifted, bias, norm, residual, 512)
+    monkeypatch.setattr(refits, "POST_NORM_ROUNDS", 1)
+    one_round, _, _ = post_norm_down_refit(a, drifted, bias, norm, residual, 512)
     assert gap < 0.5 * float(np.linalg.norm(post_normed(drifted + one_round) - post_normed(reachable))
                              / np.linalg.norm(residual))
-    assert _ridge_post_norm(a, drifted, bias, norm, rng.normal(size=residual.shape).astype(np.float32), 512) is None
+    assert post_norm_down_refit(a, drifted, bias, norm, rng.normal(size=residual.shape).astype(np.float32), 512) is None

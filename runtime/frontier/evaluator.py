@@ -16,7 +16,8 @@ The search needs thousands of "what if" forwards. They are cheap here because
 A *refit* (ReplaceMe's idea, arXiv 2505.02819, merged into existing weights): after a move, the down
 projection of the last FFN before the cut gets ``W += Δ`` so that the stream after the cut matches the
 *original* model's on the fitting tokens; ``Δ`` is a ridge least-squares solution whose strength is
-chosen on held-out fitting windows (no repair when none helps). No step is added.
+chosen on held-out fitting windows (no repair when none helps; the solves: :mod:`.refits`). No step is
+added.
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes.blocks import BlockMap, FFNBlock
 from ffnfusion.passes.depth_plan import DepthPlan, Move
 from ffnfusion.passes.layer_ranges import format_ranges
-from ffnfusion.passes.norm_matchers import Norm
 from ffnfusion.passes.streaming import read_columns, read_rows
-from ffnfusion.runtime import ridge
 from ffnfusion.runtime.block_runner import BlockRunner
 from ffnfusion.runtime.ffn_reference import activation, apply_norm, down_bias, normed, post_norm_members
+from ffnfusion.runtime.frontier import refits
 from ffnfusion.runtime.numerics import CachedReference, windowed_perplexity
 
 logger = logging.getLogger(__name__)
@@ -345,12 +345,12 @@ class DepthEvaluator:
         width = sum(self._width(layer) for layer in range(span[0], span[1] + 1))
         post_norm = self.blocks[member].post_norm
         if post_norm is None:
-            chosen = _ridge(a, residual, self.val_rows)
+            chosen = refits.down_refit(a, residual, self.val_rows)
         else:  # what the member's output is now, with the deltas so far
             down, bias = self._down(member)
             if span[0] in deltas:
                 down = down + deltas[span[0]][offset:offset + len(down)]
-            chosen = _ridge_post_norm(a, down, bias, post_norm, residual, self.val_rows)
+            chosen = refits.post_norm_down_refit(a, down, bias, post_norm, residual, self.val_rows)
         if chosen is None:
             return None, deltas, cut
         delta, lam, held_out_residual = chosen
@@ -409,77 +409,3 @@ def remap_deltas(old: DepthPlan, new: DepthPlan, deltas: dict, width, hidden: in
             result[first] = np.concatenate([rows.get(layer, np.zeros((width(layer), hidden), np.float32))
                                             for layer in members])
     return result
-
-
-def _ridge(a: np.ndarray, residual: np.ndarray, val_rows: int):
-    """``Δ = argmin ‖AΔ − R‖² + λ'‖Δ‖²`` (:func:`~ffnfusion.runtime.ridge.solve_primal`) with λ
-    chosen on the last ``val_rows`` rows; None when no λ beats Δ = 0 there. Returns (Δ float32, λ,
-    held-out relative residual)."""
-    val = slice(len(a) - val_rows, len(a))
-    gram_val = (a[val].T @ a[val]).astype(np.float64)
-    gram = (a.T @ a).astype(np.float64)
-    cross_val = (a[val].T @ residual[val]).astype(np.float64)
-    cross = (a.T @ residual).astype(np.float64)
-    norm = float(np.linalg.norm(residual[val])) or 1.0
-    best = None
-    for lam in ridge.FRONTIER_LAMBDAS:
-        delta = ridge.solve_primal(gram - gram_val, cross - cross_val, lam)
-        error = float(np.linalg.norm(a[val] @ delta.astype(np.float32) - residual[val])) / norm
-        if best is None or error < best[1]:
-            best = (lam, error)
-    if best is None or best[1] >= 1.0:
-        return None
-    return ridge.solve_primal(gram, cross, best[0]).astype(np.float32), best[0], best[1]
-
-
-POST_NORM_ROUNDS = 3  # fixed-point rounds of the post-norm refit (the output RMS settles in two)
-
-
-def _ridge_post_norm(a: np.ndarray, down: np.ndarray, bias: np.ndarray, norm: Norm, residual: np.ndarray,
-                     val_rows: int):
-    """The refit of an FFN whose output is RMS-normalised (Gemma's sandwich layers):
-    ``u = g ⊙ d / r(d)``, ``d = A·W + b``, ``r(d) = sqrt(mean(d²) + ε)`` per token. ``u`` is not
-    linear in ``W``, but it is with ``r`` held: ``u ≈ g ⊙ (A/r)(W + Δ) + g ⊙ b/r``. So each round
-    solves the ridge (:func:`_ridge`'s λ policy) on features ``A/r`` toward ``T/g − (A·W + b)/r``,
-    ``T = u + R`` the update that would close the residual ``R``, and recomputes ``r`` from the new
-    ``d``; the penalty stays on the whole ``Δ``. λ is chosen on the last ``val_rows`` rows by the true
-    (normalised) error after one round; None when no λ beats Δ = 0 there. Channels whose gain is ~0
-    cannot move ``u`` and keep a zero target."""
-    stored = norm.gain.const_value if norm.gain is not None else None
-    gain = np.ones(down.shape[1], np.float32) if stored is None else stored.numpy().astype(np.float32).reshape(-1)
-    live = np.abs(gain) > 1e-6 * max(float(np.abs(gain).max()), 1e-30)
-    safe_gain = np.where(live, gain, 1.0)
-
-    def output(delta):
-        return a @ (down if delta is None else down + delta) + bias
-
-    def rms(d):
-        return np.sqrt(np.mean(d * d, axis=-1, keepdims=True) + norm.epsilon)
-
-    base = output(None)
-    target = gain * (base / rms(base)) + residual  # T = u + R
-    scaled_target = np.where(live, target / safe_gain, base / rms(base))  # in units of d / r
-
-    def system(rows: slice, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(FᵀF, FᵀY)`` for features ``F = A/r`` and targets ``Y = T/g − (A·W + b)/r`` on ``rows``."""
-        features = a[rows] / r[rows]
-        wanted = scaled_target[rows] - (a[rows] @ down + bias) / r[rows]
-        return (features.T @ features).astype(np.float64), (features.T @ wanted).astype(np.float64)
-
-    val = slice(len(a) - val_rows, len(a))
-    norm_val = float(np.linalg.norm(residual[val])) or 1.0
-    r = rms(base)
-    gram, cross = system(slice(0, len(a) - val_rows), r)
-    best = None
-    for lam in ridge.FRONTIER_LAMBDAS:
-        d_val = a[val] @ (down + ridge.solve_primal(gram, cross, lam).astype(np.float32)) + bias
-        error = float(np.linalg.norm(gain * d_val / rms(d_val) - target[val])) / norm_val
-        if best is None or error < best[1]:
-            best = (lam, error)
-    if best is None or best[1] >= 1.0:
-        return None
-    delta = np.zeros_like(down)
-    for _ in range(POST_NORM_ROUNDS):
-        delta = ridge.solve_primal(*system(slice(None), r), best[0]).astype(np.float32)
-        r = rms(output(delta))
-    return delta, best[0], best[1]
