@@ -23,7 +23,7 @@ import shutil
 import numpy as np
 import onnx_ir as ir
 
-from ffnfusion.core.errors import BlockRecognitionError, InvalidArgumentError, ModelSourceError
+from ffnfusion.core.errors import BlockRecognitionError, InvalidArgumentError, InvalidPlanError, ModelSourceError
 from ffnfusion.core.files import staged_directory
 from ffnfusion.core.model_io import COMPANION_FILES, METADATA_FILE, load_model, model_file
 from ffnfusion.exporters import nemotron_nas
@@ -218,6 +218,9 @@ def _layer_tensors(position: int, layer: DecoderLayer, tensors: list, hidden: in
                    tensor_parallel: int) -> HFLayer:
     prefix = f"model.layers.{position}."
     where = f"layer {layer.index}"
+    if layer.window is not None:
+        raise InvalidPlanError(f"layers {layer.index}-{layer.last} run side by side as whole blocks (a block-parallel "
+                               "window), which a Nemotron-NAS checkpoint cannot describe (one layer per stream step)")
     if layer.ffn is None and layer.unknown != "FFN removed":
         raise BlockRecognitionError(f"{where}: {layer.unknown or 'no FFN found'}")
     kv_heads = None

@@ -213,6 +213,41 @@ def _summed_updates(members: Iterable[Any], hidden_states: torch.Tensor) -> torc
     return functools.reduce(operator.add, (member.ffn_update(hidden_states) for member in members))
 
 
+class _WindowMember(nn.Module):
+    """One layer of a block-parallel window, at its own position in the model's loop (so it gets its
+    own mask, rotary table and KV-cache slot: Gemma's sliding and global layers differ): it runs on
+    the window's input, adds its update ``layer(x) − x`` to the window's sum, and passes ``x`` on;
+    the last member returns ``x + Σ_j (layer_j(x) − x)``."""
+
+    def __init__(self, layer: Any, window: dict, first: bool, last: bool):
+        super().__init__()
+        self.layer, self.first, self.last = layer, first, last
+        self._window = window  # shared by the window's members: its input and the sum so far
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.first:
+            self._window["input"] = hidden_states
+        x = self._window["input"]
+        update = _layer_output(self.layer(x, *args, **kwargs)) - x
+        self._window["sum"] = update if self.first else self._window["sum"] + update
+        return x + self._window["sum"] if self.last else x
+
+
+def _layer_output(output: Any) -> torch.Tensor:
+    """A decoder layer's hidden states (transformers 4 returns a tuple, 5 the tensor)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def parallelize_blocks(model: HFModel, windows: Iterable[Sequence[int]]) -> None:
+    """Compute each window of whole decoder layers in parallel form ``x + Σ_j (layer_j(x) − x)``, in
+    place (the reference for :class:`~ffnfusion.passes.block_parallel.BlockParallelPass`)."""
+    layers = decoder_layers(model)
+    for window in windows:
+        shared: dict = {}
+        for index in window:
+            layers[index] = _WindowMember(layers[index], shared, index == window[0], index == window[-1])
+
+
 class _ZeroFFN(nn.Module):
     """A removed FFN in a layer that keeps its attention: the layer adds nothing after attention."""
 

@@ -6,6 +6,9 @@ Importing ``ffnfusion`` after Olive, or ``ffnfusion.olive`` at any time (e.g. fr
     {"type": "GraphSurgeries", "surgeries": [{"surgeon": "FuseFFN", "groups": "10-13,14-16"}]}
 
 ``plan`` (a ``plan.json`` path written by ``ffnfusion analyze``) may replace ``groups``.
+``ParallelizeBlocks`` runs windows of whole blocks side by side (see ``ffnfusion parallelize``)::
+
+    {"surgeon": "ParallelizeBlocks", "windows": "1-3,6-7"}
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import onnx_ir as ir
 from olive.passes.onnx.graph_surgeries import Surgeon
 
 from ffnfusion.core.errors import InvalidArgumentError
+from ffnfusion.passes.block_parallel import BlockParallelPass
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.plan import FusionPlan
 
@@ -32,3 +36,14 @@ class FuseFFN(Surgeon):
 
     def call_ir(self, model: ir.Model) -> ir.Model:
         return FFNFusionPass(self.plan)(model).model
+
+
+class ParallelizeBlocks(Surgeon):
+    """Run windows of whole decoder blocks side by side (see ``ffnfusion parallelize``)."""
+
+    def __init__(self, windows: str | list[list[int]]):
+        super().__init__()
+        self.parallel = BlockParallelPass(windows)  # windows checked here, before any model is read
+
+    def call_ir(self, model: ir.Model) -> ir.Model:
+        return self.parallel(model).model

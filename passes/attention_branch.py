@@ -40,6 +40,8 @@ class AttentionWeights:
     k: op_matchers.Weight
     v: op_matchers.Weight
     o: op_matchers.Weight
+    # the values the q, k and v projections produce (bias included), in that order
+    outputs: tuple[ir.Value, ir.Value, ir.Value] | None = None
 
     def widths(self) -> tuple[int, int]:
         """``(q width, k/v width)``: heads·head_dim and kv_heads·head_dim."""
@@ -70,16 +72,21 @@ def match_attention(block: AttentionBlock) -> AttentionWeights | str:
     if o.bias is not None:
         return "attention projections with biases are not supported"
     projections: dict[ir.Value, list[op_matchers.Linear]] = {}
+    produced: dict[int, ir.Value] = {}  # id(linear) -> the value it was matched at
     for node in block.nodes:
         if node.op_type not in ("MatMul", "Gemm") or node in o.nodes:
             continue
-        linear = op_matchers.match_linear(node.outputs[0])
+        output = node.outputs[0]
+        linear = op_matchers.match_linear(output)
         consumers = [use.node for use in node.outputs[0].uses()]
         if len(consumers) == 1 and consumers[0].op_type == "Add" and consumers[0] in inside:
             # a bias Add after the product belongs to the projection (never silently dropped)
-            linear = op_matchers.match_linear(consumers[0].outputs[0]) or linear
+            biased = op_matchers.match_linear(consumers[0].outputs[0])
+            if biased is not None:
+                linear, output = biased, consumers[0].outputs[0]
         if linear is not None and linear.input is not None:
             projections.setdefault(linear.input, []).append(linear)
+            produced[id(linear)] = output
     candidates = [(source, found) for source, found in projections.items() if len(found) == 3]
     if len(candidates) != 1:
         sizes = sorted(len(found) for found in projections.values())
@@ -118,4 +125,5 @@ def match_attention(block: AttentionBlock) -> AttentionWeights | str:
     projected = set(q.nodes) | set(k.nodes)
     if any(node.op_type in NORM_OPS and _upstream(node.inputs[0], inside) & projected for node in block.nodes):
         return "q and k are normalised after their projections (QK-norm), which q/k/v/o weights cannot describe"
-    return AttentionWeights(norm, q.weight, k.weight, v.weight, o.weight)
+    return AttentionWeights(norm, q.weight, k.weight, v.weight, o.weight,
+                            (produced[id(q)], produced[id(k)], produced[id(v)]))

@@ -42,6 +42,8 @@ FUSED_GROUPS_METADATA = "ffnfusion.fused_groups"
 EMPTY_LAYERS_METADATA = "ffnfusion.empty_layers"
 # ... and layers that kept their attention but lost their FFN.
 ATTENTION_ONLY_METADATA = "ffnfusion.attention_only_layers"
+# ... and windows of whole blocks that run side by side (block_parallel), e.g. "1-3,6-7".
+PARALLEL_WINDOWS_METADATA = "ffnfusion.parallel_windows"
 # Why a layer with attention has no FFN, when nothing is wrong with it (DecoderLayer.unknown); any
 # other reason is a branch of a kind ffnfusion does not know.
 NO_FFN_BRANCH, FFN_REMOVED = "no FFN branch", "FFN removed"
@@ -129,6 +131,17 @@ class AttentionBlock:
 
 
 @dataclasses.dataclass(frozen=True)
+class WindowBlock:
+    """Whole blocks ffnfusion runs side by side (:mod:`.block_parallel`): ``y = x + branch(x)``,
+    the branch holding every member's attention and FFN. Opaque to the other passes."""
+
+    input: ir.Value
+    output: ir.Value
+    residual_add: ir.Node
+    nodes: tuple[ir.Node, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderLayer:
     """One position on the residual stream: optional attention, then an FFN.
 
@@ -142,6 +155,7 @@ class DecoderLayer:
     last: int | None = None  # set when this FFN is an earlier fusion of layers index..last
     attention_block: AttentionBlock | None = None
     parallel: bool = False  # attention and FFN read the same input (GPT-NeoX style)
+    window: WindowBlock | None = None  # layers index..last run side by side as whole blocks
 
     @property
     def span(self) -> range:
@@ -150,7 +164,9 @@ class DecoderLayer:
     def to_dict(self) -> dict:
         entry: dict = {"layer": self.index, "attention": self.attention,
                  "ffn": self.ffn.to_dict() if self.ffn else None}
-        if self.last is not None:
+        if self.window is not None:
+            entry["parallel_window"] = [self.index, self.last]
+        elif self.last is not None:
             entry["fused_layers"] = [self.index, self.last]
         if self.parallel:
             entry["parallel_residual"] = True
@@ -194,6 +210,9 @@ class BlockMap:
 
     def ffn(self, index: int) -> FFNBlock:
         layer = self.layer(index)
+        if layer.window is not None:
+            raise InvalidPlanError(f"layer {index} runs in the block-parallel window {layer.index}-{layer.last}: "
+                                   "its FFN is not a block of its own")
         if layer.ffn is None and layer.unknown not in (None, NO_FFN_BRANCH, FFN_REMOVED):
             raise UnknownLayerError(f"layer {index} is of a kind ffnfusion does not know ({layer.unknown})")
         if layer.ffn is None:
@@ -203,8 +222,9 @@ class BlockMap:
     @property
     def sequential_steps(self) -> int:
         """Sublayer steps a forward pass runs one after another: attention branches plus FFNs (a
-        fused group is one FFN)."""
-        return sum(int(layer.attention) + int(layer.ffn is not None) for layer in self.layers)
+        fused group is one FFN, a block-parallel window one attention step and one FFN step)."""
+        return sum(2 if layer.window is not None else int(layer.attention) + int(layer.ffn is not None)
+                   for layer in self.layers)
 
     def to_dict(self) -> dict:
         return {"sequential_steps": self.sequential_steps, "blocks": [layer.to_dict() for layer in self.layers],
@@ -275,6 +295,9 @@ def _next_residual_add(x: ir.Value, stops: set[ir.Value]) -> tuple[ir.Value, ir.
 
 
 def _residual_add_on(x: ir.Value, stops: set[ir.Value]) -> tuple[ir.Node, ir.Value, list[ir.Node]] | None:
+    """The residual Add on ``x``; of several (a block-parallel window adds ``x`` to each member's
+    attention output inside its branch), the outermost: the one whose branch is the largest."""
+    found = []
     for use in list(x.uses()):
         node = use.node
         if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
@@ -284,8 +307,8 @@ def _residual_add_on(x: ir.Value, stops: set[ir.Value]) -> tuple[ir.Node, ir.Val
             continue
         branch = _branch_nodes(other, x, stops)
         if branch:
-            return node, other, branch
-    return None
+            found.append((node, other, branch))
+    return max(found, key=lambda candidate: len(candidate[2]), default=None)
 
 
 def _classify(branch: list[ir.Node], branch_output: ir.Value, x: ir.Value, add: ir.Node):
@@ -354,6 +377,13 @@ def layers_in_metadata(model: ir.Model, key: str) -> list[int]:
     return parse_layers(text) if text else []
 
 
+def layer_groups_in_metadata(model: ir.Model, key: str) -> list[list[int]]:
+    from ffnfusion.passes.layer_ranges import parse_groups
+
+    text = model.metadata_props.get(key, "")
+    return parse_groups(text) if text else []
+
+
 def find_blocks(model: ir.Model) -> BlockMap:
     """Walk the residual stream of ``model`` and return its :class:`BlockMap`; ``model`` is not
     changed. The walk needs the canonical form (:mod:`~ffnfusion.passes.canonical`: Skip norms split,
@@ -365,12 +395,20 @@ def find_blocks(model: ir.Model) -> BlockMap:
     fused_spans = fused_spans_of(model)
     empty_layers = set(layers_in_metadata(model, EMPTY_LAYERS_METADATA))
     attention_only = set(layers_in_metadata(model, ATTENTION_ONLY_METADATA))
+    windows = {window[0]: window[-1] for window in layer_groups_in_metadata(model, PARALLEL_WINDOWS_METADATA)}
     layers: list[DecoderLayer] = []
     pending_attention: AttentionBlock | None = None
     count = 0
     index = 0  # original decoder-layer index of the next stream position
     for x, add, branch_output, branch in iter_residual_branches(graph):
         count += 1
+        upcoming = next(i for i in range(index, index + len(empty_layers) + 1) if i not in empty_layers)
+        if pending_attention is None and upcoming in windows:
+            index = upcoming
+            layers.append(DecoderLayer(index, True, None, last=windows[index],
+                                       window=WindowBlock(x, add.outputs[0], add, tuple(branch))))
+            index = windows[index] + 1
+            continue
         kind, detail = _classify(branch, branch_output, x, add)
         if kind == "parallel":
             if pending_attention:

@@ -70,8 +70,10 @@ class DepthPlan:
         layer has a recognised FFN (attention may be missing)."""
         for layer in block_map.layers:
             if layer.ffn is None or len(layer.span) > 1:
-                what = "a fused FFN" if layer.ffn is not None else f"no recognised FFN ({layer.unknown})"
-                raise InvalidPlanError(f"layer {layer.index} has {what}; a depth search starts from the "
+                what = ("has a fused FFN" if layer.ffn is not None else
+                        f"runs side by side with layers {layer.index}-{layer.last} (a block-parallel window)"
+                        if layer.window is not None else f"has no recognised FFN ({layer.unknown})")
+                raise InvalidPlanError(f"layer {layer.index} {what}; a depth search starts from the "
                                        "exported model (every layer with its FFN, nothing fused)")
         return cls(block_map.num_layers,
                    frozenset(layer.index for layer in block_map.layers if not layer.attention))

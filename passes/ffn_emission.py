@@ -148,8 +148,13 @@ def unit_gain_norm(first: FFNBlock, emitter: Emitter, doomed: dict[ir.Node, None
                    shared: np.ndarray | None = None) -> ir.Value:
     """``x / rms(x)`` (times ``shared`` when given): reuse the first member's decomposed norm up to
     its gain Mul, or emit the norm op again with a ones (or ``shared``) gain."""
-    norm = first.norm
-    unit = _unit_gain_norm(norm, emitter, doomed, shared, first.dtype)
+    return unit_norm(first.norm, first.dtype, emitter, doomed, shared)
+
+
+def unit_norm(norm: Norm, weights_dtype: ir.DataType, emitter: Emitter, doomed: dict[ir.Node, None],
+              shared: np.ndarray | None = None) -> ir.Value:
+    """:func:`unit_gain_norm` of any matched norm (an FFN's or an attention branch's)."""
+    unit = _unit_gain_norm(norm, emitter, doomed, shared, weights_dtype)
     if norm.output_casts:  # computed in float32 up to the gain: cast as the members did
         unit = emitter.add("Cast", [unit], "norm_cast", to=attribute(norm.output_casts[0], "to"))
     return unit

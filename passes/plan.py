@@ -112,6 +112,10 @@ class FusionPlan:
                 )
             # One FFN and the attention-free layers after it: the first member may keep the attention
             # before its FFN (it reads the stream after it), no attention may sit between members.
+            windowed = next((block_map.layer(i) for i in group if block_map.layer(i).window is not None), None)
+            if windowed is not None:
+                raise InvalidPlanError(f"group {label}: layers {windowed.index}-{windowed.last} run side by side as "
+                                       "whole blocks (a block-parallel window); FFN fusion takes sequential layers")
             first = block_map.layer(group[0])
             if first.ffn is None and first.unknown:
                 raise UnknownLayerError(f"group {label}: layer {group[0]} is of a kind ffnfusion does not know "

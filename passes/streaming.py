@@ -154,3 +154,34 @@ class StackedRows(ChunkedTensor):
                 out[first - start:last - start] = read_rows(weight, first - lo, last - lo)
         return out
 
+
+
+class StackedMatrices(ChunkedTensor):
+    """``[diag(s_1)·W_1, …, diag(s_k)·W_k]`` stacked on a new leading axis, ``shape`` ``[k, …, rows,
+    cols]`` (a block-parallel window's batched projections): each member's ``[in, out]`` weight, its
+    rows scaled by its gain when ``gains`` are given (float32 product, cast once), zero-padded to
+    ``rows × cols``, produced a block of rows at a time."""
+
+    __slots__ = ()
+
+    def __init__(self, weights: list[Weight], gains: list[np.ndarray] | None, dtype: ir.DataType, name: str,
+                 shape: tuple[int, ...]):
+        rows, cols = shape[-2:]
+        np_dtype = dtype.numpy()
+
+        def chunks() -> Iterator[np.ndarray]:
+            step = rows_per_chunk(cols * 4)
+            for member, weight in enumerate(weights):
+                own_rows, own_cols = weight.shape_in_out
+                for start in range(0, rows, step):
+                    stop = min(rows, start + step)
+                    block = np.zeros((stop - start, cols), np_dtype)
+                    last = min(stop, own_rows)
+                    if start < last:
+                        source = read_rows(weight, start, last)
+                        if gains is not None:
+                            source = np.multiply(source, gains[member][start:last, None], dtype=np.float32)
+                        block[:last - start, :own_cols] = source
+                    yield block
+
+        super().__init__(chunks, dtype, tuple(shape), name)

@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from ffnfusion.passes.op_matchers import Weight
-from ffnfusion.passes.streaming import FoldedColumns, StackedRows, read_columns, read_rows
+from ffnfusion.passes.streaming import FoldedColumns, StackedMatrices, StackedRows, read_columns, read_rows
 
 
 def _weight(array: np.ndarray, transposed: bool = False, *, external: str | None = None) -> Weight:
@@ -47,3 +47,23 @@ def test_folded_columns_and_stacked_rows_read_in_slices_equal_the_saved_tensor()
     assert whole.shape == (10, 4) and not whole[8:].any()
     for start, stop in [(0, 10), (2, 6), (7, 10)]:
         np.testing.assert_array_equal(stacked.rows(start, stop), whole[start:stop])
+
+
+@pytest.mark.parametrize("folded", [True, False])
+def test_stacked_matrices_pad_each_member_and_fold_its_gain(tmp_path, folded):
+    """Members of widths 3 and 5 (one stored transposed, one in a file) stacked [2, 4, 5] (columns
+    padded) and [2, 5, 4] (rows padded); gains multiply in float32 and round once."""
+    rng = np.random.default_rng(2)
+    members = [rng.standard_normal((4, width)).astype(np.float16) for width in (3, 5)]
+    gains = [rng.uniform(0.5, 1.5, 4).astype(np.float32) for _ in members]
+    weights = [_weight(members[0], transposed=True), _weight(members[1], external=str(tmp_path / "w.bin"))]
+    stacked = StackedMatrices(weights, gains if folded else None, ir.DataType.FLOAT16, "s", (2, 4, 5)).numpy()
+    for j, member in enumerate(members):
+        scaled = member.astype(np.float32) * gains[j][:, None] if folded else member
+        np.testing.assert_array_equal(stacked[j, :, :member.shape[1]], scaled.astype(np.float16))
+        assert not stacked[j, :, member.shape[1]:].any()
+    downs = [_weight(m.T.copy()) for m in members]  # [width, 4]: rows padded
+    rows = StackedMatrices(downs, None, ir.DataType.FLOAT16, "d", (2, 5, 4)).numpy()
+    np.testing.assert_array_equal(rows[0, :3], members[0].T)
+    assert not rows[0, 3:].any()
+    np.testing.assert_array_equal(rows[1], members[1].T)

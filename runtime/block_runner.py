@@ -95,6 +95,8 @@ def choose_streamed(model_path: str | os.PathLike, stream: bool | None) -> bool:
 
 
 def _sublayers(unit) -> int:
+    if unit.kind == "window":  # every member's attention and FFN
+        return 2 * (unit.last_layer - unit.layer + 1)
     return 2 if unit.kind == "layer" else 1
 
 

@@ -22,6 +22,7 @@ from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.files import write_json_atomically
 from ffnfusion.core.model_io import COMPANION_FILES, METADATA_FILE, MODEL_FILE, load_model, model_file, save_model
 from ffnfusion.passes.attention_removal import AttentionRemovalPass, AttentionRemovalResult
+from ffnfusion.passes.block_parallel import BlockParallelPass, BlockParallelResult
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.canonical import rewriting
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
@@ -106,6 +107,32 @@ def _repair_pass(model_path, plan: FusionPlan, options: RepairOptions, target: s
     logger.info(f"repair: sources {', '.join(f'{s.name} ({s.fit.size} fit + {s.select.size} held out)' for s in sources)}")
     return RepairPass(path, plan.groups, sources, method=options.method, lambdas=lambdas, target=target,
                       threads=threads, stream=options.stream)
+
+
+def parallelize_model_file(model_path: str | os.PathLike, out_path: str | os.PathLike,
+                           windows: Sequence[Sequence[int]] | str, *, validate: bool = True) -> dict:
+    """Run each window of whole blocks side by side (:class:`BlockParallelPass`) into a new model;
+    returns a summary with each window's layout."""
+    parallel = BlockParallelPass(windows)
+    results: list[BlockParallelResult] = []
+
+    def rewrite(model: ir.Model) -> None:
+        result = parallel(model)
+        assert isinstance(result, BlockParallelResult)
+        results.append(result)
+
+    def record(metadata: dict) -> None:
+        metadata["parallel_windows"] = metadata.get("parallel_windows", []) + [
+            window.to_dict() for window in results[0].windows]
+
+    label = ",".join(format_ranges(window) for window in parallel.windows)
+    summary = rewrite_model_file(model_path, out_path, rewrite, f"run blocks side by side in {label}", record,
+                                 validate)
+    summary["windows"] = [window.to_dict() for window in results[0].windows]
+    for window in results[0].windows:
+        logger.info(f"window {window.first}-{window.last}: attention {window.attention}; FFNs {window.ffn}; "
+                    f"{window.saved_steps} sequential steps saved")
+    return summary
 
 
 def remove_attention_file(model_path: str | os.PathLike, out_path: str | os.PathLike, layers: Sequence[int], *,

@@ -1,7 +1,8 @@
 """The *units* of a decoder's residual stream: the blocks of FFN Fusion's dependency analysis.
 
 An attention-free layer contributes its FFN (kind ``ffn``), any other layer its whole residual
-update (kind ``layer``); a layer with attention and no recognised FFN is kind ``attention``. Each
+update (kind ``layer``); a layer with attention and no recognised FFN is kind ``attention``; a window
+of blocks run side by side (:mod:`~ffnfusion.passes.block_parallel`) is one unit (kind ``window``). Each
 unit names the stream values it reads and writes, which is where :class:`~ffnfusion.runtime.block_runner.BlockRunner`
 cuts the graph."""
 
@@ -18,7 +19,7 @@ class Unit:
     index: int
     layer: int  # first decoder layer (a previously fused FFN spans several)
     last_layer: int
-    kind: str  # "layer" | "ffn" | "attention"
+    kind: str  # "layer" | "ffn" | "attention" | "window" (whole blocks side by side)
     input: str  # stream value names
     output: str
     attention_output: str | None  # x + attn(n(x)), for layers with attention
@@ -39,6 +40,10 @@ def units_of(block_map: BlockMap) -> list[Unit]:
 
 
 def _unit(index: int, layer: DecoderLayer) -> Unit:
+    if layer.window is not None:  # blocks side by side: one piece, stream in to stream out
+        window = layer.window
+        assert window.input.name is not None and window.output.name is not None
+        return Unit(index, layer.index, layer.span[-1], "window", window.input.name, window.output.name, None, None)
     attention, ffn = layer.attention_block, layer.ffn
     if ffn is None and layer.unknown not in (None, NO_FFN_BRANCH, FFN_REMOVED):
         # a branch the runner cannot cut around: running the model without it would be wrong

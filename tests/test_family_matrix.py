@@ -5,8 +5,8 @@ scaling), Gemma 2 and Gemma 3 (sandwich norms: post-normed FFNs, fused in the gr
 refitted through their RMS; alternating sliding-window layers; soft-capping, QK-norm).
 
 For each: the export equals transformers (with and without attention in layers 2-4), fusing 2-4
-equals a torch reference of the parallel form, and a 2-step frontier point written to disk equals
-the same plan and refits applied to the torch model.
+equals a torch reference of the parallel form, so do windows of whole blocks run side by side, and a
+2-step frontier point written to disk equals the same plan and refits applied to the torch model.
 """
 
 from __future__ import annotations
@@ -118,6 +118,25 @@ def test_fusion_equals_the_torch_parallel_form(family, tmp_path):
     assert rel_err(run_logits(create_session(fused), IDS), _logits(reference)) <= 1e-5, name
     assert fused_group_error(str(dropped), str(fused), DROPPED)["rel_err"] <= 1e-5
     assert find_blocks(ir.load(fused)).layer(2).span == range(2, 5)
+
+
+def test_block_parallel_windows_equal_the_torch_parallel_form(family, tmp_path):
+    """Whole blocks side by side: 0-1 (both with attention), 3-5 (attention dropped in 3 and 4).
+    Where the family's attention or FFN layout does not batch (biases, QK-norm, one qkv matrix,
+    post-norms), the members keep their own products: still exact."""
+    from ffnfusion.passes.block_parallel import parallelize_windows
+
+    name, model, _, dropped = family
+    windows = [[0, 1], [3, 4, 5]]
+    onnx_model = ir.load(dropped)
+    parallelize_windows(onnx_model, windows)
+    written = tmp_path / "parallel.onnx"
+    ir.save(onnx_model, written)
+    reference = copy.deepcopy(model)
+    llama_surgery.drop_attention(reference, DROPPED)
+    llama_surgery.parallelize_blocks(reference, windows)
+    assert rel_err(run_logits(create_session(written), IDS), _logits(reference)) <= 1e-5, name
+    assert [(layer.index, layer.last) for layer in find_blocks(ir.load(written)).layers if layer.window] == [(0, 1), (3, 5)]
 
 
 def test_depth_plan_equals_the_torch_model_with_the_same_plan(family, tmp_path):

@@ -1,4 +1,5 @@
-"""CLI commands that read and rewrite models: export, export-hf, inspect, fuse, analyze, verify, drop-attention.
+"""CLI commands that read and rewrite models: export, export-hf, inspect, fuse, analyze, verify, parallelize,
+drop-attention.
 
 Each command parses its arguments, calls the library (``runtime.model_rewrite``, ``runtime.analysis``,
 ``runtime.verify``) and prints; none holds logic of its own.
@@ -230,6 +231,30 @@ def run_verify(args) -> None:
     result = compare_models(args.reference, args.candidate, windows, progress=ProgressBar("verify", "models"),
                             stream=args.stream)
     print(json.dumps(result, indent=2) if args.json else format_verification(result))
+
+
+# --- parallelize --------------------------------------------------------------------------------
+
+def _parallelize_arguments(parser: argparse.ArgumentParser) -> None:
+    _rewrite_arguments(parser)
+    parser.add_argument("--windows", required=True, metavar="A-B,C-D",
+                        help="inclusive ranges of whole decoder layers (attention kept) to run side by side, "
+                             "0-based as in model.layers.N, e.g. 1-3,6-7; each at least two layers")
+
+
+@command("parallelize", "run windows of whole blocks (attention included) side by side",
+         "Rewrite each window of k consecutive decoder layers into the block-parallel form "
+         "y = x + sum_j (block_j(x) - x): every member's attention reads x (their q/k/v as one GEMM, each "
+         "attention core with its own KV cache), every member's FFN reads its own x + attn_j(x) (one batched "
+         "FFN chain), one sum, one residual Add: 2 sequential steps instead of up to 2k. Exact for that "
+         "form, which approximates the sequential layers (measure it: verify, frontier).")
+@arguments(_parallelize_arguments)
+def run_parallelize(args) -> None:
+    from ffnfusion.runtime.model_rewrite import parallelize_model_file
+
+    summary = parallelize_model_file(args.model, args.output, args.windows, validate=not args.no_validate)
+    if args.json:
+        print(json.dumps(summary, indent=2))
 
 
 # --- drop-attention -----------------------------------------------------------------------------

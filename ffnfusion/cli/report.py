@@ -215,13 +215,18 @@ def format_block_table(block_map) -> str:
     for layer in block_map.layers:
         run = block_map.run_of(layer.index) if layer.ffn and not layer.attention else None
         ffn = layer.ffn
+        what = "blocks side by side" if layer.window is not None else (layer.unknown or "-")
         lines.append(
             f"{format_ranges(layer.span):>5}  {'yes' if layer.attention else 'no':<9}  "
-            f"{ffn.width if ffn else '-':>9}  {ffn.norm_description if ffn else (layer.unknown or '-'):<20}  "
+            f"{ffn.width if ffn else '-':>9}  {ffn.norm_description if ffn else what:<20}  "
             f"{f'{ffn.norm.epsilon:.0e}' if ffn else '-':>8}  {f'{run[0]}-{run[1]}' if run else ''}"
         )
     described = [f"{format_ranges(range(a, b + 1))} ({b - a + 1} layer{'s' if b > a else ''})" for a, b in runs]
     lines.append(f"attention-free runs: {', '.join(described) or 'none'}")
+    windows = [f"{layer.index}-{layer.last} ({layer.last - layer.index + 1} blocks)" for layer in block_map.layers
+               if layer.window is not None and layer.last is not None]
+    if windows:
+        lines.append(f"block-parallel windows: {', '.join(windows)}")
     lines.append(f"sequential steps: {block_map.sequential_steps} (attention branches + FFNs)")
     return "\n".join(lines)
 
