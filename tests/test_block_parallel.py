@@ -153,3 +153,22 @@ def test_cli_writes_inspects_verifies_and_refuses(tiny_full, tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
     assert hashlib.sha256(tiny_full.read_bytes()).hexdigest() == digest
 
+
+def test_block_windows_benchmark(tiny_full, tmp_path, capsys):
+    """Ranks windows on the model's own analysis and measures the best 1..count side by side."""
+    from ffnfusion.benchmarks import block_windows
+
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(5).integers(0, 128, 512))
+    out = tmp_path / "rows.json"
+    assert block_windows.main([str(tiny_full), "--size", "2", "--count", "2", "--work", str(tmp_path / "work"),
+                               "--calib-ids", str(ids), "--eval-ids", str(ids), "--tokens", "256", "--window", "64",
+                               "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [len(row["windows"]) for row in rows] == [1, 2] and [row["steps_saved"] for row in rows] == [2, 4]
+    assert rows[0]["windows"][0] in (rows[1]["windows"])  # the best window stays as more are added
+    assert all(row["kl"] > 0 and row["ppl"] > 0 for row in rows)
+    assert "| none (original) |" in capsys.readouterr().out
+    second = find_blocks(ir.load(tmp_path / "work" / "windows-2" / "model.onnx"))
+    assert sorted((layer.index, layer.last) for layer in second.layers if layer.window) == \
+        sorted(tuple(window) for window in rows[1]["windows"])

@@ -9,7 +9,7 @@ import pytest
 from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes.plan import FusionPlan
 from ffnfusion.runtime.analysis.dependency import DependencyReport
-from ffnfusion.runtime.analysis.planner import plan_groups
+from ffnfusion.runtime.analysis.planner import plan_groups, rank_block_windows
 
 
 def _report(m: dict[tuple[int, int], float], layers=10, runs=((2, 6),), attention=(0, 1, 7, 8, 9)):
@@ -61,3 +61,20 @@ def test_plan_json_round_trip_and_bad_edits(tmp_path):
     path.write_text("{not json")
     with pytest.raises(InvalidArgumentError, match="cannot read plan"):
         FusionPlan.load(path)
+
+
+def test_block_windows_ranked_like_the_paper():
+    """Whole-block units only (kind layer); lowest M_max first, ties by M_sum, no overlap."""
+    attention = tuple(range(12))
+    m = {(i, j): 0.3 for i in range(12) for j in range(i + 1, 12)}  # high everywhere but in 4-7 and 8-11
+    m.update({(i, j): 0.05 for i in range(4, 8) for j in range(i + 1, 8)})
+    m.update({(i, j): 0.05 for i in range(8, 12) for j in range(i + 1, 12)})
+    m[(8, 9)] = 0.01  # 4-7 and 8-11 tie on M_max (0.05); the later one, 8-11, has the lower M_sum
+    report = _report(m, layers=12, runs=(), attention=attention)
+    ranked = rank_block_windows(report, size=4)
+    assert [w["layers"] for w in ranked[:2]] == [[8, 11], [4, 7]]
+    assert ranked[0]["m_max"] == ranked[1]["m_max"] == pytest.approx(0.05)
+    assert ranked[0]["m_sum"] == pytest.approx(0.26) and ranked[1]["m_sum"] == pytest.approx(0.30)
+    assert [w["layers"] for w in ranked[2:]] == [[0, 3]]  # what is left without overlap
+    # attention-free (kind ffn) layers are not whole blocks: 2-6 never start or join a window
+    assert all(w["layers"][1] < 2 or w["layers"][0] > 6 for w in rank_block_windows(_report({}), size=2))

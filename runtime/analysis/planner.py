@@ -10,6 +10,10 @@ Per attention-free run (layers a..b):
    ``M_max``, then lowest ``M_sum``; windows never overlap.
 
 Each chosen group carries its ``M_max``, ``M_sum`` and width, so the plan explains itself.
+
+:func:`rank_block_windows` does the same for whole blocks (attention kept, run side by side by
+:mod:`~ffnfusion.passes.block_parallel`), as the paper chose its full-block windows: every window of
+``size`` consecutive blocks, lowest ``M_max`` first, ties by ``M_sum``, none overlapping one taken before.
 """
 
 from __future__ import annotations
@@ -53,3 +57,28 @@ def plan_groups(report: DependencyReport, *, threshold: float = DEFAULT_THRESHOL
     return FusionPlan(tuple(tuple(layers) for layers, _ in chosen),
                       tuple({"layers": [layers[0], layers[-1]], **reason} for layers, reason in chosen),
                       settings)
+
+
+def rank_block_windows(report: DependencyReport, size: int = 4) -> list[dict]:
+    """Windows of ``size`` consecutive whole blocks (units of kind ``layer``: attention and FFN), best
+    first: ``[{"layers": [first, last], "m_max", "m_sum"}, ...]``; the first ``n`` are the paper's
+    choice of ``n`` windows. ``M`` must cover pairs ``size − 1`` apart (``analyze --max-distance``)."""
+    layers = sorted(block["layer"] for block in report.blocks
+                    if block["kind"] == "layer" and "last_layer" not in block)
+    present = set(layers)
+    windows = []
+    for first in layers:
+        members = list(range(first, first + size))
+        if not present.issuperset(members):
+            continue
+        m_max, m_sum = report.window_metrics(members[0], members[-1])
+        windows.append({"layers": [members[0], members[-1]], "m_max": m_max, "m_sum": m_sum})
+    windows.sort(key=lambda window: (window["m_max"], window["m_sum"]))
+    taken: set[int] = set()
+    ranked = []
+    for window in windows:
+        members = set(range(window["layers"][0], window["layers"][1] + 1))
+        if taken.isdisjoint(members):
+            taken.update(members)
+            ranked.append(window)
+    return ranked
