@@ -258,7 +258,8 @@ class _ZeroFFN(nn.Module):
 def apply_depth_plan(model: HFModel, plan, down_deltas=None) -> None:
     """A :class:`~ffnfusion.passes.depth_plan.DepthPlan` in torch, in place (the reference a written
     frontier model must match): attention dropped, FFNs removed, ``down_deltas`` (first layer ->
-    ``ΔW_down`` as ``[span width, hidden]``) added to the members' down projections, groups in parallel form.
+    ``ΔW_down`` as ``[span width, hidden]``) added to the members' down projections, groups in parallel form,
+    windows of whole blocks side by side.
     Residual multipliers are folded first, as the exporter does: the deltas are in the exported weights' scale."""
     layers = decoder_layers(model)
     fold_residual_multipliers(model)
@@ -277,3 +278,4 @@ def apply_depth_plan(model: HFModel, plan, down_deltas=None) -> None:
         else:
             layers[index].mlp = _ZeroFFN()
     parallelize_groups(model, [range(a, b + 1) for a, b in plan.groups])
+    parallelize_blocks(model, [range(a, b + 1) for a, b in plan.windows])

@@ -6,7 +6,9 @@ layer). Steps saved, per move:
 * remove attention j, or FFN j: 1 (the residual passes straight through);
 * remove block j (both): 2;
 * fuse: two neighbouring FFNs (or fused groups) with no attention left between them become one wide
-  FFN, saving 1 (a group of k FFNs saves k − 1; :mod:`ffnfusion.passes.ffn_fusion` is exact).
+  FFN, saving 1 (a group of k FFNs saves k − 1; :mod:`ffnfusion.passes.ffn_fusion` is exact);
+* parallel: a window of k whole, untouched blocks (attention and FFN) run side by side
+  (:mod:`ffnfusion.passes.block_parallel`), saving 2k − 2; its members take no other move.
 
 :class:`DepthPlan` is the state; :class:`DepthReductionPass` writes it into a model (attention
 removal, FFN removal, fusion, and any refitted down projections), so a plan found by the search on
@@ -23,6 +25,7 @@ import onnx_ir as ir
 
 from ffnfusion.core.errors import InvalidPlanError
 from ffnfusion.passes.attention_removal import AttentionRemovalPass
+from ffnfusion.passes.block_parallel import BlockParallelPass
 from ffnfusion.passes.blocks import BlockMap, FFNBlock, find_blocks
 from ffnfusion.passes.canonical import RewritePass
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
@@ -43,15 +46,17 @@ class Move:
 
     @property
     def saved(self) -> int:
+        if self.kind == "parallel":  # k attentions and k FFNs become one attention step and one FFN step
+            return 2 * len(self.layers) - 2
         return STEPS_SAVED[self.kind]
 
     def __str__(self) -> str:
-        if self.kind == "fuse":
-            return f"fuse {format_ranges(self.layers)}"
+        if self.kind in ("fuse", "parallel"):
+            return f"{self.kind} {format_ranges(self.layers)}"
         return f"remove {self.kind} {self.layers[0]}"
 
     def to_dict(self) -> dict:
-        return {"move": self.kind, "layers": [self.layers[0], self.layers[-1]] if self.kind == "fuse"
+        return {"move": self.kind, "layers": [self.layers[0], self.layers[-1]] if self.kind in ("fuse", "parallel")
                 else self.layers[0], "steps_saved": self.saved}
 
 
@@ -63,6 +68,7 @@ class DepthPlan:
     removed_attention: frozenset[int] = frozenset()
     removed_ffn: frozenset[int] = frozenset()
     groups: tuple[tuple[int, int], ...] = ()
+    windows: tuple[tuple[int, int], ...] = ()  # whole blocks run side by side, (first, last)
 
     @classmethod
     def of(cls, block_map: BlockMap) -> DepthPlan:
@@ -85,7 +91,8 @@ class DepthPlan:
     @property
     def steps(self) -> int:
         ffns = self.num_layers - len(self.removed_ffn) - sum(last - first for first, last in self.groups)
-        return self.num_layers - len(self.removed_attention) + ffns
+        parallel = sum(2 * (last - first) for first, last in self.windows)
+        return self.num_layers - len(self.removed_attention) + ffns - parallel
 
     @property
     def saved(self) -> int:
@@ -94,6 +101,14 @@ class DepthPlan:
     def group_of(self, layer: int) -> tuple[int, int] | None:
         return next((g for g in self.groups if g[0] <= layer <= g[1]), None)
 
+    def window_of(self, layer: int) -> tuple[int, int] | None:
+        return next((w for w in self.windows if w[0] <= layer <= w[1]), None)
+
+    def whole(self, layer: int) -> bool:
+        """Layer ``layer`` is as exported: attention and its own FFN, in no group and no window."""
+        return (layer not in self.removed_attention and layer not in self.removed_ffn
+                and self.group_of(layer) is None and self.window_of(layer) is None)
+
     def ffn_span(self, layer: int) -> tuple[int, int] | None:
         """``(first, last)`` of the FFN computing at layer ``layer``'s position (its group, or just
         the layer); None when the FFN is removed."""
@@ -101,9 +116,13 @@ class DepthPlan:
             return None
         return self.group_of(layer) or (layer, layer)
 
-    def legal_moves(self) -> list[Move]:
+    def legal_moves(self, window: int = 0) -> list[Move]:
+        """Every move possible from this plan; ``window``: the largest window of whole blocks a
+        ``parallel`` move may run side by side (0: none)."""
         moves = []
         for layer in range(self.num_layers):
+            if self.window_of(layer) is not None:
+                continue  # a window's members take no other move
             attention = layer not in self.removed_attention
             ffn = layer not in self.removed_ffn and self.group_of(layer) is None
             if attention:
@@ -114,8 +133,13 @@ class DepthPlan:
                 moves.append(Move("block", (layer,)))
         for layer in range(1, self.num_layers):
             left, right = self.ffn_span(layer - 1), self.ffn_span(layer)
-            if left and right and left != right and layer in self.removed_attention:
+            if (left and right and left != right and layer in self.removed_attention
+                    and self.window_of(layer - 1) is None and self.window_of(layer) is None):
                 moves.append(Move("fuse", tuple(range(left[0], right[1] + 1))))
+        for size in range(2, window + 1):
+            for first in range(self.num_layers - size + 1):
+                if all(self.whole(layer) for layer in range(first, first + size)):
+                    moves.append(Move("parallel", tuple(range(first, first + size))))
         return moves
 
     def can_fuse(self, first: int, last: int) -> bool:
@@ -126,8 +150,13 @@ class DepthPlan:
                 and len(set(present)) > 1 and all(j in self.removed_attention for j in range(first + 1, last + 1)))
 
     def apply(self, move: Move) -> DepthPlan:
-        legal = (self.can_fuse(move.layers[0], move.layers[-1]) and move.layers == tuple(range(move.layers[0], move.layers[-1] + 1))
-                 if move.kind == "fuse" else move in self.legal_moves())
+        contiguous = move.layers == tuple(range(move.layers[0], move.layers[-1] + 1))
+        if move.kind == "fuse":
+            legal = contiguous and self.can_fuse(move.layers[0], move.layers[-1])
+        elif move.kind == "parallel":
+            legal = contiguous and len(move.layers) >= 2 and all(self.whole(layer) for layer in move.layers)
+        else:
+            legal = move in self.legal_moves()
         if not legal:
             raise InvalidPlanError(f"{move} is not possible here")
         layer = move.layers[0]
@@ -139,24 +168,27 @@ class DepthPlan:
             return dataclasses.replace(self, removed_attention=self.removed_attention | {layer},
                                        removed_ffn=self.removed_ffn | {layer})
         first, last = move.layers[0], move.layers[-1]
+        if move.kind == "parallel":
+            return dataclasses.replace(self, windows=tuple(sorted([*self.windows, (first, last)])))
         groups = [g for g in self.groups if not first <= g[0] <= last] + [(first, last)]
         return dataclasses.replace(self, groups=tuple(sorted(groups)))
 
     def to_dict(self) -> dict:
         return {"num_layers": self.num_layers, "sequential_steps": self.steps, "steps_saved": self.saved,
                 "removed_attention": sorted(self.removed_attention), "removed_ffn": sorted(self.removed_ffn),
-                "fused_groups": [list(g) for g in self.groups]}
+                "fused_groups": [list(g) for g in self.groups], "parallel_windows": [list(w) for w in self.windows]}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> DepthPlan:
         return cls(int(data["num_layers"]), frozenset(data.get("removed_attention", ())),
-                   frozenset(data.get("removed_ffn", ())), tuple(tuple(g) for g in data.get("fused_groups", ())))
+                   frozenset(data.get("removed_ffn", ())), tuple(tuple(g) for g in data.get("fused_groups", ())),
+                   tuple(tuple(w) for w in data.get("parallel_windows", ())))
 
 
 class DepthReductionPass(RewritePass):
-    """Write a :class:`DepthPlan` into a model: attention removed, FFNs removed, groups fused, and
+    """Write a :class:`DepthPlan` into a model: attention removed, FFNs removed, groups fused,
     ``down_deltas`` (first layer of an FFN or group -> ``ΔW`` as ``[width, hidden]`` float32) added to
-    those down projections (the search's closed-form repairs)."""
+    those down projections (the search's closed-form repairs), windows of whole blocks side by side."""
 
     def __init__(self, plan: DepthPlan, down_deltas: Mapping[int, np.ndarray] | None = None,
                  target: str = "gpu", keep_kv_io: bool = False):
@@ -180,6 +212,8 @@ class DepthReductionPass(RewritePass):
         block_map = find_blocks(model)
         for first, delta in self.down_deltas.items():
             add_to_down(block_map.ffn(first), delta)
+        if self.plan.windows:  # last: its members' refits are written into their own FFNs first
+            BlockParallelPass([list(range(a, b + 1)) for a, b in self.plan.windows])(model)
         return ir.passes.PassResult(model, modified=True)
 
 

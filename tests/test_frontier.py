@@ -54,6 +54,23 @@ def test_steps_per_move():
     assert DepthPlan.from_dict(merged.to_dict()) == merged
 
 
+def test_parallel_windows_take_whole_blocks_and_save_2k_minus_2():
+    plan = DepthPlan(8)
+    assert not any(m.kind == "parallel" for m in plan.legal_moves())  # only when asked for
+    moves = [m for m in plan.legal_moves(window=3) if m.kind == "parallel"]
+    assert len(moves) == 7 + 6 and Move("parallel", (2, 3, 4)) in moves
+    plan = plan.apply(Move("attention", (5,)))
+    assert Move("parallel", (4, 5)) not in plan.legal_moves(window=3)  # 5 is no longer a whole block
+    windowed = plan.apply(Move("parallel", (1, 2, 3)))
+    assert windowed.saved == plan.saved + 4 and windowed.steps == 16 - windowed.saved
+    for move in (Move("ffn", (2,)), Move("attention", (1,)), Move("parallel", (3, 4))):
+        assert move not in windowed.legal_moves(window=3)  # members take no other move
+        with pytest.raises(InvalidPlanError, match="not possible"):
+            windowed.apply(move)
+    assert Move("fuse", (4, 5)) in windowed.legal_moves() and Move("fuse", (3, 4)) not in windowed.legal_moves()
+    assert DepthPlan.from_dict(windowed.to_dict()) == windowed and str(Move("parallel", (1, 2, 3))) == "parallel 1-3"
+
+
 def test_inspect_reports_sequential_steps(tiny_full, tiny_dynamo20, capsys):
     for model, steps in ((tiny_full, 16), (tiny_dynamo20, 16 - 5)):
         assert main(["inspect", str(model), "--json"]) == 0
@@ -197,6 +214,44 @@ def _move(step: dict) -> Move:
     return Move(step["move"], tuple(range(layers[0], layers[1] + 1)) if step["move"] == "fuse" else (layers,))
 
 
+def test_written_windows_equal_the_evaluator_and_torch(evaluator, tiny_llama, tiny_full, windows, tmp_path):
+    """Parallel moves (with their refit into the window's last block) beside a removal and a fusion:
+    the written file computes what the evaluator scored, and so does the torch model with the plan."""
+    evaluator.reset()
+    for move in [Move("parallel", (0, 1)), Move("attention", (4,)), Move("fuse", (3, 4)),
+                 Move("parallel", (5, 6, 7))]:
+        evaluator.accept(evaluator.candidate(move, refit=True))
+    state = evaluator.state
+    assert state.plan.windows == ((0, 1), (5, 7)) and state.plan.saved == 2 + 1 + 1 + 4
+    assert 1 in state.deltas  # the first window's refit, written into its last block's FFN
+    model = load_model(tiny_full)
+    DepthReductionPass(state.plan, state.deltas)(model)
+    assert find_blocks(model).sequential_steps == state.plan.steps
+    from ffnfusion.core.model_io import save_model
+    from ffnfusion.exporters.llama_surgery import apply_depth_plan
+
+    written = save_model(model, tmp_path / "model.onnx")
+    final = BlockRunner(written, streamed=False).final_stream(windows["select"])
+    assert rel_err(state.select.at[-1], final) < 1e-5
+    assert abs(evaluator.score_plan(state.plan, state.deltas) - state.kl) < 1e-5
+    reference = copy.deepcopy(tiny_llama)
+    apply_depth_plan(reference, state.plan, state.deltas)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(windows["eval"][:1]), use_cache=False).logits.numpy()
+    assert rel_err(BlockRunner(written, streamed=False).logits(windows["eval"][:1]), expected) < 1e-5
+    evaluator.reset()
+
+
+def test_a_parallel_refit_lowers_the_fitting_error(evaluator):
+    evaluator.reset()
+    move = Move("parallel", (2, 3, 4))
+    plain, refitted = evaluator.candidate(move, refit=False), evaluator.candidate(move, refit=True)
+    assert refitted.refit is not None and refitted.refit.layer == 4 and refitted.refit.span == (4, 4)
+    assert refitted.refit.held_out_residual < 1  # better than no refit on the held-out fitting windows
+    assert refitted.start == plain.start == 4
+    evaluator.reset()
+
+
 def test_baselines_save_what_they_say(evaluator):
     for kind in ("block", "attention", "ffn"):
         points = search.ranked_removal(evaluator, [2, 4], kind)
@@ -204,6 +259,10 @@ def test_baselines_save_what_they_say(evaluator):
         assert all(m["move"] == kind for p in points for m in p.moves)
     fusion = search.fusion_runs(evaluator, [4])
     assert fusion[0].steps_saved == 4 and fusion[0].plan.groups
+    parallel = search.block_parallel(evaluator, [6, 8, 9])  # a 4-block window, one more of 2, 9 odd: 8
+    assert [p.steps_saved for p in parallel] == [6, 8, 8]
+    assert [len(p.plan.windows) for p in parallel] == [1, 2, 2] and parallel[0].plan.windows[0][1] - parallel[0].plan.windows[0][0] == 3
+    assert all("m_max" in m and m["move"] == "parallel" for p in parallel for m in p.moves)
     evaluator.reset()
 
 
@@ -239,6 +298,33 @@ def test_frontier_cli_writes_runnable_points(tiny_full, windows, tmp_path, capsy
         recorded = json.loads((model.parent / "ffnfusion.json").read_text())["depth_reduction"]
         assert recorded["moves"] == point["moves"]
     assert not list(out.glob(".steps-*"))  # no staging left behind
+
+
+def test_frontier_cli_searches_parallel_windows_and_the_block_parallel_baseline(tiny_full, windows, tmp_path, capsys):
+    ids = {}
+    for name in ("fit", "select", "eval"):
+        ids[name] = tmp_path / f"{name}.npy"
+        np.save(ids[name], windows[name].reshape(-1))
+    out = tmp_path / "frontier"
+    assert main(["frontier", str(tiny_full), "-o", str(out), "--steps", "6", "--calib-ids", str(ids["fit"]),
+                 str(ids["select"]), "--eval-ids", str(ids["eval"]), "--tokens", "256", "--select-tokens", "128",
+                 "--eval-tokens", "128", "--window", "32", "--baselines", "block-parallel", "--no-latency",
+                 "--parallel-window", "3"]) == 0
+    result = json.loads((out / "frontier.json").read_text())
+    assert result["search_options"]["parallel_window"] == 3
+    baseline = result["baselines"]["block_parallel"][0]
+    assert baseline["steps"] == 6 and baseline["plan"]["parallel_windows"] == [[baseline["moves"][0]["layers"][0],
+                                                                              baseline["moves"][0]["layers"][1]]]
+    assert "| block-parallel |" in (out / "frontier.md").read_text()
+    model = load_model(tiny_full)  # the baseline's plan is a model too
+    DepthReductionPass(DepthPlan.from_dict(baseline["plan"]))(model)
+    written = find_blocks(model)
+    assert written.sequential_steps == 16 - 6 and [layer.window is not None for layer in written.layers].count(True) == 1
+    point = result["points"][0]  # the search's own point is written, windows or not
+    assert find_blocks(load_model(out / point["model"])).sequential_steps == 16 - point["steps"]
+    capsys.readouterr()
+    assert main(["frontier", str(tiny_full), "-o", str(tmp_path / "bad"), "--parallel-window", "1"]) == 2
+    assert "--parallel-window" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_frontier_cli_heals_every_written_point(tiny_full, tmp_path, capsys):

@@ -19,8 +19,6 @@ import json
 import pathlib
 import sys
 
-import numpy as np
-
 EVAL_TOKENS = 4096
 WINDOW = 512
 

@@ -66,6 +66,10 @@ def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: score candidates on the first N tokens of each selection window, the move "
                              "taken in full (0: every candidate on all of them; default "
                              f"{DEFAULT_SEARCH.screen_tokens})")
+    parser.add_argument("--parallel-window", type=int, default=DEFAULT_SEARCH.parallel_window, metavar="K",
+                        help="auto: also search 'parallel' moves, windows of 2..K whole blocks (attention kept) run "
+                             "side by side, each saving 2k-2 steps (ffnfusion parallelize); 0: none (default "
+                             f"{DEFAULT_SEARCH.parallel_window})")
     parser.add_argument("--dry-run", action="store_true",
                         help="print what the search will cost at most (full-forward equivalents, and minutes at "
                              "the rate of one timed forward) and write nothing")
@@ -83,7 +87,8 @@ def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
          "(each with a closed-form refit of the FFN before the cut), scored by KL(original || candidate) "
          "on calibration text held out from the fits; measures the single-method baselines at the same "
          "budgets, the perplexity of every point on a held-out text, and ONNX Runtime latency of the "
-         "written models. Steps: removing an attention or FFN saves 1, a block 2, fusing k FFNs k-1.")
+         "written models. Steps: removing an attention or FFN saves 1, a block 2, fusing k FFNs k-1, running "
+         "k whole blocks side by side (--parallel-window) 2k-2.")
 @arguments(_frontier_arguments)
 def run_frontier_command(args) -> None:
     from ffnfusion.core.model_io import load_model, model_file
@@ -91,6 +96,8 @@ def run_frontier_command(args) -> None:
     from ffnfusion.runtime.frontier.evaluator import check_searchable
     from ffnfusion.runtime.frontier.frontier import check_steps, run_frontier
 
+    if args.parallel_window < 0 or args.parallel_window == 1:
+        raise InvalidArgumentError(f"--parallel-window is 0 (none) or the largest window, at least 2; not {args.parallel_window}")
     path = model_file(args.model)
     block_map = find_blocks(load_model(path))
     check_steps(block_map.num_layers, args.steps)
@@ -101,14 +108,14 @@ def run_frontier_command(args) -> None:
         from ffnfusion.runtime.frontier.frontier import describe_estimate, estimate_frontier
 
         estimate = estimate_frontier(path, fit=fit, select=select, steps=args.steps, method=args.method,
-                                     threads=args.threads, stream=args.stream)
+                                     threads=args.threads, stream=args.stream, parallel_window=args.parallel_window)
         print(describe_estimate(args.method, estimate))
         return
     evaluation = _evaluation(args, path.parent)
     out = pathlib.Path(args.output)
     if args.screen_tokens < 0:
         raise InvalidArgumentError(f"--screen-tokens must be at least 0, not {args.screen_tokens}")
-    options = dataclasses.replace(DEFAULT_SEARCH, screen_tokens=args.screen_tokens)
+    options = dataclasses.replace(DEFAULT_SEARCH, screen_tokens=args.screen_tokens, parallel_window=args.parallel_window)
     result = run_frontier(path, fit=fit, select=select, evaluation=evaluation, steps=args.steps,
                           method=args.method, baselines=baselines, threads=args.threads, stream=args.stream,
                           search_options=options)

@@ -148,7 +148,8 @@ def write_frontier_markdown(result, path: pathlib.Path) -> None:
 
 def _move_text(move: dict) -> str:
     layers = move["layers"]
-    text = f"fuse {layers[0]}-{layers[1]}" if move["move"] == "fuse" else f"{move['move']} {layers}"
+    text = (f"{move['move']} {layers[0]}-{layers[1]}" if move["move"] in ("fuse", "parallel")
+            else f"{move['move']} {layers}")
     return text + ("+r" if move.get("refit") else "")
 
 

@@ -145,10 +145,21 @@ class DepthEvaluator:
         stop = self.positions if stop is None else stop
         self.token_positions += (stop - start) * windows.size
         self.cost_by_work[self._work] += (stop - start) * windows.size
-        for position in range(start, stop):
+        position = start
+        while position < stop:
             if capture is not None:
                 capture[position] = stream
             layer, is_ffn = divmod(position, 2)
+            window = plan.window_of(layer)
+            if window is not None:  # whole blocks side by side: one computation, its positions share the input
+                assert position == 2 * window[0] and stop >= 2 * window[1] + 2, "a run starts or stops inside a window"
+                for inside in range(position + 1, 2 * window[1] + 2):
+                    if capture is not None:
+                        capture[inside] = stream
+                stream = self.window_output(window, deltas, stream, windows)
+                position = 2 * window[1] + 2
+                continue
+            position += 1
             if not is_ffn:
                 if layer not in plan.removed_attention:
                     with self.runner.attention(self.unit_of[layer]) as apply:
@@ -160,6 +171,21 @@ class DepthEvaluator:
         if capture is not None:
             capture[stop] = stream
         return stream
+
+    def window_output(self, window: tuple[int, int], deltas: dict, stream: np.ndarray,
+                      windows: np.ndarray) -> np.ndarray:
+        """``x + Σ_j (a_j(x) + f_j(x + a_j(x)))`` over the window's blocks (the parallel form)."""
+        total = np.zeros_like(stream)
+        for layer in range(window[0], window[1] + 1):
+            middle = self.block_attention(layer, stream, windows)
+            total += middle - stream
+            total += self.ffn_update((layer, layer), middle, deltas.get(layer))
+        return stream + total
+
+    def block_attention(self, layer: int, stream: np.ndarray, windows: np.ndarray) -> np.ndarray:
+        """``x + a(x)`` of layer ``layer``'s attention."""
+        with self.runner.attention(self.unit_of[layer]) as apply:
+            return apply(stream, windows).astype(np.float32, copy=False)
 
     def capture(self, plan: DepthPlan, deltas: dict, windows: np.ndarray) -> Streams:
         at: list = [None] * (self.positions + 1)
@@ -327,18 +353,29 @@ class DepthEvaluator:
         """Refit the down projection of the last FFN before the cut toward the original stream after it."""
         cut = cut_position(move)
         span: tuple[int, int] | None
-        if move.kind == "fuse":
-            span, member = (move.layers[0], move.layers[-1]), move.layers[-1]
+        windows = self.state.fit.windows
+        if move.kind == "parallel":  # the window's last block: its FFN reads x + a(x), not a stream position
+            span = member = move.layers[-1]
+            start = change_position(move)
+            x_in = self._fit_stream(start)
+            self.token_positions += windows.size  # the member's attention, once more
+            self.cost_by_work[self._work] += windows.size
+            x = self.block_attention(member, x_in, windows)
+            after = self.run(plan, deltas, x_in, windows, start, cut)
+            span = (member, member)
         else:
-            before = change_position(move)
-            span = next((s for layer in range((before - 1) // 2, -1, -1)
-                         if (s := plan.ffn_span(layer)) is not None), None)
-            if span is None:
-                return None, deltas, cut
-            member = span[1]
-        start = 2 * span[0] + 1
-        x = self._fit_stream(start)
-        after = self.run(plan, deltas, x, self.state.fit.windows, start, cut)
+            if move.kind == "fuse":
+                span, member = (move.layers[0], move.layers[-1]), move.layers[-1]
+            else:
+                before = change_position(move)
+                span = next((s for layer in range((before - 1) // 2, -1, -1)
+                             if (s := plan.ffn_span(layer)) is not None), None)
+                if span is None or plan.window_of(span[1]) is not None:  # none, or a window's (reads x + a(x))
+                    return None, deltas, cut
+                member = span[1]
+            start = 2 * span[0] + 1
+            x = self._fit_stream(start)
+            after = self.run(plan, deltas, x, windows, start, cut)
         residual = (self.original[cut] - after).reshape(-1, self.hidden)
         a = self.activation(member, x.reshape(-1, self.hidden))
         offset = sum(self._width(layer) for layer in range(span[0], member))
@@ -363,14 +400,17 @@ def first_difference(base: DepthPlan, plan: DepthPlan, deltas: dict) -> int:
     """The first sublayer position where ``plan`` (with ``deltas``) differs from ``base``."""
     positions = [2 * j for j in plan.removed_attention - base.removed_attention]
     positions += [2 * j + 1 for j in plan.removed_ffn - base.removed_ffn]
-    positions += [2 * first + 1 for first, _ in plan.groups] + [2 * first + 1 for first in deltas]
+    positions += [2 * first + 1 for first, _ in plan.groups]
+    # a refitted FFN changes its position, or its window's (which computes from the window's input)
+    positions += [2 * window[0] if (window := plan.window_of(first)) else 2 * first + 1 for first in deltas]
+    positions += [2 * first for first, _ in plan.windows]
     return min(positions, default=2 * plan.num_layers)
 
 
 def change_position(move: Move) -> int:
     """The first sublayer position a move changes."""
     first = move.layers[0]
-    if move.kind in ("attention", "block"):
+    if move.kind in ("attention", "block", "parallel"):
         return 2 * first
     if move.kind == "ffn":
         return 2 * first + 1

@@ -30,7 +30,7 @@ from ffnfusion.runtime.numerics import windowed_perplexity
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("block-removal", "attention-removal", "ffn-removal", "fusion")
+BASELINES = ("block-removal", "attention-removal", "ffn-removal", "fusion", "block-parallel")
 # The lazy search's share of its bound, measured: SmolLM2 at 8/14/20 steps, 4,096 + 512 tokens, used
 # 269.5 and 265.1 of 1,820 full-forward equivalents (frontier.json, python-docs and broad runs).
 TYPICAL_SHARE_OF_BOUND = 0.15
@@ -61,14 +61,14 @@ class FrontierResult:
 
 
 def search_cost_bound(plan: DepthPlan, steps: Sequence[int], fit_tokens: int, select_tokens: int,
-                      refit: bool = True) -> float:
+                      refit: bool = True, parallel_window: int = 0) -> float:
     """At most the greedy search's work, in full forwards of the selection tokens (the unit of
     ``search_full_forward_equivalents``): one step saved per move, every legal move of the start
     scored at every step (later plans have fewer: a move takes its own away; the lazy queue scores
     fewer still), the ``REFITTED`` best refitted and the chosen one advanced on the fitting and
     selection tokens from the furthest-back change."""
     positions = 2 * plan.num_layers
-    rests = [positions - change_position(move) for move in plan.legal_moves()]
+    rests = [positions - change_position(move) for move in plan.legal_moves(parallel_window)]
     if not rests:
         return 0.0
     both = fit_tokens + select_tokens
@@ -78,7 +78,7 @@ def search_cost_bound(plan: DepthPlan, steps: Sequence[int], fit_tokens: int, se
 
 def estimate_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.ndarray,
                       steps: Sequence[int], method: str = "auto", threads: int | None = None,
-                      stream: bool | None = None) -> dict:
+                      stream: bool | None = None, parallel_window: int = 0) -> dict:
     """What a frontier run will cost, before it runs: the bound of :func:`search_cost_bound` and the
     seconds it stands for at the rate of one timed forward of the selection tokens (nothing is
     written)."""
@@ -90,12 +90,13 @@ def estimate_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select:
     clock = time.perf_counter()
     runner.final_stream(select)
     return _estimate(DepthPlan.of(runner.block_map), steps, method, fit.size, select.size,
-                     time.perf_counter() - clock)
+                     time.perf_counter() - clock, parallel_window)
 
 
 def _estimate(plan: DepthPlan, steps: Sequence[int], method: str, fit_tokens: int, select_tokens: int,
-              forward_seconds: float) -> dict:
-    bound = search_cost_bound(plan, steps, fit_tokens, select_tokens, refit=method == "auto")
+              forward_seconds: float, parallel_window: int = 0) -> dict:
+    bound = search_cost_bound(plan, steps, fit_tokens, select_tokens, refit=method == "auto",
+                              parallel_window=parallel_window)
     return {"search_full_forward_equivalents_at_most": round(bound, 1),
             "search_seconds_at_most": round(bound * forward_seconds, 1),
             "search_seconds_typical": round(TYPICAL_SHARE_OF_BOUND * bound * forward_seconds, 1),
@@ -136,7 +137,7 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
     # The capture is one forward of the fitting and selection tokens: the rate of the estimate.
     forward_seconds = seconds["capture"] * select.size / max(1, fit.size + select.size)
     logger.info(describe_estimate(method, _estimate(evaluator.plan0, steps, method, fit.size, select.size,
-                                                    forward_seconds)))
+                                                    forward_seconds, search_options.parallel_window)))
     forwards = 0.0
     by_work: dict[str, float] = {}
 
@@ -148,6 +149,8 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
                                   progress=logger.info, options=search_options)
         elif name == "fusion":
             found = search.fusion_runs(evaluator, steps, progress=logger.info)
+        elif name == "block-parallel":
+            found = search.block_parallel(evaluator, steps, progress=logger.info)
         else:
             found = search.ranked_removal(evaluator, steps, name.removesuffix("-removal"), progress=logger.info)
         seconds[name] = round(time.perf_counter() - clock, 1)
