@@ -143,7 +143,9 @@ def test_depth_plan_equals_the_torch_model_with_the_same_plan(family, tmp_path):
     from ffnfusion.passes.depth_plan import DepthReductionPass
 
     name, model, full, _ = family
-    plan = DepthPlan(6, removed_attention=frozenset({3, 4}), removed_ffn=frozenset({5}), groups=((2, 4),))
+    # blocks 0-1 side by side (a refit in 1's FFN), attention 3-4 and FFN 5 removed, FFNs 2-4 fused
+    plan = DepthPlan(6, removed_attention=frozenset({3, 4}), removed_ffn=frozenset({5}), groups=((2, 4),),
+                     windows=((0, 1),))
     rng = np.random.default_rng(2)
     deltas = {1: rng.normal(0, 0.05, (96, 64)).astype(np.float32),
               2: rng.normal(0, 0.05, (3 * 96, 64)).astype(np.float32)}
