@@ -95,18 +95,23 @@ def test_written_plan_equals_the_evaluator_and_torch(evaluator, tiny_llama, tiny
     state = evaluator.state
     assert state.deltas and state.plan.saved == 1 + 1 + 1 + 1 + 1 + 1 + 2
     assert state.plan.groups == ((3, 4), (5, 6))
+    _check_written_state(evaluator, tiny_llama, tiny_full, windows, tmp_path)
+
+
+def _check_written_state(evaluator, tiny_llama, tiny_full, windows, tmp_path) -> None:
+    """The evaluator's state written to a file computes what was scored, and so does the same plan
+    with its refits applied to the torch model (independent of the graph rewrite)."""
+    from ffnfusion.core.model_io import save_model
+    from ffnfusion.exporters.llama_surgery import apply_depth_plan
+
+    state = evaluator.state
     model = load_model(tiny_full)
     DepthReductionPass(state.plan, state.deltas)(model)
     assert find_blocks(model).sequential_steps == state.plan.steps
-    from ffnfusion.core.model_io import save_model
-
     written = save_model(model, tmp_path / "model.onnx")
     final = BlockRunner(written, streamed=False).final_stream(windows["select"])
     assert rel_err(state.select.at[-1], final) < 1e-5
     assert abs(evaluator.score_plan(state.plan, state.deltas) - state.kl) < 1e-5
-    # and the same plan and refits applied to the torch model (independent of the graph rewrite)
-    from ffnfusion.exporters.llama_surgery import apply_depth_plan
-
     reference = copy.deepcopy(tiny_llama)
     apply_depth_plan(reference, state.plan, state.deltas)
     with torch.no_grad():
@@ -224,22 +229,7 @@ def test_written_windows_equal_the_evaluator_and_torch(evaluator, tiny_llama, ti
     state = evaluator.state
     assert state.plan.windows == ((0, 1), (5, 7)) and state.plan.saved == 2 + 1 + 1 + 4
     assert 1 in state.deltas  # the first window's refit, written into its last block's FFN
-    model = load_model(tiny_full)
-    DepthReductionPass(state.plan, state.deltas)(model)
-    assert find_blocks(model).sequential_steps == state.plan.steps
-    from ffnfusion.core.model_io import save_model
-    from ffnfusion.exporters.llama_surgery import apply_depth_plan
-
-    written = save_model(model, tmp_path / "model.onnx")
-    final = BlockRunner(written, streamed=False).final_stream(windows["select"])
-    assert rel_err(state.select.at[-1], final) < 1e-5
-    assert abs(evaluator.score_plan(state.plan, state.deltas) - state.kl) < 1e-5
-    reference = copy.deepcopy(tiny_llama)
-    apply_depth_plan(reference, state.plan, state.deltas)
-    with torch.no_grad():
-        expected = reference(torch.from_numpy(windows["eval"][:1]), use_cache=False).logits.numpy()
-    assert rel_err(BlockRunner(written, streamed=False).logits(windows["eval"][:1]), expected) < 1e-5
-    evaluator.reset()
+    _check_written_state(evaluator, tiny_llama, tiny_full, windows, tmp_path)
 
 
 def test_a_parallel_refit_lowers_the_fitting_error(evaluator):
