@@ -1,14 +1,16 @@
 """Block-streamed vs in-RAM: forward time and peak memory side by side, and the llama-8b preset.
 
     python -m ffnfusion.benchmarks.streaming                   # SmolLM2: in-RAM vs block-streamed forward
-    python -m ffnfusion.benchmarks.streaming --llama-8b        # + analyze/verify/repair on the ~15 GB preset
+    python -m ffnfusion.benchmarks.streaming --llama-8b        # + analyze/verify/repair/frontier, ~15 GB preset
 
 SmolLM2 (exported once into ``--work``): logits for the same tokens from (1) one ONNX Runtime session
 of the whole model, (2) :class:`~ffnfusion.runtime.block_runner.BlockRunner` with every block's session
 kept (in RAM) and (3) block-streamed (each block's weights loaded when needed, then released). Each
 runs in its own process, so each peak RSS is its own. The llama-8b preset (attention removed in
-12-27, float16) runs ``analyze``, ``verify`` against a fused copy and ``fuse --repair`` with
-``--stream``, one process each, and prints their wall time and peak RSS.
+12-27, float16) runs ``analyze``, ``verify`` against fused copies (one group of 4 FFNs, then two of 8
+and 7), ``fuse --repair`` and a 2-step ``frontier`` with ``--stream``, one process each, and prints
+their wall time and peak RSS side by side (hours on 2 cores: the frontier's first step scores every
+move, each streaming the rest of the model).
 """
 
 from __future__ import annotations
@@ -114,6 +116,17 @@ def llama_8b(work: pathlib.Path) -> list[dict]:
                                                "--repair", "--repair-tokens", "2048", "--token-ids", *map(str, ids),
                                                "--stream", "--no-validate"])
     shutil.rmtree(repaired, ignore_errors=True)
+    # eight 8B FFNs in one unit (2.8 GB of weights): the case that peaked at 6.4 GiB before column blocks
+    step("fuse 12-19,20-26", [*cli, "fuse", str(base), "-o", str(fused), "--groups", "12-19,20-26", "--no-validate"])
+    step("verify vs fused 12-19,20-26 (512 tokens, windows of 256)",
+         [*cli, "verify", str(base), str(fused), "--token-ids", str(ids[0]), "--tokens", "512", "--window", "256",
+          "--stream"])
+    shutil.rmtree(fused, ignore_errors=True)
+    step("frontier --steps 2 (256 fitting, 128 selection tokens)",
+         [*cli, "frontier", str(base), "-o", str(work / "llama-8b-frontier"), "--steps", "2", "--tokens", "256",
+          "--select-tokens", "128", "--eval-tokens", "256", "--window", "128", "--calib-ids", *map(str, ids),
+          "--eval-ids", str(ids[0]), "--baselines", "none", "--no-latency", "--stream"])
+    shutil.rmtree(work / "llama-8b-frontier", ignore_errors=True)
     return steps
 
 
