@@ -188,7 +188,7 @@ class BlockParallelPass(RewritePass):
         opset = model.graph.opset_imports.get("", 0)
         if opset < MIN_OPSET:
             raise InvalidPlanError(f"the model is opset {opset}; the parallel form is written with opset "
-                                   f"{MIN_OPSET} ops (Split/Unsqueeze/ReduceSum taking their sizes and axes as inputs)")
+                                   f"{MIN_OPSET} ops (Split and ReduceSum taking their sizes and axes as inputs)")
         block_map = find_blocks(model)
         resolved = resolve_windows(block_map, self.windows)
         for window, members in zip(self.windows, resolved):
