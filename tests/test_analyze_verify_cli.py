@@ -43,6 +43,21 @@ def test_analyze_writes_report_plan_and_figures(capsys, tiny_dynamo20, ids_file,
     assert code == 0, err
 
 
+def test_analyze_ranks_whole_block_windows(capsys, tiny_full, ids_file, tmp_path):
+    """On a model with attention in every layer the units are whole blocks: windows of 4, best first."""
+    out = tmp_path / "report"
+    code, _, err = _run(capsys, "analyze", tiny_full, "-o", out, "--calib-ids", ids_file, "--tokens", 128,
+                        "--window", 32, "--dependency-tokens", 64)
+    assert code == 0, err
+    windows = json.loads((out / "report.json").read_text())["block_windows"]
+    assert windows and all(w["layers"][1] - w["layers"][0] == 3 for w in windows)
+    assert [w["m_max"] for w in windows] == sorted(w["m_max"] for w in windows)
+    covered = [layer for w in windows for layer in range(w["layers"][0], w["layers"][1] + 1)]
+    assert len(covered) == len(set(covered))  # none overlaps a better one
+    first = windows[0]["layers"]
+    assert f"| {first[0]}-{first[1]} | {windows[0]['m_max']:.4f} |" in (out / "report.md").read_text()
+
+
 def test_verify_identical_and_fused(capsys, tiny_dynamo20, ids_file, tmp_path):
     code, out, err = _run(capsys, "verify", tiny_dynamo20, tiny_dynamo20, "--text-ids", ids_file,
                           "--tokens", 64, "--window", 32, "--json")

@@ -85,6 +85,8 @@ def write_analysis(report: DependencyReport, plan: FusionPlan, out_dir: str | pa
         f"| {reason['layers'][0]}-{reason['layers'][1]} | {reason['width']} | {reason['m_max']:.4f} | {reason['m_sum']:.4f} |"
         for reason in plan.reasons
     ) or "| (none) | | | |"
+    windows = "\n".join(f"| {w['layers'][0]}-{w['layers'][1]} | {w['m_max']:.4f} | {w['m_sum']:.4f} |"
+                        for w in report.block_windows or []) or "| (none: no run of 4 whole blocks, or M not computed that far) | | |"
     cost = report.cost
     text = f"""# ffnfusion analysis of `{model}`
 
@@ -102,14 +104,25 @@ Settings: {plan.settings}. Fusing saves {plan.steps_saved} sequential FFN steps.
 |---|---|---|---|
 {rows}
 
+## Whole-block windows (`block_windows`)
+
+Windows of whole blocks (attention kept) ranked as the paper chose its full-block windows, lowest
+`M_max` first, ties by `M_sum`, none overlapping a better one; `ffnfusion parallelize --windows`
+runs them side by side. A ranking, not a verdict: on SmolLM2 the best-ranked window alone multiplies
+perplexity by 154 (README); `ffnfusion frontier --parallel-window` scores windows by KL instead.
+
+| layers | M_max | M_sum |
+|---|---|---|
+{windows}
+
 ## Figures
 
 ![dependency matrix](dependency.png)
 
 ![per-block metrics](per_layer.png)
 
-`report.json` holds `blocks`, `per_block`, `dependency` (null where not computed), `runs`, `cost`
-and `plan`.
+`report.json` holds `blocks`, `per_block`, `dependency` (null where not computed), `runs`, `cost`,
+`plan` and `block_windows`.
 """
     write_text_atomically(out / "report.md", text)
     return out

@@ -55,6 +55,8 @@ class DependencyReport:
     runs: list[list[int]]  # attention-free runs as [first_layer, last_layer]
     cost: dict = dataclasses.field(default_factory=dict)
     plan: dict | None = None
+    # windows of whole blocks ranked as the paper chose its full-block windows (planner.rank_block_windows)
+    block_windows: list[dict] | None = None
 
     def unit_of_layer(self, layer: int) -> int:
         for block in self.blocks:

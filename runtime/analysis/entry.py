@@ -10,10 +10,12 @@ import numpy as np
 
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.runtime.analysis.dependency import analyze
-from ffnfusion.runtime.analysis.planner import plan_groups
+from ffnfusion.runtime.analysis.planner import plan_groups, rank_block_windows
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
 
 logger = logging.getLogger(__name__)
+
+BLOCK_WINDOW = 4  # whole blocks per window in the report's ranking (the paper's full-block windows)
 
 
 def analyze_model(model_path: str | pathlib.Path, windows: np.ndarray, *, max_distance: int = 8,
@@ -29,6 +31,8 @@ def analyze_model(model_path: str | pathlib.Path, windows: np.ndarray, *, max_di
                      progress=progress)
     limits = {} if threshold is None else {"threshold": threshold}
     plan = plan_groups(report, max_width=max_width, include_last=include_last, **limits)
+    if max_distance >= BLOCK_WINDOW - 1:  # M covers every pair inside a window
+        report.block_windows = rank_block_windows(report, BLOCK_WINDOW)
     logger.info(f"analyze: plan {plan.describe() or '(no group passes the threshold)'}; cost "
                 f"{report.cost['full_forward_equivalents']} full-forward equivalents")
     return report, plan
