@@ -66,19 +66,15 @@ def rank_block_windows(report: DependencyReport, size: int = 4) -> list[dict]:
     layers = sorted(block["layer"] for block in report.blocks
                     if block["kind"] == "layer" and "last_layer" not in block)
     present = set(layers)
-    windows = []
+    scored: list[tuple[float, float, int]] = []  # (M_max, M_sum, first layer)
     for first in layers:
-        members = list(range(first, first + size))
-        if not present.issuperset(members):
-            continue
-        m_max, m_sum = report.window_metrics(members[0], members[-1])
-        windows.append({"layers": [members[0], members[-1]], "m_max": m_max, "m_sum": m_sum})
-    windows.sort(key=lambda window: (window["m_max"], window["m_sum"]))
+        if present.issuperset(range(first, first + size)):
+            scored.append((*report.window_metrics(first, first + size - 1), first))
     taken: set[int] = set()
     ranked = []
-    for window in windows:
-        members = set(range(window["layers"][0], window["layers"][1] + 1))
+    for m_max, m_sum, first in sorted(scored):
+        members = set(range(first, first + size))
         if taken.isdisjoint(members):
             taken.update(members)
-            ranked.append(window)
+            ranked.append({"layers": [first, first + size - 1], "m_max": m_max, "m_sum": m_sum})
     return ranked

@@ -355,7 +355,7 @@ class DepthEvaluator:
         span: tuple[int, int] | None
         windows = self.state.fit.windows
         if move.kind == "parallel":  # the window's last block: its FFN reads x + a(x), not a stream position
-            span = member = move.layers[-1]
+            member = move.layers[-1]
             start = change_position(move)
             x_in = self._fit_stream(start)
             self.token_positions += windows.size  # the member's attention, once more
