@@ -42,6 +42,8 @@ class AttentionWeights:
     o: op_matchers.Weight
     # the values the q, k and v projections produce (bias included), in that order
     outputs: tuple[ir.Value, ir.Value, ir.Value] | None = None
+    # their 1-D bias initializers (``match_attention(..., biases=True)`` only; None where unbiased)
+    biases: tuple[ir.Value | None, ir.Value | None, ir.Value | None] = (None, None, None)
 
     def widths(self) -> tuple[int, int]:
         """``(q width, k/v width)``: heads·head_dim and kv_heads·head_dim."""
@@ -62,8 +64,10 @@ def _upstream(value: ir.Value | None, inside: set[ir.Node]) -> set[ir.Node]:
     return seen
 
 
-def match_attention(block: AttentionBlock) -> AttentionWeights | str:
-    """The branch's norm and q/k/v/o weights, or why they could not be told apart."""
+def match_attention(block: AttentionBlock, biases: bool = False) -> AttentionWeights | str:
+    """The branch's norm and q/k/v/o weights, or why they could not be told apart. ``biases``: accept
+    q/k/v biases (Qwen2's) and return them; otherwise they are refused (a checkpoint without bias
+    tensors could not carry them)."""
     inside = set(block.nodes)
     branch_output = next(v for v in block.residual_add.inputs if v is not block.input)
     o = op_matchers.match_linear(op_matchers.skip_casts(branch_output))
@@ -93,7 +97,7 @@ def match_attention(block: AttentionBlock) -> AttentionWeights | str:
         return (f"expected three projections (q, k, v) reading the normed input, found groups of {sizes}"
                 " (a fused qkv projection is not supported)")
     normed, linears = candidates[0]
-    if any(linear.bias is not None for linear in linears):
+    if not biases and any(linear.bias is not None for linear in linears):
         return "attention projections with biases are not supported"
     norm = norm_matchers.match_norm(normed, block.input)
     if norm is None:
@@ -126,4 +130,4 @@ def match_attention(block: AttentionBlock) -> AttentionWeights | str:
     if any(node.op_type in NORM_OPS and _upstream(node.inputs[0], inside) & projected for node in block.nodes):
         return "q and k are normalised after their projections (QK-norm), which q/k/v/o weights cannot describe"
     return AttentionWeights(norm, q.weight, k.weight, v.weight, o.weight,
-                            (produced[id(q)], produced[id(k)], produced[id(v)]))
+                            (produced[id(q)], produced[id(k)], produced[id(v)]), (q.bias, k.bias, v.bias))

@@ -11,8 +11,8 @@ which this pass writes exactly, in two sequential steps instead of up to ``2k``:
 
 1. **attention**: every member's attention branch reads ``x``. Their q/k/v projections become one
    GEMM on the unit-gain norm ``u = x / rms(x)`` they share (RMSNorms of one epsilon):
-   ``u · [diag(s_1)·Q_1 | diag(s_1)·K_1 | diag(s_1)·V_1 | … | diag(s_k)·V_k]``, split back into the
-   members' q, k and v. Each member's attention core (RoPE, its GQA grouping, its KV cache, the
+   ``u · [diag(s_1)·Q_1 | diag(s_1)·K_1 | diag(s_1)·V_1 | … | diag(s_k)·V_k]`` (plus the members'
+   q/k/v biases side by side, Qwen2's), split back into the members' q, k and v. Each member's attention core (RoPE, its GQA grouping, its KV cache, the
    softmax) runs as exported, independent of the others, and keeps its own output projection: each
    block's FFN needs its own ``h_j``. The cores are not merged into one attention op with ``k×`` the
    heads: that is a rewrite of each exporter's attention encoding, not done here.
@@ -22,7 +22,7 @@ which this pass writes exactly, in two sequential steps instead of up to ``2k``:
    batched MatMuls, the activation, one ReduceSum over ``k``, reshaped back to the stream's shape.
 
 Then one Sum of the attention outputs and the FFN sum, and one residual Add. Where a layout does not
-apply (projections the matcher cannot tell apart, QK-norm, biases, LayerNorms, post-normed FFNs,
+apply (projections the matcher cannot tell apart, QK-norm, biased FFNs, LayerNorms, post-normed FFNs,
 4-bit weights), the members keep their own projections or FFNs: still reading ``x`` or ``h_j``, still
 two steps, still exact; :class:`BlockParallelResult` says which layout each window got and why.
 
@@ -272,7 +272,7 @@ def _match_qkv(members: Sequence[DecoderLayer]) -> list[AttentionWeights] | str:
     matched: list[AttentionWeights] = []
     for member in members:
         assert member.attention_block is not None
-        weights = match_attention(member.attention_block)
+        weights = match_attention(member.attention_block, biases=True)
         if isinstance(weights, str):
             return f"layer {member.index}: {weights}"
         matched.append(weights)
@@ -296,14 +296,26 @@ def _wide_qkv(graph: ir.Graph, prefix: str, matched: Sequence[AttentionWeights],
     emit = Emitter(graph, f"{prefix}.attention", dtype)
     unit = unit_norm(norms[0], dtype, emit, {})
     weight = register(graph, FoldedColumns(projections, gains, dtype, f"{prefix}.attention.qkv_proj.weight"))
-    product = emit.add("MatMul", [unit, weight], "qkv_proj")
     widths = [p.shape_in_out[1] for p in projections]
+    product = emit.linear(unit, weight, _stacked_bias(matched, widths, dtype, f"{prefix}.attention.qkv_proj.bias"),
+                          "qkv_proj")
     split = _split(emit, product, widths)
     nodes += emit.nodes
     outputs = [value for w in matched for value in (w.outputs or ())]
     for old, new in zip(outputs, split):
         new.type, new.shape = old.type, old.shape
         ir.convenience.replace_all_uses_with(old, new)
+
+
+def _stacked_bias(matched: Sequence[AttentionWeights], widths: Sequence[int], dtype: ir.DataType,
+                  name: str) -> ir.TensorProtocol | None:
+    """``[b_q1 | b_k1 | b_v1 | … | b_vk]`` (zeros for an unbiased projection), None when none has one."""
+    biases = [bias for w in matched for bias in w.biases]
+    if all(bias is None for bias in biases):
+        return None
+    parts = [np.zeros(width, np.float32) if bias is None or bias.const_value is None
+             else bias.const_value.numpy().astype(np.float32) for bias, width in zip(biases, widths)]
+    return ir.tensor(np.concatenate(parts).astype(dtype.numpy()), name=name)
 
 
 def _norm_gain(weights: AttentionWeights) -> np.ndarray:

@@ -124,12 +124,14 @@ def test_block_parallel_windows_equal_the_torch_parallel_form(family, tmp_path):
     """Whole blocks side by side: 0-1 (both with attention), 3-5 (attention dropped in 3 and 4).
     Where the family's attention or FFN layout does not batch (biases, QK-norm, one qkv matrix,
     post-norms), the members keep their own products: still exact."""
-    from ffnfusion.passes.block_parallel import parallelize_windows
+    from ffnfusion.passes.block_parallel import WIDE_QKV, parallelize_windows
 
     name, model, _, dropped = family
     windows = [[0, 1], [3, 4, 5]]
     onnx_model = ir.load(dropped)
-    parallelize_windows(onnx_model, windows)
+    result = parallelize_windows(onnx_model, windows)
+    if name in ("qwen2", "mistral", "granite"):  # Llama-shaped attention (Qwen2's q/k/v biases stacked)
+        assert [w.attention for w in result.windows] == [WIDE_QKV, WIDE_QKV], name
     written = tmp_path / "parallel.onnx"
     ir.save(onnx_model, written)
     reference = copy.deepcopy(model)
