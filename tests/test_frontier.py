@@ -258,11 +258,17 @@ def test_baselines_save_what_they_say(evaluator):
 
 # --- the CLI ------------------------------------------------------------------------------------
 
-def test_frontier_cli_writes_runnable_points(tiny_full, windows, tmp_path, capsys):
+def _id_files(windows, tmp_path) -> dict:
+    """The fitting, selection and held-out windows as token-id files (what --calib-ids/--eval-ids read)."""
     ids = {}
     for name in ("fit", "select", "eval"):
         ids[name] = tmp_path / f"{name}.npy"
         np.save(ids[name], windows[name].reshape(-1))
+    return ids
+
+
+def test_frontier_cli_writes_runnable_points(tiny_full, windows, tmp_path, capsys):
+    ids = _id_files(windows, tmp_path)
     out = tmp_path / "frontier"
     argv = ["frontier", str(tiny_full), "-o", str(out), "--steps", "2,4", "--calib-ids", str(ids["fit"]),
             str(ids["select"]), "--eval-ids", str(ids["eval"]), "--tokens", "256", "--select-tokens", "128",
@@ -291,10 +297,7 @@ def test_frontier_cli_writes_runnable_points(tiny_full, windows, tmp_path, capsy
 
 
 def test_frontier_cli_searches_parallel_windows_and_the_block_parallel_baseline(tiny_full, windows, tmp_path, capsys):
-    ids = {}
-    for name in ("fit", "select", "eval"):
-        ids[name] = tmp_path / f"{name}.npy"
-        np.save(ids[name], windows[name].reshape(-1))
+    ids = _id_files(windows, tmp_path)
     out = tmp_path / "frontier"
     assert main(["frontier", str(tiny_full), "-o", str(out), "--steps", "6", "--calib-ids", str(ids["fit"]),
                  str(ids["select"]), "--eval-ids", str(ids["eval"]), "--tokens", "256", "--select-tokens", "128",
