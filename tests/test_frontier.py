@@ -16,6 +16,7 @@ from ffnfusion.core.errors import InvalidPlanError
 from ffnfusion.core.model_io import load_model
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.depth_plan import DepthPlan, DepthReductionPass, Move
+from ffnfusion.runtime import ridge
 from ffnfusion.runtime.block_runner import BlockRunner
 from ffnfusion.runtime.frontier import refits, search
 from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, Streams
@@ -196,6 +197,24 @@ def test_refit_lowers_the_stream_error_and_is_refused_when_it_cannot_help():
     fitted = down_refit(a, a @ w + 0.01 * rng.standard_normal((400, 6)).astype(np.float32), val_rows=100)
     assert fitted is not None and fitted[2] < 0.05
     assert down_refit(a, rng.standard_normal((400, 6)).astype(np.float32), val_rows=100) is None  # noise: nothing to fit
+
+
+def test_refit_with_fewer_rows_than_features_solves_the_kernel_form_to_the_same_answer():
+    """An 8B FFN refitted on a few hundred tokens: the N×N kernel form, equal to the width×width primal."""
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((60, 200)).astype(np.float32)  # 45 fitting rows, 200 features
+    residual = a @ (0.1 * rng.standard_normal((200, 8))).astype(np.float32)
+    kernel = refits.down_refit(a, residual, val_rows=15)
+    val, fit = slice(45, 60), slice(0, 45)
+    best = None
+    for lam in ridge.FRONTIER_LAMBDAS:  # the primal form, written out
+        gram = (a[fit].T @ a[fit]).astype(np.float64)
+        delta = ridge.solve_primal(gram, (a[fit].T @ residual[fit]).astype(np.float64), lam)
+        error = float(np.linalg.norm(a[val] @ delta.astype(np.float32) - residual[val]) / np.linalg.norm(residual[val]))
+        best = (lam, error) if best is None or error < best[1] else best
+    whole = ridge.solve_primal((a.T @ a).astype(np.float64), (a.T @ residual).astype(np.float64), best[0])
+    assert kernel is not None and kernel[1] == best[0] and abs(kernel[2] - best[1]) < 1e-4
+    assert rel_err(kernel[0], whole.astype(np.float32)) < 1e-4
 
 
 def test_greedy_refit_never_worse_than_plain_on_held_out_tokens(evaluator):
