@@ -130,7 +130,8 @@ def parallelize_model_file(model_path: str | os.PathLike, out_path: str | os.Pat
                                  validate)
     summary["windows"] = [window.to_dict() for window in results[0].windows]
     for window in results[0].windows:
-        logger.info(f"window {window.first}-{window.last}: attention {window.attention}; FFNs {window.ffn}; "
+        logger.info(f"window {window.first}-{window.last}: attention {window.attention}, cores: {window.core}; "
+                    f"FFNs {window.ffn}; "
                     f"{window.saved_steps} sequential steps saved")
     return summary
 

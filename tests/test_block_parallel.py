@@ -23,7 +23,8 @@ from conftest import TINY_DROPPED, prefill_then_decode, rel_err
 from ffnfusion.cli import main
 from ffnfusion.core.errors import InvalidArgumentError, InvalidPlanError
 from ffnfusion.exporters import llama_surgery
-from ffnfusion.passes.block_parallel import BATCHED_FFN, WIDE_QKV, BlockParallelPass, parallelize_windows
+from ffnfusion.exporters.onnx_export import ExportOptions, export_model
+from ffnfusion.passes.block_parallel import BATCHED_FFN, WIDE_CORE, WIDE_QKV, BlockParallelPass, parallelize_windows
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
@@ -91,6 +92,32 @@ def test_other_encodings(tiny_llama, tiny_variants, tmp_path, variant):
     assert rel_err(logits, _reference(tiny_llama, windows, TINY_DROPPED, ids)) <= 1e-5
 
 
+def test_opset23_cores_become_one_attention_op_with_the_kv_cache(tiny_llama, tmp_path, capsys):
+    """Opset 23 writes each core as ONNX's Attention op: a window's cores become one op with every
+    member's heads (6 query heads each, K/V expanded from 2 by the exporter), prefill then decode
+    through the members' own past/present unchanged. Batch 1 (ORT's opset-23 RotaryEmbedding)."""
+    source = export_model(copy.deepcopy(tiny_llama), tmp_path / "export",
+                          ExportOptions(opset=23, kv_cache=True))
+    windows = [[1, 2, 3], [5, 6]]
+    path, result, _ = _parallelized(source, windows, tmp_path)
+    assert [(w.attention, w.core, w.ffn) for w in result.windows] == [(WIDE_QKV, WIDE_CORE, BATCHED_FFN)] * 2
+    cores = [n for n in ir.load(path).graph if n.op_type == "Attention"]
+    assert len(cores) == 8 - 3  # 8 layers, windows of 3 and 2 cores each one op
+    assert sorted(n.inputs[0].shape[1] for n in cores) == [6, 6, 6, 12, 18]  # heads: k × 6
+    before, after = create_session(source), create_session(path)
+    assert [(i.name, i.shape) for i in after.get_inputs()] == [(i.name, i.shape) for i in before.get_inputs()]
+    ids = IDS[:1]
+    reference = _reference(tiny_llama, windows, (), ids)
+    prefill, decode = prefill_then_decode(after, ids, 7)
+    assert rel_err(prefill[0], reference[:, :7]) <= 1e-5
+    assert rel_err(decode[0], reference[:, 7:]) <= 1e-5
+    assert rel_err(decode[0], _reference(tiny_llama, [], (), ids)[:, 7:]) > 1e-2
+    assert main(["inspect", str(path)]) == 0
+    assert "block-parallel windows: 1-3 (3 blocks), 5-6 (2 blocks)" in capsys.readouterr().out
+    assert main(["check-trt", str(path)]) == 0  # the wide op's 18 heads: TensorRT's Attention rules hold
+    assert "0 problems" in capsys.readouterr().out
+
+
 def test_a_window_that_is_already_parallel_reads_on(tiny_llama, tiny_full, tmp_path):
     """A second pass adds its windows beside the first's (metadata merged, both recognised)."""
     model = ir.load(tiny_full)
@@ -129,7 +156,8 @@ def test_cli_writes_inspects_verifies_and_refuses(tiny_full, tmp_path, capsys):
     assert main(["parallelize", str(tiny_full), "-o", str(out), "--windows", "1-3", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["windows"] == [{"layers": [1, 3], "attention_layers": [1, 2, 3], "attention": WIDE_QKV,
-                                   "ffn": BATCHED_FFN, "saved_steps": 4}]
+                                   "attention_core": "decomposed attention cores (MatMul/Softmax; export at "
+                                   "opset 23 for ONNX's Attention op)", "ffn": BATCHED_FFN, "saved_steps": 4}]
     assert json.loads((out / "ffnfusion.json").read_text())["parallel_windows"] == summary["windows"]
     assert main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out
