@@ -382,6 +382,9 @@ def _match_cores(members: Sequence[DecoderLayer]) -> _Cores | str:
                  or n.op_type == "GroupQueryAttention"]
         if not cores:
             return "decomposed attention cores (MatMul/Softmax; export at opset 23 for ONNX's Attention op)"
+        if cores[0].op_type == "GroupQueryAttention":  # ORT GenAI's graphs
+            return ("GroupQueryAttention cores (each writes its own layer's KV buffer in place, which ORT GenAI "
+                    "shares between past and present; one op would copy the window's cache every step)")
         if len(cores) > 1 or cores[0].op_type != "Attention" or cores[0].domain not in ("", "ai.onnx"):
             return f"layer {member.index}: a {cores[0].domain or 'ai.onnx'} {cores[0].op_type} core, not ONNX's Attention"
         nodes.append(cores[0])

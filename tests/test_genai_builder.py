@@ -90,6 +90,30 @@ def test_dropped_and_fused_builder_model_is_the_parallel_form_and_runs_in_genai(
     assert rel_err(genai_logits, np.array(logits)) < 1e-5
 
 
+def test_parallelized_builder_model_is_exact_and_runs_in_genai(builder_fp32, tmp_path):
+    """Whole blocks 1-3 side by side on a builder graph: its one packed qkv projection and its
+    GroupQueryAttention cores stay per member (the layout says why), the FFNs one batched chain;
+    equal to the torch parallel form, and onnxruntime_genai decodes it through its shared KV buffers."""
+    from ffnfusion.passes.block_parallel import BATCHED_FFN
+    from ffnfusion.runtime.model_rewrite import parallelize_model_file
+
+    summary = parallelize_model_file(builder_fp32, tmp_path / "parallel", "1-3")
+    [window] = summary["windows"]
+    assert "fused qkv" in window["attention"] and "GroupQueryAttention" in window["attention_core"]
+    assert window["ffn"] == BATCHED_FFN
+    path = tmp_path / "parallel" / "model.onnx"
+    assert _ops(path)["GroupQueryAttention"] == 8 and _ops(path)["SkipSimplifiedLayerNormalization"] >= 10
+    reference = make_tiny_llama()
+    llama_surgery.parallelize_blocks(reference, [[1, 2, 3]])
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(IDS)).logits.numpy()
+    assert rel_err(run_logits(create_session(path), IDS), expected) < 1e-5
+    expected_tokens, expected_logits = greedy_reference(reference, PROMPT, 8)
+    tokens, genai_logits = genai_builder.greedy(tmp_path / "parallel", PROMPT, 8, vocab=128)
+    assert tokens == expected_tokens
+    assert rel_err(genai_logits, np.array(expected_logits)) < 1e-5
+
+
 def test_onnxruntime_genai_runs_our_kv_cache_export(tiny_kv_cache, tiny_llama):
     """``export --kv-cache`` writes a genai_config.json that onnxruntime_genai runs as it is."""
     import json
