@@ -24,7 +24,8 @@ from ffnfusion.core.model_io import model_file
 from ffnfusion.passes.depth_plan import DepthPlan
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
 from ffnfusion.runtime.frontier import search
-from ffnfusion.runtime.frontier.evaluator import DepthEvaluator, change_position
+from ffnfusion.runtime.frontier.evaluator import DepthEvaluator
+from ffnfusion.runtime.frontier.moves import change_position
 from ffnfusion.runtime.frontier.search import FrontierPoint
 from ffnfusion.runtime.numerics import windowed_perplexity
 
