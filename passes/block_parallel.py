@@ -13,14 +13,11 @@ which this pass writes exactly, in two sequential steps instead of up to ``2k``:
    GEMM on the unit-gain norm ``u = x / rms(x)`` they share (RMSNorms of one epsilon):
    ``u · [diag(s_1)·Q_1 | diag(s_1)·K_1 | diag(s_1)·V_1 | … | diag(s_k)·V_k]`` (plus the members'
    q/k/v biases side by side, Qwen2's), split back into the members' q, k and v. Each member keeps
-   its RoPE, its GQA grouping and its KV cache as exported; where the exporter wrote the core as
-   ONNX's ``Attention`` op (opset 23), the members' cores become **one** ``Attention`` with ``k×``
-   the heads: their Q, K, V concatenated along the head axis (one mask, the same scale), the output
-   split back per member. Head ``i`` of member ``j`` still attends with member ``j``'s own K/V
-   heads (the op's GQA grouping is ``q head // (q heads / kv heads)``, the same ratio in every
-   member). A decomposed core (``MatMul``/``Softmax``, the opset-20 export) stays per member: the
-   cores depend on nothing but ``x``, so they are one step either way. Each member keeps its own
-   output projection: each block's FFN needs its own ``h_j``.
+   its RoPE, its GQA grouping and its KV cache as exported; then the members' attention *cores*
+   (``softmax(Q·Kᵀ + mask)·V``: ONNX's ``Attention`` op, or the exporter's decomposed MatMul/Softmax)
+   become **one** core with ``k×`` the heads: their Q, K, V concatenated along the head axis, one
+   mask, the output split back per member (:mod:`.attention_cores`). Each member keeps its own output
+   projection: each block's FFN needs its own ``h_j``.
 2. **FFN**: the members' FFNs on their inputs ``h_j`` as one batched chain: the unit norms of the
    ``h_j`` stacked ``[k, tokens, H]``; gate/up (each member's gain folded) and down stacked
    ``[k, H, F]`` / ``[k, F, H]`` (narrower members padded with zero columns and rows: exact);
@@ -28,7 +25,8 @@ which this pass writes exactly, in two sequential steps instead of up to ``2k``:
 
 Then one Sum of the attention outputs and the FFN sum, and one residual Add. Where a layout does not
 apply (projections the matcher cannot tell apart, QK-norm, biased FFNs, LayerNorms, post-normed FFNs,
-4-bit weights), the members keep their own projections or FFNs: still reading ``x`` or ``h_j``, still
+4-bit weights; cores with different masks, like Gemma's sliding and global layers, or ORT GenAI's
+GroupQueryAttention, which writes each layer's KV buffer in place), the members keep their own projections or FFNs: still reading ``x`` or ``h_j``, still
 two steps, still exact; :class:`BlockParallelResult` says which layout each window got and why.
 
 The parallel form approximates the sequential blocks (the paper: it degrades faster than FFN
@@ -46,7 +44,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ffnfusion.core.errors import InvalidArgumentError, InvalidPlanError
 from ffnfusion.passes import nbits
-from ffnfusion.passes.attention_branch import FUSED_ATTENTION_OPS, AttentionWeights, match_attention
+from ffnfusion.passes.attention_branch import AttentionWeights, match_attention
+from ffnfusion.passes.attention_cores import AttentionCore, match_core, merge_cores, mergeable
 from ffnfusion.passes.blocks import (
     PARALLEL_WINDOWS_METADATA,
     BlockMap,
@@ -61,7 +60,7 @@ from ffnfusion.passes.op_matchers import Weight
 from ffnfusion.passes.streaming import FoldedColumns, StackedMatrices
 
 WIDE_QKV = "one q/k/v GEMM"
-WIDE_CORE = "one Attention op with k× the heads"
+WIDE_CORE = "one attention core with k× the heads"
 BATCHED_FFN = "one batched FFN chain"
 MIN_OPSET = 13
 
@@ -228,7 +227,7 @@ class _Window:
     attention_outputs: tuple[ir.Value, ...]  # a_j, the members' attention branch outputs
     ffn_outputs: tuple[ir.Value, ...]  # f_j(h_j), the members' FFN branch outputs
     qkv: list[AttentionWeights] | str  # the members' q/k/v weights, or why they stay apart
-    cores: _Cores | str  # the members' Attention ops, or why they stay apart
+    cores: list[AttentionCore] | str  # the members' attention cores, or why they stay apart
 
 
 def _read_window(members: Sequence[DecoderLayer]) -> _Window:
@@ -253,7 +252,7 @@ def _parallelize(graph: ir.Graph, window: _Window, replaced: dict[ir.Value, ir.V
     if not isinstance(qkv, str):
         _wide_qkv(graph, prefix, qkv, nodes)
     if not isinstance(window.cores, str):
-        _wide_core(graph, prefix, window.cores, nodes)
+        nodes += merge_cores(graph, f"{prefix}.attention.core", window.cores)
     ffn = _batched_ffn(graph, prefix, members, x, nodes)
     emit = Emitter(graph, prefix, dtype)
     updates = [*window.attention_outputs, *([ffn.outputs] if isinstance(ffn, _Batched) else window.ffn_outputs)]
@@ -357,99 +356,20 @@ def _split(emit: Emitter, value: ir.Value, widths: Sequence[int], axis: int = -1
     return list(node.outputs)
 
 
-# --- step 1, the cores: the members' Attention ops as one with k× the heads ---------------------------
+# --- step 1, the cores: one with all the members' heads (:mod:`.attention_cores`) ---------------------
 
-@dataclasses.dataclass(frozen=True)
-class _Cores:
-    nodes: tuple[ir.Node, ...]  # each attending member's Attention op, inputs [batch, heads, tokens, size]
-    heads: tuple[int, ...]  # each member's query heads: its share of the output along axis 1
-
-
-def _static(value: ir.Value | None, axis: int) -> int | None:
-    shape = value.shape if value is not None else None
-    if shape is None or shape.rank() != 4:
-        return None
-    dim = shape[axis]
-    return dim if isinstance(dim, int) else None
-
-
-def _match_cores(members: Sequence[DecoderLayer]) -> _Cores | str:
-    """The members' ONNX ``Attention`` ops, when one op with all their heads computes them; else why not."""
-    nodes = []
+def _match_cores(members: Sequence[DecoderLayer]) -> list[AttentionCore] | str:
+    """The members' attention cores, when one core with all their heads computes them; else why not."""
+    if len(members) < 2:
+        return "one attention in the window"
+    cores = []
     for member in members:
         assert member.attention_block is not None
-        cores = [n for n in member.attention_block.nodes if n.op_type in FUSED_ATTENTION_OPS
-                 or n.op_type == "GroupQueryAttention"]
-        if not cores:
-            return "decomposed attention cores (MatMul/Softmax; export at opset 23 for ONNX's Attention op)"
-        if cores[0].op_type == "GroupQueryAttention":  # ORT GenAI's graphs
-            return ("GroupQueryAttention cores (each writes its own layer's KV buffer in place, which ORT GenAI "
-                    "shares between past and present; one op would copy the window's cache every step)")
-        if len(cores) > 1 or cores[0].op_type != "Attention" or cores[0].domain not in ("", "ai.onnx"):
-            return f"layer {member.index}: a {cores[0].domain or 'ai.onnx'} {cores[0].op_type} core, not ONNX's Attention"
-        nodes.append(cores[0])
-    if len(nodes) < 2:
-        return "one attention in the window"
-    first = nodes[0]
-    shared = {name: attr.value for name, attr in first.attributes.items()}
-    for member, node in zip(members, nodes):
-        if len(node.inputs) > 4 and any(v is not None for v in node.inputs[4:]):
-            return f"layer {member.index}: an Attention op with its own past key/value inputs"
-        if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
-            return f"layer {member.index}: the Attention op's present or QK outputs are read"
-        mine = {name: attr.value for name, attr in node.attributes.items()}
-        if mine != shared:
-            return f"layers {members[0].index} and {member.index}: Attention attributes differ ({mine} vs {shared})"
-        mask, first_mask = (n.inputs[3] if len(n.inputs) > 3 else None for n in (node, first))
-        if mask is not first_mask:
-            return f"layers {members[0].index} and {member.index}: different attention masks (e.g. sliding and global)"
-        if len({v.dtype if v is not None else None for v in (*node.inputs[:3], first.outputs[0])}) > 1:
-            return f"layer {member.index}: Q/K/V dtypes differ"
-    # 4-D inputs (3-D ones cut heads by attributes; no exporter writes them for these models)
-    q_heads = [_static(n.inputs[0], 1) for n in nodes]
-    kv_heads = [_static(n.inputs[1], 1) for n in nodes]
-    sizes = {_static(n.inputs[i], 3) for n in nodes for i in range(3)}
-    if None in q_heads or None in kv_heads or None in sizes or len(sizes) > 1:
-        return ("Attention inputs not [batch, heads, tokens, head size] with static heads and one head "
-                "size in every member")
-    if len({q // kv if kv and q % kv == 0 else None for q, kv in zip(q_heads, kv_heads)}) != 1:  # type: ignore[operator]
-        return "the members group their query heads over their KV heads differently (GQA ratios differ)"
-    return _Cores(tuple(nodes), tuple(q_heads))  # type: ignore[arg-type]
-
-
-def _concatenated(values: Sequence[ir.Value | None]) -> ir.Shape | None:
-    """The shape of ``values`` concatenated along the head axis (static there, checked by the match)."""
-    heads = [_static(v, 1) for v in values]
-    shape = values[0].shape if values[0] is not None else None
-    if shape is None or None in heads:
-        return None
-    dims = list(shape.dims)
-    dims[1] = sum(h for h in heads if h is not None)
-    return ir.Shape(dims)
-
-
-def _wide_core(graph: ir.Graph, prefix: str, cores: _Cores, nodes: list[ir.Node]) -> None:
-    """One Attention op on the members' Q/K/V concatenated along the head axis, its output split back."""
-    first = cores.nodes[0]
-    emit = Emitter(graph, f"{prefix}.attention.core", first.outputs[0].dtype or ir.DataType.FLOAT)
-    q, k, v = (emit.add("Concat", [n.inputs[i] for n in cores.nodes], name, axis=1)
-               for i, name in enumerate(("q", "k", "v")))
-    for i, merged in enumerate((q, k, v)):  # shapes for the tools that read them (heads summed)
-        merged.type, merged.shape = first.outputs[0].type, _concatenated([n.inputs[i] for n in cores.nodes])
-    inputs = [q, k, v, *first.inputs[3:4]]
-    # head counts are attributes only of 3-D inputs; 4-D inputs carry them in their shapes
-    attributes = [ir.Attr(a.name, a.type, a.value) for a in first.attributes.values()
-                  if a.name not in ("q_num_heads", "kv_num_heads")]
-    node = ir.Node("", "Attention", inputs, attributes=attributes, name=f"{emit.prefix}/attention")
-    node.outputs[0].name = f"{emit.prefix}/attention_output"
-    node.outputs[0].type = first.outputs[0].type
-    node.outputs[0].shape = _concatenated([n.outputs[0] for n in cores.nodes])
-    emit.nodes.append(node)
-    pieces = _split(emit, node.outputs[0], cores.heads, axis=1)
-    nodes += emit.nodes
-    for old, new in zip((n.outputs[0] for n in cores.nodes), pieces):
-        new.type, new.shape = old.type, old.shape
-        ir.convenience.replace_all_uses_with(old, new)
+        core = match_core(member.attention_block)
+        if isinstance(core, str):
+            return f"layer {member.index}: {core}"
+        cores.append(core)
+    return mergeable(cores) or cores
 
 
 # --- step 2: the members' FFNs as one batched chain ---------------------------------------------------

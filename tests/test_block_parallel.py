@@ -53,7 +53,9 @@ def _parallelized(source, windows, tmp_path):
                          ids=["k2", "k3", "k4", "two-windows", "adjacent-first-and-last"])
 def test_windows_equal_the_torch_parallel_form(tiny_llama, tiny_full, tmp_path, windows):
     path, result, steps = _parallelized(tiny_full, windows, tmp_path)
-    assert [(w.attention, w.ffn) for w in result.windows] == [(WIDE_QKV, BATCHED_FFN)] * len(windows)
+    assert [(w.attention, w.core, w.ffn) for w in result.windows] == [(WIDE_QKV, WIDE_CORE, BATCHED_FFN)] * len(windows)
+    softmaxes = [n for n in ir.load(path).graph if n.op_type == "Softmax"]
+    assert len(softmaxes) == 8 - sum(len(w) - 1 for w in windows)  # one decomposed core per window
     logits = run_logits(create_session(path), IDS)
     assert rel_err(logits, _reference(tiny_llama, windows)) <= 1e-5
     assert rel_err(logits, _reference(tiny_llama, [])) > 1e-2  # not the sequential layers
@@ -156,8 +158,7 @@ def test_cli_writes_inspects_verifies_and_refuses(tiny_full, tmp_path, capsys):
     assert main(["parallelize", str(tiny_full), "-o", str(out), "--windows", "1-3", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["windows"] == [{"layers": [1, 3], "attention_layers": [1, 2, 3], "attention": WIDE_QKV,
-                                   "attention_core": "decomposed attention cores (MatMul/Softmax; export at "
-                                   "opset 23 for ONNX's Attention op)", "ffn": BATCHED_FFN, "saved_steps": 4}]
+                                   "attention_core": WIDE_CORE, "ffn": BATCHED_FFN, "saved_steps": 4}]
     assert json.loads((out / "ffnfusion.json").read_text())["parallel_windows"] == summary["windows"]
     assert main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out

@@ -123,8 +123,8 @@ def test_fusion_equals_the_torch_parallel_form(family, tmp_path):
 def test_block_parallel_windows_equal_the_torch_parallel_form(family, tmp_path):
     """Whole blocks side by side: 0-1 (both with attention), 3-5 (attention dropped in 3 and 4).
     Where the family's attention or FFN layout does not batch (biases, QK-norm, one qkv matrix,
-    post-norms), the members keep their own products: still exact."""
-    from ffnfusion.passes.block_parallel import WIDE_QKV, parallelize_windows
+    post-norms, cores with different masks), the members keep their own products: still exact."""
+    from ffnfusion.passes.block_parallel import WIDE_CORE, WIDE_QKV, parallelize_windows
 
     name, model, _, dropped = family
     windows = [[0, 1], [3, 4, 5]]
@@ -132,6 +132,8 @@ def test_block_parallel_windows_equal_the_torch_parallel_form(family, tmp_path):
     result = parallelize_windows(onnx_model, windows)
     if name in ("qwen2", "mistral", "granite"):  # Llama-shaped attention (Qwen2's q/k/v biases stacked)
         assert [w.attention for w in result.windows] == [WIDE_QKV, WIDE_QKV], name
+    # window 0-1's two attention cores as one with all their heads; Gemma 2's layer 0 is sliding, 1 global
+    assert ("different masks" in result.windows[0].core) if name == "gemma2" else result.windows[0].core == WIDE_CORE
     written = tmp_path / "parallel.onnx"
     ir.save(onnx_model, written)
     reference = copy.deepcopy(model)
