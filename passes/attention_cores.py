@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from ffnfusion.passes.attention_branch import FUSED_ATTENTION_OPS
 from ffnfusion.passes.blocks import AttentionBlock
 from ffnfusion.passes.ffn_emission import Emitter
 
@@ -54,7 +55,7 @@ class AttentionCore:
 
 def match_core(block: AttentionBlock) -> AttentionCore | str:
     """The core of ``block``'s attention, or why it cannot be read as one."""
-    ops = [n for n in block.nodes if n.op_type in ("Attention", "MultiHeadAttention", "GroupQueryAttention")]
+    ops = [n for n in block.nodes if n.op_type in FUSED_ATTENTION_OPS or n.op_type == "GroupQueryAttention"]
     if ops:
         return _attention_op(ops)
     return _decomposed(block)
