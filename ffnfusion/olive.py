@@ -41,9 +41,9 @@ class FuseFFN(Surgeon):
 class ParallelizeBlocks(Surgeon):
     """Run windows of whole decoder blocks side by side (see ``ffnfusion parallelize``)."""
 
-    def __init__(self, windows: str | list[list[int]]):
+    def __init__(self, windows: str | list[list[int]], merge_cores: bool = True):
         super().__init__()
-        self.parallel = BlockParallelPass(windows)  # windows checked here, before any model is read
+        self.parallel = BlockParallelPass(windows, merge_cores)  # windows checked here, before any model is read
 
     def call_ir(self, model: ir.Model) -> ir.Model:
         return self.parallel(model).model

@@ -61,6 +61,7 @@ from ffnfusion.passes.streaming import FoldedColumns, StackedMatrices
 
 WIDE_QKV = "one q/k/v GEMM"
 WIDE_CORE = "one attention core with k× the heads"
+SEPARATE_CORES = "each member's own (asked: merge_cores=False)"
 BATCHED_FFN = "one batched FFN chain"
 MIN_OPSET = 13
 
@@ -187,9 +188,10 @@ def check_window_boundaries(label: str, members: Sequence[DecoderLayer]) -> None
 class BlockParallelPass(RewritePass):
     """Rewrite each window of whole blocks into its parallel form (see the module docstring)."""
 
-    def __init__(self, windows: Sequence[Sequence[int]] | str):
+    def __init__(self, windows: Sequence[Sequence[int]] | str, merge_cores: bool = True):
         super().__init__()
         self.windows = coerce_windows(windows)
+        self.merge_cores = merge_cores  # False: each member's attention core stays its own op(s)
 
     def rewrite(self, model: ir.Model) -> BlockParallelResult:
         opset = model.graph.opset_imports.get("", 0)
@@ -200,7 +202,7 @@ class BlockParallelPass(RewritePass):
         resolved = resolve_windows(block_map, self.windows)
         for window, members in zip(self.windows, resolved):
             check_window_boundaries(format_ranges(window), members)
-        read = [_read_window(members) for members in resolved]
+        read = [_read_window(members, self.merge_cores) for members in resolved]
         replaced: dict[ir.Value, ir.Value] = {}  # adjacent windows: one's output is the next's input
         layouts = [_parallelize(model.graph, window, replaced) for window in read]
         RemoveUnusedNodesPass()(model)  # the members' residual Adds, q/k/v products, FFNs now unused
@@ -211,9 +213,10 @@ class BlockParallelPass(RewritePass):
         return BlockParallelResult(model, modified=True, windows=layouts)
 
 
-def parallelize_windows(model: ir.Model, windows: Sequence[Sequence[int]] | str) -> BlockParallelResult:
+def parallelize_windows(model: ir.Model, windows: Sequence[Sequence[int]] | str,
+                        merge_cores: bool = True) -> BlockParallelResult:
     """Plain-function form of :class:`BlockParallelPass` (rewrites ``model`` in place)."""
-    result = BlockParallelPass(windows)(model)
+    result = BlockParallelPass(windows, merge_cores)(model)
     assert isinstance(result, BlockParallelResult)
     return result
 
@@ -230,12 +233,13 @@ class _Window:
     cores: list[AttentionCore] | str  # the members' attention cores, or why they stay apart
 
 
-def _read_window(members: Sequence[DecoderLayer]) -> _Window:
+def _read_window(members: Sequence[DecoderLayer], merge_cores: bool) -> _Window:
     attention_outputs = tuple(_branch_output(m.attention_block.residual_add, m.attention_block.input)
                               for m in members if m.attention_block is not None)
     ffn_outputs = tuple(_branch_output(m.ffn.residual_add, m.ffn.input) for m in members if m.ffn is not None)
     attending = [m for m in members if m.attention_block is not None]
-    return _Window(tuple(members), attention_outputs, ffn_outputs, _match_qkv(attending), _match_cores(attending))
+    cores = _match_cores(attending) if merge_cores else SEPARATE_CORES
+    return _Window(tuple(members), attention_outputs, ffn_outputs, _match_qkv(attending), cores)
 
 
 def _parallelize(graph: ir.Graph, window: _Window, replaced: dict[ir.Value, ir.Value]) -> WindowLayout:

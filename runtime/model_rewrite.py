@@ -110,10 +110,11 @@ def _repair_pass(model_path, plan: FusionPlan, options: RepairOptions, target: s
 
 
 def parallelize_model_file(model_path: str | os.PathLike, out_path: str | os.PathLike,
-                           windows: Sequence[Sequence[int]] | str, *, validate: bool = True) -> dict:
+                           windows: Sequence[Sequence[int]] | str, *, validate: bool = True,
+                           merge_cores: bool = True) -> dict:
     """Run each window of whole blocks side by side (:class:`BlockParallelPass`) into a new model;
     returns a summary with each window's layout."""
-    parallel = BlockParallelPass(windows)
+    parallel = BlockParallelPass(windows, merge_cores)
     results: list[BlockParallelResult] = []
 
     def rewrite(model: ir.Model) -> None:

@@ -24,7 +24,14 @@ from ffnfusion.cli import main
 from ffnfusion.core.errors import InvalidArgumentError, InvalidPlanError
 from ffnfusion.exporters import llama_surgery
 from ffnfusion.exporters.onnx_export import ExportOptions, export_model
-from ffnfusion.passes.block_parallel import BATCHED_FFN, WIDE_CORE, WIDE_QKV, BlockParallelPass, parallelize_windows
+from ffnfusion.passes.block_parallel import (
+    BATCHED_FFN,
+    SEPARATE_CORES,
+    WIDE_CORE,
+    WIDE_QKV,
+    BlockParallelPass,
+    parallelize_windows,
+)
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
@@ -118,6 +125,18 @@ def test_opset23_cores_become_one_attention_op_with_the_kv_cache(tiny_llama, tmp
     assert "block-parallel windows: 1-3 (3 blocks), 5-6 (2 blocks)" in capsys.readouterr().out
     assert main(["check-trt", str(path)]) == 0  # the wide op's 18 heads: TensorRT's Attention rules hold
     assert "0 problems" in capsys.readouterr().out
+
+
+def test_separate_cores_when_asked(tiny_llama, tiny_full, tmp_path):
+    """``--separate-cores``: each member's core stays its own Softmax, the rest as before; exact too."""
+    out = tmp_path / "separate"
+    assert main(["parallelize", str(tiny_full), "-o", str(out), "--windows", "1-3,5-6", "--separate-cores"]) == 0
+    written = ir.load(out / "model.onnx")
+    assert sum(n.op_type == "Softmax" for n in written.graph) == 8
+    assert [w["attention_core"] for w in json.loads((out / "ffnfusion.json").read_text())["parallel_windows"]] == \
+        [SEPARATE_CORES] * 2
+    logits = run_logits(create_session(out / "model.onnx"), IDS)
+    assert rel_err(logits, _reference(tiny_llama, [[1, 2, 3], [5, 6]])) <= 1e-5
 
 
 def test_a_window_that_is_already_parallel_reads_on(tiny_llama, tiny_full, tmp_path):

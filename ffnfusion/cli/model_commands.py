@@ -240,6 +240,9 @@ def _parallelize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", required=True, metavar="A-B,C-D",
                         help="inclusive ranges of whole decoder layers (attention kept) to run side by side, "
                              "0-based as in model.layers.N, e.g. 1-3,6-7; each at least two layers")
+    parser.add_argument("--separate-cores", action="store_true",
+                        help="keep each member's attention core (softmax(QK^T)V) its own op(s) instead of one "
+                             "core with all the window's heads (which copies the members' K/V once more per step)")
 
 
 @command("parallelize", "run windows of whole blocks (attention included) side by side",
@@ -252,7 +255,8 @@ def _parallelize_arguments(parser: argparse.ArgumentParser) -> None:
 def run_parallelize(args) -> None:
     from ffnfusion.runtime.model_rewrite import parallelize_model_file
 
-    summary = parallelize_model_file(args.model, args.output, args.windows, validate=not args.no_validate)
+    summary = parallelize_model_file(args.model, args.output, args.windows, validate=not args.no_validate,
+                                     merge_cores=not args.separate_cores)
     if args.json:
         print(json.dumps(summary, indent=2))
 
