@@ -172,6 +172,18 @@ def test_a_screened_search_records_full_scores_and_costs_less(evaluator):
     evaluator.reset()
 
 
+def test_a_long_step_reports_progress_within_it(evaluator, monkeypatch):
+    """Between accepted moves (an 8B model's first step takes an hour), a line per interval: moves
+    scored so far and the best of them; then the step's own line."""
+    lines: list[str] = []
+    monkeypatch.setattr(search, "PROGRESS_INTERVAL_S", 0.0)
+    search.greedy(evaluator, [1], refit=False, lazy=True, method="auto", progress=lines.append)
+    within = [line for line in lines if " moves, best so far " in line]
+    assert len(within) >= 4 and within[0].startswith("auto: step 1: scored 1 of at most ")
+    assert "-> 1 steps saved" in lines[-1]
+    evaluator.reset()
+
+
 def test_block_removal_is_an_identity_skip(tiny_llama, tiny_full, windows, tmp_path):
     # Independent reference: transformers' own model with decoder layer 2 deleted.
     model = load_model(tiny_full)

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("auto", "greedy-plain", "fusion", "block-removal", "attention-removal", "ffn-removal", "block-parallel")
 MIN_FRESH = 4  # lazy greedy: moves scored afresh per step at least
 NEAR = 1  # ... and every move within this many layers of the last change
+PROGRESS_INTERVAL_S = 60.0  # within a step, a line at most this often (an 8B model's first step: an hour)
 REFITTED = 4  # auto: the best plain candidates of a step that are tried again with their refit
 
 
@@ -112,6 +113,7 @@ def greedy(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool, la
         scored: list = []
         best_score, fresh = math.inf, 0
         current = evaluator.current_kl(screen)
+        told = time.perf_counter()
         for move in sorted(moves, key=lambda m: stale.get(m, -math.inf)):
             if lazy and fresh >= MIN_FRESH and stale.get(move, -math.inf) >= best_score:
                 break
@@ -120,6 +122,11 @@ def greedy(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool, la
             scored.append((score, candidate))
             best_score = min(best_score, score)
             fresh += 1
+            if progress and time.perf_counter() - told >= PROGRESS_INTERVAL_S:
+                told = time.perf_counter()
+                leader = min(scored, key=lambda pair: pair[0])[1]
+                progress(f"{method}: step {len(path) + 1}: scored {fresh} of at most {len(moves)} moves, best so "
+                         f"far {leader.move} (KL {leader.kl:.4f}), {told - clock:.0f} s")
         scored.sort(key=lambda pair: pair[0])
         best = scored[0][1]
         if refit:
