@@ -26,8 +26,9 @@ which this pass writes exactly, in two sequential steps instead of up to ``2k``:
 Then one Sum of the attention outputs and the FFN sum, and one residual Add. Where a layout does not
 apply (projections the matcher cannot tell apart, QK-norm, biased FFNs, LayerNorms, post-normed FFNs,
 4-bit weights; cores with different masks, like Gemma's sliding and global layers, or ORT GenAI's
-GroupQueryAttention, which writes each layer's KV buffer in place), the members keep their own projections or FFNs: still reading ``x`` or ``h_j``, still
-two steps, still exact; :class:`BlockParallelResult` says which layout each window got and why.
+GroupQueryAttention, which writes each layer's KV buffer in place), the members keep their own
+projections, cores or FFNs: still reading ``x`` or ``h_j``, still two steps, still exact;
+:class:`BlockParallelResult` says which layout each window got and why.
 
 The parallel form approximates the sequential blocks (the paper: it degrades faster than FFN
 Fusion); where it pays is for measurement to decide, not this pass.
@@ -76,7 +77,7 @@ class WindowLayout:
     attention_layers: tuple[int, ...]
     attention: str
     ffn: str
-    core: str = ""  # the attention cores: WIDE_CORE or why each member kept its own
+    core: str  # the attention cores: WIDE_CORE or why each member kept its own
 
     @property
     def saved_steps(self) -> int:
