@@ -379,6 +379,9 @@ def test_frontier_cli_rejects_bad_budgets(tiny_full, tmp_path, capsys):
     assert exit_info.value.code == 2 and "positive integers" in capsys.readouterr().err
     assert main(["frontier", str(tiny_full), "-o", str(tmp_path / "out"), "--steps", "4,16"]) == 2
     assert "--steps must be between 1 and 15" in capsys.readouterr().err
+    for windows in (["--parallel-window", "2"], ["--method", "block-parallel"]):  # before any work
+        assert main(["frontier", str(tiny_full), "-o", str(tmp_path / "out"), "--heal", *windows]) == 2
+        assert "--heal cannot train block-parallel windows" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -98,6 +98,10 @@ def run_frontier_command(args) -> None:
 
     if args.parallel_window < 0 or args.parallel_window == 1:
         raise InvalidArgumentError(f"--parallel-window is 0 (none) or the largest window, at least 2; not {args.parallel_window}")
+    if args.heal and (args.parallel_window or args.method == "block-parallel"):
+        # heal trains through a Nemotron-NAS checkpoint (one layer per stream step), which has no windows
+        raise InvalidArgumentError("--heal cannot train block-parallel windows yet: drop --heal, or "
+                                   "--parallel-window / --method block-parallel")
     path = model_file(args.model)
     block_map = find_blocks(load_model(path))
     check_steps(block_map.num_layers, args.steps)
