@@ -308,6 +308,8 @@ def test_frontier_cli_writes_runnable_points(tiny_full, windows, tmp_path, capsy
     assert main([*argv, "--dry-run"]) == 0 and not out.exists()  # the estimate, and nothing written
     dry = capsys.readouterr().out
     bound = float(dry.split("at most ")[1].split(" full-forward")[0])
+    typical = float(dry.split("typically about ")[1].split(" of them")[0])
+    assert 0 < typical < bound
     assert main(argv) == 0
     assert f"at most {bound:.0f} full-forward equivalents" in capsys.readouterr().err  # printed before it starts
     result = json.loads((out / "frontier.json").read_text())
