@@ -71,8 +71,9 @@ def mergeable(cores: Sequence[AttentionCore]) -> str | None:
     ratios = {c.heads // c.kv_heads if c.kv_heads and c.heads % c.kv_heads == 0 else None for c in cores}
     if len(ratios) != 1 or None in ratios:
         return "the members group their query heads over their KV heads differently"
-    if len({_dim(c.q, 3) for c in cores} | {_dim(c.v, 3) for c in cores}) != 1:
-        return "head sizes differ between members"
+    sizes = {_dim(c.q, 3) for c in cores} | {_dim(c.v, 3) for c in cores}
+    if len(sizes) != 1 or None in sizes:
+        return "head sizes unknown, or different between members"
     return None
 
 
