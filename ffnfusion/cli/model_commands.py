@@ -248,7 +248,8 @@ def _parallelize_arguments(parser: argparse.ArgumentParser) -> None:
 @command("parallelize", "run windows of whole blocks (attention included) side by side",
          "Rewrite each window of k consecutive decoder layers into the block-parallel form "
          "y = x + sum_j (block_j(x) - x): every member's attention reads x (their q/k/v as one GEMM; "
-         "their attention cores as one with k times the heads, each member's RoPE and KV cache kept), every member's FFN reads its own x + attn_j(x) (one batched "
+         "their attention cores as one with k times the heads, each member's RoPE and KV cache kept), "
+         "every member's FFN reads its own x + attn_j(x) (one batched "
          "FFN chain), one sum, one residual Add: 2 sequential steps instead of up to 2k. Exact for that "
          "form, which approximates the sequential layers (measure it: verify, frontier).")
 @arguments(_parallelize_arguments)

@@ -72,7 +72,7 @@ def search_cost_bound(plan: DepthPlan, steps: Sequence[int], fit_tokens: int, se
     fewer still), the ``REFITTED`` best refitted and the chosen one advanced on the fitting and
     selection tokens from the furthest-back change."""
     positions = 2 * plan.num_layers
-    rests = [positions - change_position(move) for move in plan.legal_moves(parallel_window)]
+    rests = _rests(plan, parallel_window)
     if not rests:
         return 0.0
     both = fit_tokens + select_tokens
@@ -83,8 +83,12 @@ def search_cost_bound(plan: DepthPlan, steps: Sequence[int], fit_tokens: int, se
 def first_step_cost(plan: DepthPlan, parallel_window: int = 0) -> float:
     """The first step's plain scores, in full forwards of the selection tokens: every legal move once,
     from the position it changes to the end."""
-    positions = 2 * plan.num_layers
-    return sum(positions - change_position(move) for move in plan.legal_moves(parallel_window)) / positions
+    return sum(_rests(plan, parallel_window)) / (2 * plan.num_layers)
+
+
+def _rests(plan: DepthPlan, parallel_window: int) -> list[int]:
+    """Sublayer positions each legal move of ``plan`` runs, from its change to the end."""
+    return [2 * plan.num_layers - change_position(move) for move in plan.legal_moves(parallel_window)]
 
 
 def estimate_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.ndarray,
