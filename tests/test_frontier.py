@@ -172,6 +172,60 @@ def test_a_screened_search_records_full_scores_and_costs_less(evaluator):
     evaluator.reset()
 
 
+def test_a_race_with_every_move_a_contender_is_the_unscreened_search(evaluator):
+    """Screened candidates only choose which are scored in full; the step is decided on full scores."""
+    unscreened = search.greedy(evaluator, [3], refit=True, lazy=False, method="auto")
+    start = evaluator.token_positions
+    race = search.greedy(evaluator, [3], refit=True, lazy=False, method="auto",
+                         options=search.SearchOptions(screen_tokens=8, contenders=1000))
+    assert race[0].moves == unscreened[0].moves and race[0].kl == pytest.approx(unscreened[0].kl, abs=1e-7)
+    everyone = evaluator.token_positions - start
+    start = evaluator.token_positions
+    two = search.greedy(evaluator, [3], refit=True, lazy=False, method="auto",
+                        options=search.SearchOptions(screen_tokens=8, contenders=2))
+    assert evaluator.token_positions - start < everyone
+    assert two[0].kl == pytest.approx(evaluator.score_plan(two[0].plan, two[0].deltas), abs=1e-6)
+    evaluator.reset()
+
+
+def test_an_accepted_candidate_keeps_the_streams_its_score_ran(evaluator, windows):
+    evaluator.reset()
+    candidate = evaluator.candidate(Move("attention", (5,)), refit=True, keep_streams=True)
+    assert candidate.streams is not None
+    before = evaluator.token_positions
+    evaluator.accept(candidate)
+    assert evaluator.token_positions == before  # nothing run again
+    state = evaluator.state
+    recomputed = evaluator.capture(state.plan, state.deltas, windows["select"]).at
+    assert all(np.allclose(state.select.at[p], recomputed[p], atol=1e-5) for p in range(len(recomputed)))
+    assert state.kl == pytest.approx(evaluator.score_plan(state.plan, state.deltas), abs=1e-6)
+    # without kept streams (the old way) accepting runs the selection tokens from the change
+    evaluator.reset()
+    evaluator.accept(evaluator.candidate(Move("attention", (5,)), refit=True))
+    assert evaluator.state.kl == pytest.approx(state.kl, abs=1e-7)
+    evaluator.reset()
+
+
+def test_a_refit_is_reused_until_a_position_before_its_cut_changes(evaluator):
+    evaluator.reset()
+    move = Move("attention", (3,))
+    first = evaluator.candidate(move, refit=True)
+    assert first.refit is not None
+    evaluator.accept(evaluator.candidate(Move("attention", (6,)), refit=False))  # after move's cut: reused
+    before = evaluator.cost_by_work["refit"]
+    again = evaluator.candidate(move, refit=True)
+    assert evaluator.cost_by_work["refit"] == before and again.refit == first.refit
+    fresh = DepthEvaluator(evaluator.runner, evaluator.state.fit.windows, evaluator.state.select.windows, reuse=False)
+    fresh.accept(fresh.candidate(Move("attention", (6,)), refit=False))
+    recomputed = fresh.candidate(move, refit=True)
+    assert recomputed.refit == again.refit and again.kl == pytest.approx(recomputed.kl, abs=1e-6)
+    assert all(np.array_equal(again.deltas[k], recomputed.deltas[k]) for k in recomputed.deltas)
+    evaluator.accept(evaluator.candidate(Move("ffn", (1,)), refit=False))  # before it: fitted again
+    evaluator.candidate(move, refit=True)
+    assert evaluator.cost_by_work["refit"] > before
+    evaluator.reset()
+
+
 def test_a_long_step_reports_progress_within_it(evaluator, monkeypatch):
     """Between accepted moves (an 8B model's first step takes an hour), a line per interval: moves
     scored so far and the best of them; then the step's own line."""
@@ -351,6 +405,9 @@ def test_frontier_cli_searches_parallel_windows_and_the_block_parallel_baseline(
     capsys.readouterr()
     assert main(["frontier", str(tiny_full), "-o", str(tmp_path / "bad"), "--parallel-window", "1"]) == 2
     assert "--parallel-window" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["frontier", str(tiny_full), "-o", str(tmp_path / "bad"), "--screen-tokens", "8",
+                 "--contenders", "0"]) == 2
+    assert "--contenders must be at least 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_frontier_cli_heals_every_written_point(tiny_full, tmp_path, capsys):

@@ -1,9 +1,10 @@
 """What the frontier's search costs, and what it finds for that cost: the search as it was (every
-candidate scored on all selection tokens, fitting streams brought up to date at every step) beside
-the cheaper searches, same model, same tokens, same machine, one run.
+candidate scored on all selection tokens, fitting streams brought up to date at every step, every
+accepted move and every refit run again) beside today's default (the same path by construction) and
+the screened races, same model, same tokens, same machine, one run.
 
     python -m ffnfusion.benchmarks.frontier_cost MODEL [--steps 8,14,20] [--screen 128,256]
-        [--calib python-docs licenses] [--eval idle-news] [--json FILE]
+        [--contenders 2] [--calib python-docs licenses] [--eval idle-news] [--json FILE]
 
 For each variant: full-forward equivalents of the search (sublayer forwards in full forwards of the
 selection tokens; ``frontier.json``'s ``search_full_forward_equivalents``), its wall time, and at every
@@ -20,6 +21,8 @@ import pathlib
 import sys
 import time
 
+from ffnfusion.runtime.frontier import search
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,6 +30,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", default="8,14,20", help="budgets (default 8,14,20)")
     parser.add_argument("--screen", default="128",
                         help="screening token counts to compare, comma-separated (default 128)")
+    parser.add_argument("--contenders", type=int, default=2,
+                        help="screened races: the best screened moves scored in full per step (default 2)")
+    parser.add_argument("--refitted", type=int, default=search.REFITTED,
+                        help=f"screened races: contenders tried with their refit (default {search.REFITTED})")
     parser.add_argument("--calib", nargs="+", default=["python-docs", "licenses"],
                         help="frontier --calib: fitting sources then the selection source")
     parser.add_argument("--eval", default="idle-news", help="held-out perplexity text (default idle-news)")
@@ -38,7 +45,6 @@ def main(argv=None) -> int:
 
     from ffnfusion.cli.progress import configure_logging
     from ffnfusion.core.model_io import model_file
-    from ffnfusion.runtime.frontier import search
     from ffnfusion.runtime.frontier.frontier import run_frontier
     from ffnfusion.runtime.frontier.windows import evaluation_windows, fit_and_select_windows
 
@@ -48,12 +54,13 @@ def main(argv=None) -> int:
     fit, select = fit_and_select_windows(path.parent, args.calib, ids_files=args.calib_ids or (),
                                          window=args.window)
     evaluation = evaluation_windows(path.parent, [args.eval], ids_file=args.eval_ids, window=args.window)
-    # Rows print as they land, the screened searches before the lazy one (its path is the unscreened
-    # one's by construction): a run cut short still compares a candidate default with the old search.
+    # Rows print as they land, the screened races before the default (its path is the unscreened
+    # one's by construction): a run cut short still compares the races with the old search.
     variants = {"unscreened (as before)": search.UNSCREENED}
     for screen in (int(s) for s in args.screen.split(",") if s):
-        variants[f"lazy + screen {screen}"] = search.SearchOptions(screen_tokens=screen)
-    variants["lazy fitting streams"] = search.SearchOptions()
+        variants[f"race: screen {screen}, {args.contenders} contenders, {args.refitted} refitted"] = \
+            search.SearchOptions(screen_tokens=screen, contenders=args.contenders, refitted=args.refitted)
+    variants["default (lazy fitting streams, reuse)"] = search.DEFAULT_SEARCH
     rows = []
     for name, options in variants.items():
         clock = time.perf_counter()

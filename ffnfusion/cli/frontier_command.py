@@ -63,9 +63,12 @@ def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the ONNX Runtime latency of the written models")
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     parser.add_argument("--screen-tokens", type=int, default=DEFAULT_SEARCH.screen_tokens, metavar="N",
-                        help="auto: score candidates on the first N tokens of each selection window, the move "
-                             "taken in full (0: every candidate on all of them; default "
-                             f"{DEFAULT_SEARCH.screen_tokens})")
+                        help="auto: score candidates on the first N tokens of each selection window, then the "
+                             "best --contenders of them on all tokens, which decide the step (0: every candidate on "
+                             f"all of them; default {DEFAULT_SEARCH.screen_tokens}); cheaper, but a different path")
+    parser.add_argument("--contenders", type=int, default=DEFAULT_SEARCH.contenders, metavar="M",
+                        help=f"with --screen-tokens: screened moves scored in full per step (default "
+                             f"{DEFAULT_SEARCH.contenders})")
     parser.add_argument("--parallel-window", type=int, default=DEFAULT_SEARCH.parallel_window, metavar="K",
                         help="auto: also search 'parallel' moves, windows of 2..K whole blocks (attention kept) run "
                              "side by side, each saving 2k-2 steps (ffnfusion parallelize); 0: none (default "
@@ -107,19 +110,22 @@ def run_frontier_command(args) -> None:
     check_steps(block_map.num_layers, args.steps)
     check_searchable(block_map)
     baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
+    if args.screen_tokens < 0:
+        raise InvalidArgumentError(f"--screen-tokens must be at least 0, not {args.screen_tokens}")
+    if args.contenders < 1:
+        raise InvalidArgumentError(f"--contenders must be at least 1, not {args.contenders}")
+    options = dataclasses.replace(DEFAULT_SEARCH, screen_tokens=args.screen_tokens, contenders=args.contenders,
+                                  parallel_window=args.parallel_window)
     fit, select = _calibration(args, path.parent)
     if args.dry_run:
         from ffnfusion.runtime.frontier.frontier import describe_estimate, estimate_frontier
 
         estimate = estimate_frontier(path, fit=fit, select=select, steps=args.steps, method=args.method,
-                                     threads=args.threads, stream=args.stream, parallel_window=args.parallel_window)
+                                     threads=args.threads, stream=args.stream, search_options=options)
         print(describe_estimate(args.method, estimate))
         return
     evaluation = _evaluation(args, path.parent)
     out = pathlib.Path(args.output)
-    if args.screen_tokens < 0:
-        raise InvalidArgumentError(f"--screen-tokens must be at least 0, not {args.screen_tokens}")
-    options = dataclasses.replace(DEFAULT_SEARCH, screen_tokens=args.screen_tokens, parallel_window=args.parallel_window)
     result = run_frontier(path, fit=fit, select=select, evaluation=evaluation, steps=args.steps,
                           method=args.method, baselines=baselines, threads=args.threads, stream=args.stream,
                           search_options=options)

@@ -43,6 +43,7 @@ from ffnfusion.runtime.numerics import CachedReference, windowed_perplexity
 logger = logging.getLogger(__name__)
 
 HEAD_ROWS = 1024  # rows of logits at a time
+REFIT_CACHE_BYTES = 512 << 20  # refits kept for reuse, at most (one Δ of an 8B model: 235 MB)
 
 
 @dataclasses.dataclass
@@ -85,6 +86,9 @@ class Candidate:
     kl: float
     refit: Refit | None
     screen: int = 0  # scored on the first ``screen`` selection tokens of each window (0: all)
+    # The selection streams it ran (positions ``start..2L``, earlier ones the state's), kept when asked
+    # so that accepting it runs nothing; the search drops them once it cannot be chosen.
+    streams: list[np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
     def score(self, current_kl: float) -> float:
         return (self.kl - current_kl) / self.move.saved
@@ -111,10 +115,12 @@ class DepthEvaluator:
     ``fit``: windows the refits fit on (a quarter of them held out to choose λ); ``select``: windows
     of another text whose KL(original ‖ candidate) scores candidates."""
 
-    def __init__(self, runner: BlockRunner, fit: np.ndarray, select: np.ndarray, lazy_fit: bool = True):
+    def __init__(self, runner: BlockRunner, fit: np.ndarray, select: np.ndarray, lazy_fit: bool = True,
+                 reuse: bool = True):
         check_searchable(runner.block_map)
         self.runner = runner
         self.lazy_fit = lazy_fit  # False: every accepted move brings the fitting streams up to date (the old way)
+        self.reuse = reuse  # False: no kept streams, no refit found again (the old way, for the cost benchmark)
         self.plan0 = DepthPlan.of(runner.block_map)
         self.num_layers = self.plan0.num_layers
         self.blocks: dict[int, FFNBlock] = {layer.index: layer.ffn for layer in runner.block_map.layers
@@ -132,6 +138,9 @@ class DepthEvaluator:
         self._screen_references: dict[int, CachedReference] = {}
         self._initial = State(self.plan0, {}, original_fit, original_select, 0.0)
         self.state = self._initial
+        # move -> (refit, the FFN span's first layer, its total Δ, first position changed): valid while
+        # nothing before the move's cut changes, the only positions a refit reads
+        self._refits: dict[Move, tuple[Refit | None, int, np.ndarray | None, int]] = {}
         self.val_rows = len(fit) // 4 * fit.shape[1]  # the last quarter of the fitting windows chooses λ
 
     # --- forwards ------------------------------------------------------------------------------------
@@ -278,6 +287,7 @@ class DepthEvaluator:
     def reset(self) -> None:
         """Back to the original model."""
         self.state = self._initial
+        self._refits.clear()
 
     @contextlib.contextmanager
     def charging(self, work: str):
@@ -290,10 +300,11 @@ class DepthEvaluator:
 
     # --- candidates ----------------------------------------------------------------------------------
 
-    def candidate(self, move: Move, refit: bool, screen: int = 0) -> Candidate:
+    def candidate(self, move: Move, refit: bool, screen: int = 0, keep_streams: bool = False) -> Candidate:
         """The current plan after ``move`` (and its refit), scored on the selection tokens — only the
         first ``screen`` tokens of each selection window when given (a cheaper, rougher score: causal
-        attention makes them exactly what a ``screen``-token window would compute)."""
+        attention makes them exactly what a ``screen``-token window would compute). ``keep_streams``
+        (full scores only): keep the streams it ran, so that :meth:`accept` reuses them."""
         state = self.state
         plan = state.plan.apply(move)
         deltas = remap_deltas(state.plan, plan, state.deltas, self._width, self.hidden)
@@ -301,19 +312,24 @@ class DepthEvaluator:
         fitted = None
         if refit:
             with self.charging("refit"):
-                fitted, deltas, repair_start = self._refit(move, plan, deltas)
+                fitted, deltas, repair_start = self._reused_refit(move, plan, deltas)
             start = min(start, repair_start) if fitted else start
         rows = slice(None, screen or None)
+        kept = list(state.select.at) if keep_streams and self.reuse and not screen else None
         with self.charging(("refit score" if refit else "score") + (" (screen)" if screen else "")):
-            final = self.run(plan, deltas, state.select.at[start][:, rows], state.select.windows[:, rows], start)
-        return Candidate(move, plan, deltas, start, self.kl(final, screen), fitted, screen)
+            final = self.run(plan, deltas, state.select.at[start][:, rows], state.select.windows[:, rows], start,
+                             capture=kept)
+        return Candidate(move, plan, deltas, start, self.kl(final, screen), fitted, screen, kept)
 
     def accept(self, candidate: Candidate) -> None:
         """Make ``candidate`` the current state: its selection streams from its first change onwards;
         its fitting streams from there are stale until a refit reads one (:meth:`_fit_stream`)."""
         state = self.state
-        with self.charging("accept"):
-            select = self._updated(state.select, candidate)
+        if candidate.streams is not None:  # its score ran them already
+            select = Streams(state.select.windows, candidate.streams)
+        else:
+            with self.charging("accept"):
+                select = self._updated(state.select, candidate)
         if candidate.screen:  # its full score, from the final stream just brought up to date
             candidate = dataclasses.replace(candidate, kl=self.kl(select.at[-1]), screen=0)
         if self.lazy_fit:
@@ -323,6 +339,7 @@ class DepthEvaluator:
             with self.charging("accept"):
                 fit = self._updated(self._fit_streams_up_to_date(), candidate)
         self.state = State(candidate.plan, candidate.deltas, fit, select, candidate.kl)
+        self._refits = {move: refit for move, refit in self._refits.items() if cut_position(move) <= candidate.start}
 
     def _fit_streams_up_to_date(self) -> Streams:
         fit = self.state.fit
@@ -349,6 +366,21 @@ class DepthEvaluator:
 
     def _width(self, layer: int) -> int:
         return self.blocks[layer].width
+
+    def _reused_refit(self, move: Move, plan: DepthPlan, deltas: dict) -> tuple[Refit | None, dict, int]:
+        """:meth:`_refit`, or the same refit found at an earlier step when no accepted move has changed a
+        position before this move's cut since (:meth:`accept` forgets the others): it reads only those."""
+        if not self.reuse:
+            return self._refit(move, plan, deltas)
+        if move not in self._refits:
+            fitted, refitted, start = self._refit(move, plan, deltas)
+            layer = fitted.span[0] if fitted else -1
+            self._refits[move] = (fitted, layer, refitted.get(layer), start)
+            while sum(entry[2].nbytes for entry in self._refits.values() if entry[2] is not None) > REFIT_CACHE_BYTES:
+                del self._refits[next(iter(self._refits))]  # the oldest first
+            return fitted, refitted, start
+        fitted, layer, total, start = self._refits[move]
+        return fitted, deltas if fitted is None else {**deltas, layer: total}, start
 
     def _refit(self, move: Move, plan: DepthPlan, deltas: dict) -> tuple[Refit | None, dict, int]:
         """Refit the down projection of the last FFN before the cut toward the original stream after it."""

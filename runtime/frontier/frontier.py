@@ -33,11 +33,11 @@ logger = logging.getLogger(__name__)
 
 BASELINES = ("block-removal", "attention-removal", "ffn-removal", "fusion", "block-parallel")
 # The lazy search after its first step (which scores every legal move once: its queue starts empty),
-# measured: SmolLM2 at 8/14/20 steps, 4,096 + 512 tokens, cost 219.1 full-forward equivalents of a
-# 1,820 bound, 46.0 of them the first step's scores; the rest took 9.8% of the bound's rest. (Predicted
-# this way, measured: Qwen2.5-Coder-0.5B at 8/14/20, 197 and 213.7; the streamed llama-8b preset at 2
-# steps, 56.9 and 50.7.)
-TYPICAL_SHARE_AFTER_FIRST_STEP = 0.1
+# measured: SmolLM2 at 8/14/20 steps, 4,096 + 512 tokens, cost 207.0 full-forward equivalents of a
+# 1,820 bound, 46.0 of them the first step's scores; the rest took 9.1% of the bound's rest. (Before
+# accepted moves and refits were reused, 219.1 and 9.8%; predicted at 10%, measured: Qwen2.5-Coder-0.5B
+# at 8/14/20, 197 and 213.7; the streamed llama-8b preset at 2 steps, 56.9 and 50.7.)
+TYPICAL_SHARE_AFTER_FIRST_STEP = 0.09
 
 
 @dataclasses.dataclass
@@ -93,7 +93,8 @@ def _rests(plan: DepthPlan, parallel_window: int) -> list[int]:
 
 def estimate_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.ndarray,
                       steps: Sequence[int], method: str = "auto", threads: int | None = None,
-                      stream: bool | None = None, parallel_window: int = 0) -> dict:
+                      stream: bool | None = None,
+                      search_options: search.SearchOptions = search.DEFAULT_SEARCH) -> dict:
     """What a frontier run will cost, before it runs: the bound of :func:`search_cost_bound` and the
     seconds it stands for at the rate of one timed forward of the selection tokens (nothing is
     written)."""
@@ -104,15 +105,17 @@ def estimate_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select:
     runner.final_stream(select[:1])  # sessions built, caches warm: the timed pass is the forward alone
     clock = time.perf_counter()
     runner.final_stream(select)
-    return _estimate(DepthPlan.of(runner.block_map), steps, method, fit.size, select.size,
-                     time.perf_counter() - clock, parallel_window)
+    return _estimate(DepthPlan.of(runner.block_map), steps, method, select, fit.size,
+                     time.perf_counter() - clock, search_options)
 
 
-def _estimate(plan: DepthPlan, steps: Sequence[int], method: str, fit_tokens: int, select_tokens: int,
-              forward_seconds: float, parallel_window: int = 0) -> dict:
-    bound = search_cost_bound(plan, steps, fit_tokens, select_tokens, refit=method == "auto",
-                              parallel_window=parallel_window)
-    first = min(bound, first_step_cost(plan, parallel_window))
+def _estimate(plan: DepthPlan, steps: Sequence[int], method: str, select: np.ndarray, fit_tokens: int,
+              forward_seconds: float, options: search.SearchOptions) -> dict:
+    bound = search_cost_bound(plan, steps, fit_tokens, select.size, refit=method == "auto",
+                              parallel_window=options.parallel_window)
+    window = select.shape[1]
+    screened = min(options.screen_tokens, window) / window if method == "auto" and options.screen_tokens else 1.0
+    first = min(bound, screened * first_step_cost(plan, options.parallel_window))
     typical = bound if method == "greedy-plain" else first + TYPICAL_SHARE_AFTER_FIRST_STEP * (bound - first)
     return {"search_full_forward_equivalents_at_most": round(bound, 1),
             "search_full_forward_equivalents_typical": round(typical, 1),
@@ -150,14 +153,15 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
     check_steps(runner.block_map.num_layers, steps)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    evaluator = DepthEvaluator(runner, fit, select, lazy_fit=search_options.lazy_fit)
+    evaluator = DepthEvaluator(runner, fit, select, lazy_fit=search_options.lazy_fit,
+                               reuse=search_options.reuse)
     seconds["capture"] = round(time.perf_counter() - clock, 1)
     logger.info(f"frontier: {path}, {evaluator.plan0.original_steps} sequential steps; fit {fit.size} tokens, "
                 f"selection {select.size}, held-out perplexity {evaluation.size} ({seconds['capture']} s to capture)")
     # The capture is one forward of the fitting and selection tokens: the rate of the estimate.
     forward_seconds = seconds["capture"] * select.size / max(1, fit.size + select.size)
-    logger.info(describe_estimate(method, _estimate(evaluator.plan0, steps, method, fit.size, select.size,
-                                                    forward_seconds, search_options.parallel_window)))
+    logger.info(describe_estimate(method, _estimate(evaluator.plan0, steps, method, select, fit.size,
+                                                    forward_seconds, search_options)))
     forwards = 0.0
     by_work: dict[str, float] = {}
 

@@ -44,14 +44,18 @@ REFITTED = 4  # auto: the best plain candidates of a step that are tried again w
 @dataclasses.dataclass(frozen=True)
 class SearchOptions:
     """How much the greedy search spends per step. ``screen_tokens``: score candidates on the first
-    that many tokens of each selection window (0: all); the accepted one is scored in full.
-    ``refitted``: plain candidates tried again with their refit. ``lazy_fit``: bring the fitting
-    streams up to date only where a refit reads them. ``parallel_window``: also search windows of
-    2..that many whole blocks run side by side (0: no such move)."""
+    that many tokens of each selection window (0: all), then the ``contenders`` best of them on all
+    tokens, which decide the step. ``refitted``: the best plain candidates (on all tokens) tried again
+    with their refit. ``lazy_fit``: bring the fitting streams up to date only where a refit reads
+    them. ``reuse``: accept a candidate without running it again, and reuse a refit while nothing
+    before its cut has changed (both exact). ``parallel_window``: also search windows of 2..that many whole blocks run side by side (0:
+    no such move)."""
 
     screen_tokens: int = 0
+    contenders: int = 2
     refitted: int = REFITTED
     lazy_fit: bool = True
+    reuse: bool = True
     parallel_window: int = 0  # the largest window of whole blocks a "parallel" move runs side by side (0: none)
 
     def to_dict(self) -> dict:
@@ -60,7 +64,7 @@ class SearchOptions:
 
 DEFAULT_SEARCH = SearchOptions()
 # The search as it was measured before its cost was cut (issue 26): the frontier_cost benchmark's baseline.
-UNSCREENED = SearchOptions(screen_tokens=0, refitted=REFITTED, lazy_fit=False)
+UNSCREENED = SearchOptions(screen_tokens=0, refitted=REFITTED, lazy_fit=False, reuse=False)
 
 Progress = Callable[[str], None]
 
@@ -109,7 +113,7 @@ def greedy(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool, la
         moves = [m for m in state.plan.legal_moves(options.parallel_window) if saved + m.saved <= budget]
         if not moves:
             break
-        # Plain scores first (lazily: stale guesses in order), then the refit of the most promising few.
+        # Plain scores first (lazily: stale guesses in order), on the screen tokens when screening.
         scored: list = []
         best_score, fresh = math.inf, 0
         current = evaluator.current_kl(screen)
@@ -117,10 +121,15 @@ def greedy(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool, la
         for move in sorted(moves, key=lambda m: stale.get(m, -math.inf)):
             if lazy and fresh >= MIN_FRESH and stale.get(move, -math.inf) >= best_score:
                 break
-            candidate = evaluator.candidate(move, refit=False, screen=screen)
+            candidate = evaluator.candidate(move, refit=False, screen=screen, keep_streams=True)
             stale[move] = score = candidate.score(current)
+            if score < best_score:  # only the leader can be taken as it is: only its streams are kept
+                for _, other in scored:
+                    other.streams = None
+                best_score = score
+            else:
+                candidate.streams = None
             scored.append((score, candidate))
-            best_score = min(best_score, score)
             fresh += 1
             if progress and time.perf_counter() - told >= PROGRESS_INTERVAL_S:
                 told = time.perf_counter()
@@ -128,13 +137,22 @@ def greedy(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool, la
                 progress(f"{method}: step {len(path) + 1}: scored {fresh} of at most {len(moves)} moves, best so "
                          f"far {leader.move} (KL {leader.kl:.4f}), {told - clock:.0f} s")
         scored.sort(key=lambda pair: pair[0])
-        best = scored[0][1]
+        if screen:  # the race: the best few screened moves scored in full; the step is decided on those
+            full = [evaluator.candidate(c.move, refit=False, keep_streams=True) for _, c in scored[:options.contenders]]
+            contenders = sorted(((c.score(state.kl), c) for c in full), key=lambda pair: pair[0])
+            for _, other in contenders[1:]:
+                other.streams = None
+        else:
+            contenders = scored
+        best = contenders[0][1]
         if refit:
             # A refit is kept only where it lowers the selection KL (tokens it was not fitted on).
-            for _, plain in scored[:options.refitted]:
-                refitted = evaluator.candidate(plain.move, refit=True, screen=screen)
-                if refitted.refit is not None and refitted.score(current) < best.score(current):
-                    best = refitted
+            for _, plain in contenders[:options.refitted]:
+                refitted = evaluator.candidate(plain.move, refit=True, keep_streams=True)
+                if refitted.refit is not None and refitted.score(state.kl) < best.score(state.kl):
+                    best.streams, best = None, refitted
+                else:
+                    refitted.streams = None
         evaluator.accept(best)
         kl = evaluator.state.kl  # in full, also when the candidates were screened
         path.append({**best.move.to_dict(), "kl": round(kl, 5),
