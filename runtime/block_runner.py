@@ -47,6 +47,7 @@ from ffnfusion.passes.canonical import canonicalize
 from ffnfusion.passes.dtype_widening import Float32WideningPass
 from ffnfusion.passes.embedding import embedding_table, find_embedding_gather, find_embedding_output
 from ffnfusion.passes.skip_norms import SPLIT_PREFIX
+from ffnfusion.runtime.device import CPU, Device
 from ffnfusion.runtime.ffn_reference import update
 from ffnfusion.runtime.model_pieces import HeadProjection, ProtoSlicer, shared_values, weights_in_dir
 from ffnfusion.runtime.onnxruntime import default_feeds, genai_head_size, session_from_bytes
@@ -124,9 +125,10 @@ class BlockRunner:
 
     def __init__(self, source: str | os.PathLike | Callable[[], ir.Model], *, streamed: bool,
                  threads: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                 base_dir: str | os.PathLike | None = None):
+                 base_dir: str | os.PathLike | None = None, device: Device = CPU):
         """``source``: a path, or a function returning a fresh ``ir.Model`` each call (e.g. a model
-        being rewritten in memory) whose external data lives in ``base_dir``."""
+        being rewritten in memory) whose external data lives in ``base_dir``. ``device``: where its
+        sessions run (its provider), and where the code that reads its weights computes."""
         if callable(source):
             if base_dir is None:
                 raise ValueError("BlockRunner(factory) needs base_dir, where the model's external data lives")
@@ -138,6 +140,7 @@ class BlockRunner:
             self._fresh = lambda: _canonical(load_model(self.path))  # lazy: external tensors are not read here
         self.streamed = streamed
         self.threads = threads
+        self.device = device
         self.batch_tokens = batch_tokens
         model = self._fresh()
         self._split = any((n.name or "").startswith(SPLIT_PREFIX) for n in model.graph)
@@ -412,4 +415,5 @@ class BlockRunner:
         # One arena for all pieces; a streamed piece runs once or twice, so packing its weights
         # would cost more than it saves.
         return session_from_bytes(piece, base_dir, self.threads, shared_arena=True, prepack=not self.streamed,
-                                  past_head_size=self._past_head_size)  # ORT GenAI leaves it symbolic
+                                  past_head_size=self._past_head_size,  # ORT GenAI leaves it symbolic
+                                  provider=self.device.provider)

@@ -28,6 +28,7 @@ from ffnfusion.passes.canonical import rewriting
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan
+from ffnfusion.runtime.device import Device
 from ffnfusion.runtime.ffn_reference import check_refittable
 from ffnfusion.runtime.validation import validate_model
 
@@ -47,6 +48,7 @@ class RepairOptions:
     texts: tuple[str, ...] = ()
     ids_files: tuple[str, ...] = ()
     stream: bool | None = None  # run block by block (None: when the model would not fit in memory)
+    device: str | Device = "auto"  # where the models' pieces run
 
 
 def fuse_model_file(model_path: str | os.PathLike, out_path: str | os.PathLike, plan: FusionPlan, *,
@@ -106,7 +108,7 @@ def _repair_pass(model_path, plan: FusionPlan, options: RepairOptions, target: s
     sources = calibration.repair_sources(path.parent, texts=options.texts, ids_files=options.ids_files, tokens=tokens)
     logger.info(f"repair: sources {', '.join(f'{s.name} ({s.fit.size} fit + {s.select.size} held out)' for s in sources)}")
     return RepairPass(path, plan.groups, sources, method=options.method, lambdas=lambdas, target=target,
-                      threads=threads, stream=options.stream)
+                      threads=threads, stream=options.stream, device=options.device)
 
 
 def parallelize_model_file(model_path: str | os.PathLike, out_path: str | os.PathLike,

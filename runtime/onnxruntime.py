@@ -85,9 +85,10 @@ def session_from_model(model: ir.Model, base_dir: str | os.PathLike, threads: in
 
 def session_from_bytes(data: bytes, base_dir: str | os.PathLike, threads: int | None = None, *,
                        arena: bool = True, shared_arena: bool = False, prepack: bool = True,
-                       past_head_size: int | None = None):
+                       past_head_size: int | None = None, provider: str = "cpu"):
     """:func:`session_from_model` for an already serialized model (``past_head_size``: the KV head
-    size of a graph that leaves it symbolic, :func:`genai_head_size`). ``shared_arena``: allocate from
+    size of a graph that leaves it symbolic, :func:`genai_head_size`; ``provider``: a key of
+    :data:`PROVIDERS`, the CPU behind it). ``shared_arena``: allocate from
     one process-wide CPU arena (many sessions kept side by side would each grow their own).
     ``prepack=False``: no packed copy of the weights (for a session run once or twice, the copy
     costs more time and memory than it saves)."""
@@ -105,7 +106,8 @@ def session_from_bytes(data: bytes, base_dir: str | os.PathLike, threads: int | 
         options.add_session_config_entry("session.use_env_allocators", "1")
     options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                      str(pathlib.Path(base_dir).resolve()))
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    providers = [PROVIDERS["cpu"]] if provider == "cpu" else [PROVIDERS[provider], PROVIDERS["cpu"]]
+    session = ort.InferenceSession(data, options, providers=providers)
     _PAST_HEAD_SIZES[session] = past_head_size
     return session
 

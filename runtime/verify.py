@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed, forward_equivalents
+from ffnfusion.runtime.device import Device, resolve_device
 from ffnfusion.runtime.numerics import kl_sum, log_softmax, target_nll
 
 logger = logging.getLogger(__name__)
@@ -27,19 +28,21 @@ HEAD_BUDGET_BYTES = 64 * 2**20  # float64 log-probabilities held per slice of to
 
 
 def compare_models(reference: str, candidate: str, windows: np.ndarray, threads: int | None = None,
-                   progress=None, stream: bool | None = None) -> dict:
+                   progress=None, stream: bool | None = None, device: str | Device = "auto") -> dict:
     """Compare one candidate with the reference (see :func:`compare_many`)."""
-    return compare_many(reference, [candidate], windows, threads, progress, stream)[0]
+    return compare_many(reference, [candidate], windows, threads, progress, stream, device)[0]
 
 
 def compare_many(reference: str, candidates: list[str], windows: np.ndarray, threads: int | None = None,
-                 progress=None, stream: bool | None = None) -> list[dict]:
+                 progress=None, stream: bool | None = None, device: str | Device = "auto") -> list[dict]:
     """Compare several candidates with one reference. ``stream``: block by block from disk (None:
     when the reference would not fit in memory). ``progress(done, total, tokens)``, if given, is
     called after each model's pass."""
     clock = time.perf_counter()
     streamed = choose_streamed(reference, stream)
-    runners = [BlockRunner(path, streamed=streamed, threads=threads) for path in [reference, *candidates]]
+    device = resolve_device(device)
+    runners = [BlockRunner(path, streamed=streamed, threads=threads, device=device)
+               for path in [reference, *candidates]]
     finals = []
     for done, runner in enumerate(runners, 1):
         final = runner.final_stream(windows)

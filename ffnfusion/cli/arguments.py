@@ -1,4 +1,4 @@
-"""Options shared by several commands: calibration text, token windows, streaming."""
+"""Options shared by several commands: calibration text, token windows, streaming, the device."""
 
 from __future__ import annotations
 
@@ -17,6 +17,16 @@ def calibration_arguments(parser: argparse.ArgumentParser, flag: str, default_te
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                         help=f"tokens per window (default {DEFAULT_WINDOW})")
     stream_arguments(parser)
+    device_argument(parser)
+
+
+def device_argument(parser) -> None:
+    from ffnfusion.runtime.device import DEVICES
+
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where the models run: ONNX Runtime's pieces on its provider for the device, "
+                             "ffnfusion's own FFN arithmetic in torch on it; auto (default): CUDA when torch sees "
+                             "a GPU, else the CPU (the choice is logged)")
 
 
 def stream_arguments(parser) -> None:

@@ -9,11 +9,12 @@ import pathlib
 
 import numpy as np
 
-from ffnfusion.cli.arguments import stream_arguments
+from ffnfusion.cli.arguments import device_argument, stream_arguments
 from ffnfusion.cli.progress import log
 from ffnfusion.cli.registry import arguments, command, parse_int_list
 from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.files import staged_directory
+from ffnfusion.runtime.device import CPU, Device, resolve_device
 from ffnfusion.runtime.frontier.search import DEFAULT_SEARCH
 from ffnfusion.runtime.frontier.windows import (
     DEFAULT_CALIB,
@@ -83,6 +84,7 @@ def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heal-tokens", type=int, default=None, metavar="N",
                         help="with --heal: fitting tokens of the heal (default: heal's, 32768)")
     stream_arguments(parser)
+    device_argument(parser)
 
 
 @command("frontier", "how much depth to take out, at what quality, and how",
@@ -105,15 +107,15 @@ def run_frontier_command(args) -> None:
         # heal trains through a Nemotron-NAS checkpoint (one layer per stream step), which has no windows
         raise InvalidArgumentError("--heal cannot train block-parallel windows yet: drop --heal, or "
                                    "--parallel-window / --method block-parallel")
+    if args.screen_tokens < 0:
+        raise InvalidArgumentError(f"--screen-tokens must be at least 0, not {args.screen_tokens}")
+    if args.contenders < 1:
+        raise InvalidArgumentError(f"--contenders must be at least 1, not {args.contenders}")
     path = model_file(args.model)
     block_map = find_blocks(load_model(path))
     check_steps(block_map.num_layers, args.steps)
     check_searchable(block_map)
     baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
-    if args.screen_tokens < 0:
-        raise InvalidArgumentError(f"--screen-tokens must be at least 0, not {args.screen_tokens}")
-    if args.contenders < 1:
-        raise InvalidArgumentError(f"--contenders must be at least 1, not {args.contenders}")
     options = dataclasses.replace(DEFAULT_SEARCH, screen_tokens=args.screen_tokens, contenders=args.contenders,
                                   parallel_window=args.parallel_window)
     fit, select = _calibration(args, path.parent)
@@ -121,22 +123,24 @@ def run_frontier_command(args) -> None:
         from ffnfusion.runtime.frontier.frontier import describe_estimate, estimate_frontier
 
         estimate = estimate_frontier(path, fit=fit, select=select, steps=args.steps, method=args.method,
-                                     threads=args.threads, stream=args.stream, search_options=options)
+                                     threads=args.threads, stream=args.stream, search_options=options,
+                                     device=args.device)
         print(describe_estimate(args.method, estimate))
         return
     evaluation = _evaluation(args, path.parent)
+    device = resolve_device(args.device)  # once, for the search and the heal (logged)
     out = pathlib.Path(args.output)
     result = run_frontier(path, fit=fit, select=select, evaluation=evaluation, steps=args.steps,
                           method=args.method, baselines=baselines, threads=args.threads, stream=args.stream,
-                          search_options=options)
+                          search_options=options, device=device)
     write_frontier(result, path, out, evaluation, target=args.target, latency=args.latency, threads=args.threads,
-                   stream=args.stream, heal=args if args.heal else None)
+                   stream=args.stream, heal=args if args.heal else None, device=device)
     print((out / "frontier.md").read_text())
 
 
 def write_frontier(result, model_path: pathlib.Path, out: pathlib.Path, evaluation: np.ndarray, *,
                    target: str = "auto", latency: bool = True, threads: int | None = None,
-                   stream: bool | None = None, heal=None) -> None:
+                   stream: bool | None = None, heal=None, device: Device = CPU) -> None:
     """``out/``: a runnable ``steps-N/`` per point (and ``steps-N-healed/`` with ``heal``, the frontier
     command's arguments), frontier.json, frontier.md, frontier.png."""
     from ffnfusion.cli.report import plot_frontier, write_frontier_markdown
@@ -145,7 +149,7 @@ def write_frontier(result, model_path: pathlib.Path, out: pathlib.Path, evaluati
     out.mkdir(parents=True, exist_ok=True)
     _write_models(result, model_path, out, evaluation, target, latency, threads, stream)
     if heal:
-        _heal_points(result, model_path, out, evaluation, threads, stream, heal)
+        _heal_points(result, model_path, out, evaluation, threads, stream, heal, device)
     write_json_atomically(out / "frontier.json", result.to_dict())
     write_frontier_markdown(result, out / "frontier.md")
     plot_frontier(result, out / "frontier.png")
@@ -198,16 +202,15 @@ def _write_models(result, path: pathlib.Path, out: pathlib.Path, evaluation: np.
 
 
 def _heal_points(result, model_path: pathlib.Path, out: pathlib.Path, evaluation: np.ndarray, threads: int | None,
-                 stream: bool | None, args) -> None:
+                 stream: bool | None, args, device: Device) -> None:
     """Each written point healed toward the original into ``steps-N-healed/``, its perplexity measured
     on the held-out windows of the table."""
     import dataclasses
 
-    from ffnfusion.cli.heal_command import choose_device
     from ffnfusion.runtime.frontier.frontier import file_perplexity
     from ffnfusion.runtime.heal import HealOptions, heal_model_file, heal_sources
 
-    options = HealOptions(device=choose_device(None), window=args.window)
+    options = HealOptions(device=device.name, window=args.window)
     if args.heal_tokens:
         options = dataclasses.replace(options, tokens=args.heal_tokens)
     sources = heal_sources(model_path.parent, args.calib or (), args.calib_ids or (), options=options)

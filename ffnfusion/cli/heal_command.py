@@ -6,6 +6,7 @@ import argparse
 import json
 import pathlib
 
+from ffnfusion.cli.arguments import device_argument
 from ffnfusion.cli.registry import arguments, command
 
 
@@ -52,26 +53,14 @@ def _heal_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training matrix products (autocast; weights and held-out checks stay float32): "
                              "bfloat16 halves a step's time on CPUs with AVX-512 BF16 or AMX and on GPUs; auto "
                              f"picks it where the hardware has it (default {defaults.compute_dtype})")
-    parser.add_argument("--device", default=None, metavar="cpu|cuda",
-                        help="torch device: cpu or cuda (default: cuda when torch sees one, else cpu)")
+    device_argument(parser)
     parser.add_argument("--seed", type=int, default=defaults.seed, metavar="N", help="shuffling seed (default 0)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def choose_device(requested: str | None) -> str:
-    import torch
-
-    from ffnfusion.cli.progress import log
-
-    if requested:
-        return requested
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    log(f"heal: device {device} ({'torch sees a CUDA device' if device == 'cuda' else 'no CUDA device here'})")
-    return device
-
-
 def heal_options(args):
     from ffnfusion.core.errors import InvalidArgumentError
+    from ffnfusion.runtime.device import resolve_device
     from ffnfusion.runtime.heal import HealOptions
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
@@ -81,7 +70,7 @@ def heal_options(args):
     return HealOptions(tokens=args.tokens, select_tokens=args.select_tokens, window=args.window,
                        local_epochs=args.local_epochs, local_lr=args.local_lr, global_epochs=args.global_epochs,
                        global_lr=args.global_lr, hidden_weight=args.hidden_weight, train=args.train,
-                       stages=stages, device=choose_device(args.device), compute_dtype=args.compute_dtype,
+                       stages=stages, device=resolve_device(args.device).name, compute_dtype=args.compute_dtype,
                        seed=args.seed)
 
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from ffnfusion.cli.arguments import calibration_arguments, stream_arguments, windows_from_args
+from ffnfusion.cli.arguments import (
+    calibration_arguments,
+    device_argument,
+    stream_arguments,
+    windows_from_args,
+)
 from ffnfusion.cli.progress import ProgressBar, log
 from ffnfusion.cli.registry import arguments, command, parse_layer_list
 from ffnfusion.core.errors import InvalidArgumentError
@@ -142,6 +147,7 @@ def _fuse_arguments(parser: argparse.ArgumentParser) -> None:
     repair.add_argument("--token-ids", "--calib-ids", dest="calib_ids", nargs="+", metavar="IDS.npy",
                         help="token ids instead of text (integer .npy), one source per file")
     stream_arguments(repair)
+    device_argument(repair)
 
 
 @command("fuse", "fuse groups of attention-free FFN layers into wide FFNs",
@@ -158,9 +164,11 @@ def run_fuse(args) -> None:
     repair = None
     if args.repair:
         repair = RepairOptions(args.repair_method, args.repair_tokens, args.repair_lambda,
-                               args.calib or (), args.calib_ids or (), args.stream)
+                               args.calib or (), args.calib_ids or (), args.stream, args.device)
     elif args.calib or args.calib_ids:
         raise InvalidArgumentError("--calib/--token-ids (--calib-ids) are used by --repair; add --repair")
+    elif args.device != "auto":
+        raise InvalidArgumentError("--device is used by --repair (fusing runs no model); add --repair")
     summary = fuse_model_file(args.model, args.output, plan, validate=not args.no_validate, target=args.target,
                               repair=repair)
     if args.json:
@@ -201,6 +209,7 @@ def run_analyze(args) -> None:
     report, plan = analyze_model(args.model, windows, max_distance=args.max_distance,
                                  dependency_tokens=args.dependency_tokens, threshold=args.threshold,
                                  max_width=args.max_width, include_last=args.include_last, stream=args.stream,
+                                 device=args.device,
                                  progress=ProgressBar("analyze"))
     from ffnfusion.core.model_io import model_file
 
@@ -229,7 +238,7 @@ def run_verify(args) -> None:
     windows = windows_from_args(args, args.reference, "text", license_text)
     log(f"verify: {args.reference} vs {args.candidate} on {windows.size} tokens")
     result = compare_models(args.reference, args.candidate, windows, progress=ProgressBar("verify", "models"),
-                            stream=args.stream)
+                            stream=args.stream, device=args.device)
     print(json.dumps(result, indent=2) if args.json else format_verification(result))
 
 
@@ -292,7 +301,8 @@ def run_drop_attention(args) -> None:
         if args.count < 1:
             raise InvalidArgumentError("--count must be at least 1")
         layers = least_important_attention(args.model, windows_from_args(args, args.model, "calib"), args.count,
-                                           stream=args.stream, progress=ProgressBar("analyze"))
+                                           stream=args.stream, progress=ProgressBar("analyze"),
+                                           device=args.device)
     summary = remove_attention_file(args.model, args.output, layers, validate=not args.no_validate,
                                     keep_kv_io=args.keep_kv_io)
     if args.json:

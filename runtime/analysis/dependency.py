@@ -28,6 +28,7 @@ import numpy as np
 from ffnfusion.core.errors import InvalidPlanError
 from ffnfusion.core.files import write_json_atomically
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
+from ffnfusion.runtime.device import Device, resolve_device
 from ffnfusion.runtime.units import Unit
 
 logger = logging.getLogger(__name__)
@@ -204,9 +205,10 @@ def analyze(runner: BlockRunner, windows: np.ndarray, *, max_distance: int = 8,
 
 
 def least_important_attention(model_path: str | pathlib.Path, windows: np.ndarray, count: int,
-                              stream: bool | None = None, progress=None) -> list[int]:
+                              stream: bool | None = None, progress=None,
+                              device: str | Device = "auto") -> list[int]:
     """The ``count`` attention branches with the lowest importance 1 − cos(X, X + attn(n(X)))."""
-    runner = BlockRunner(model_path, streamed=choose_streamed(model_path, stream))
+    runner = BlockRunner(model_path, streamed=choose_streamed(model_path, stream), device=resolve_device(device))
     report = analyze(runner, windows, with_dependency=False, progress=progress)
     scored = sorted((m["importance"], b["layer"]) for b, m in zip(report.blocks, report.per_block)
                     if "importance" in m)

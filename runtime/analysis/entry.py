@@ -12,6 +12,7 @@ from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.runtime.analysis.dependency import analyze
 from ffnfusion.runtime.analysis.planner import plan_groups, rank_block_windows
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
+from ffnfusion.runtime.device import Device, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +21,12 @@ BLOCK_WINDOW = 4  # whole blocks per window in the report's ranking (the paper's
 
 def analyze_model(model_path: str | pathlib.Path, windows: np.ndarray, *, max_distance: int = 8,
                   dependency_tokens: int = 2048, threshold: float | None = None, max_width: int | None = None,
-                  include_last: bool = False, stream: bool | None = None, progress=None):
+                  include_last: bool = False, stream: bool | None = None, progress=None,
+                  device: str | Device = "auto"):
     """Measure ``model_path`` on ``windows`` and plan groups; returns ``(DependencyReport, FusionPlan)``.
-    ``stream``: run block by block (None: when the model would not fit in memory)."""
-    runner = BlockRunner(model_path, streamed=choose_streamed(model_path, stream))
+    ``stream``: run block by block (None: when the model would not fit in memory); ``device``: where
+    its pieces run."""
+    runner = BlockRunner(model_path, streamed=choose_streamed(model_path, stream), device=resolve_device(device))
     logger.info(f"analyze: {runner.path}: {len(runner.units)} blocks, runs "
                 f"{', '.join(format_ranges(range(a, b + 1)) for a, b in runner.block_map.runs) or 'none'}; "
                 f"{windows.size} tokens in {len(windows)} windows of {windows.shape[1]}")

@@ -3,8 +3,9 @@
 The search needs thousands of "what if" forwards. They are cheap here because
 
 * the model runs sublayer by sublayer: attention branches as ONNX Runtime pieces cut from the model
-  (:meth:`BlockRunner.attention`), FFNs in numpy from their weights, so removing, fusing (the members'
-  updates at one input, exact) or refitting a down projection needs no new graph;
+  (:meth:`BlockRunner.attention`), FFNs in torch from their weights on the runner's device
+  (:mod:`.ffns`), so removing, fusing (the members' updates at one input, exact) or refitting a down
+  projection needs no new graph;
 * the streams of the current plan at every sublayer position are kept, for the fitting and the
   selection tokens: a candidate runs from the first position it changes, never from the embedding;
 * the original model's next-token distributions on the selection tokens are kept: a candidate's score
@@ -33,10 +34,10 @@ from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.passes.blocks import BlockMap, FFNBlock
 from ffnfusion.passes.depth_plan import DepthPlan, Move
 from ffnfusion.passes.layer_ranges import format_ranges
-from ffnfusion.passes.streaming import read_columns, read_rows
 from ffnfusion.runtime.block_runner import BlockRunner
-from ffnfusion.runtime.ffn_reference import activation, apply_norm, down_bias, normed, post_norm_members
+from ffnfusion.runtime.ffn_reference import post_norm_members
 from ffnfusion.runtime.frontier import refits
+from ffnfusion.runtime.frontier.ffns import DeviceFFNs
 from ffnfusion.runtime.frontier.moves import change_position, cut_position, first_difference, remap_deltas
 from ffnfusion.runtime.numerics import CachedReference, windowed_perplexity
 
@@ -95,8 +96,8 @@ class Candidate:
 
 
 def check_searchable(block_map: BlockMap) -> None:
-    """The depth search runs FFNs in numpy, refits ``W_down`` and assumes sequential layers: refuse,
-    before any text is read, a model where those do not hold."""
+    """The depth search runs FFNs from their weights, refits ``W_down`` and assumes sequential layers:
+    refuse, before any text is read, a model where those do not hold."""
     unsupported = [layer.index for layer in block_map.layers if layer.ffn and layer.ffn.post_norm
                    and (layer.ffn.post_norm.centered or post_norm_members(layer.ffn) > 1)]
     if unsupported:  # the search fuses post-normed FFNs itself, and refits them as RMSNorms
@@ -127,7 +128,7 @@ class DepthEvaluator:
                                             if layer.ffn is not None}
         self.unit_of = {unit.layer: unit.index for unit in runner.units}
         self.hidden = next(iter(self.blocks.values())).hidden
-        self._weights: dict[int, tuple] = {}
+        self.ffns = DeviceFFNs(self.blocks, runner.device.torch, keep=not runner.streamed)
         self.token_positions = 0  # tokens × sublayer positions run: the search's cost
         self.cost_by_work: collections.Counter[str] = collections.Counter()  # ... split by what it was for
         self._work = "capture"
@@ -205,50 +206,7 @@ class DepthEvaluator:
     def ffn_update(self, span: tuple[int, int], stream: np.ndarray, delta: np.ndarray | None) -> np.ndarray:
         """``Σ_j down_j(act_j(x))`` (``post_j(down_j(act_j(x)))`` for post-normed FFNs) over the span's
         members at one input (exactly the fused FFN), with ``delta`` added to the stacked down projection."""
-        x = stream.reshape(-1, stream.shape[-1])
-        total = np.zeros_like(x)
-        offset = 0
-        for layer in range(span[0], span[1] + 1):
-            down, bias = self._down(layer)
-            if delta is not None:
-                down = down + delta[offset:offset + len(down)]
-                offset += len(down)
-            output = self.activation(layer, x) @ down + bias
-            post_norm = self.blocks[layer].post_norm
-            total += output if post_norm is None else apply_norm(post_norm, output)
-        return total.reshape(stream.shape)
-
-    def activation(self, layer: int, x: np.ndarray) -> np.ndarray:
-        """``act(n(x)·G) ⊙ n(x)·U`` of FFN ``layer`` (what its down projection reads)."""
-        block = self.blocks[layer]
-        gate, up, gate_bias, up_bias = self._in_weights(layer)
-        n = normed(block, x)
-        value = n @ up + up_bias
-        if gate is None:
-            return activation(block.activation, value)
-        return activation(block.activation, n @ gate + gate_bias) * value
-
-    def _in_weights(self, layer: int):
-        if layer not in self._weights:
-            block = self.blocks[layer]
-
-            def bias(value, width):
-                return np.zeros(width, np.float32) if value is None else value.const_value.numpy().astype(np.float32)
-
-            weights = (None if block.gate is None else read_columns(block.gate, 0, block.width),
-                       read_columns(block.up, 0, block.width), bias(block.gate_bias, block.width),
-                       bias(block.up_bias, block.width),
-                       read_rows(block.down, 0, block.width).astype(np.float32), down_bias(block))
-            if self.runner.streamed:  # larger than RAM: read per use
-                return weights[:4]
-            self._weights[layer] = weights
-        return self._weights[layer][:4]
-
-    def _down(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        if layer in self._weights:
-            return self._weights[layer][4:]
-        block = self.blocks[layer]
-        return read_rows(block.down, 0, block.width).astype(np.float32), down_bias(block)
+        return self.ffns.update(span, stream, delta)
 
     def _logits(self, final: np.ndarray) -> np.ndarray:
         rows = final.reshape(-1, final.shape[-1])
@@ -410,14 +368,14 @@ class DepthEvaluator:
             x = self._fit_stream(start)
             after = self.run(plan, deltas, x, windows, start, cut)
         residual = (self.original[cut] - after).reshape(-1, self.hidden)
-        a = self.activation(member, x.reshape(-1, self.hidden))
+        a = self.ffns.activation(member, x.reshape(-1, self.hidden))
         offset = sum(self._width(layer) for layer in range(span[0], member))
         width = sum(self._width(layer) for layer in range(span[0], span[1] + 1))
         post_norm = self.blocks[member].post_norm
         if post_norm is None:
             chosen = refits.down_refit(a, residual, self.val_rows)
         else:  # what the member's output is now, with the deltas so far
-            down, bias = self._down(member)
+            down, bias = self.ffns.down(member)
             if span[0] in deltas:
                 down = down + deltas[span[0]][offset:offset + len(down)]
             chosen = refits.post_norm_down_refit(a, down, bias, post_norm, residual, self.val_rows)

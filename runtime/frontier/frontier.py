@@ -23,6 +23,7 @@ from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.model_io import model_file
 from ffnfusion.passes.depth_plan import DepthPlan
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
+from ffnfusion.runtime.device import Device, resolve_device
 from ffnfusion.runtime.frontier import search
 from ffnfusion.runtime.frontier.evaluator import DepthEvaluator
 from ffnfusion.runtime.frontier.moves import change_position
@@ -52,10 +53,11 @@ class FrontierResult:
     full_forward_equivalents: float  # the search's sublayer forwards, in full forwards of its tokens
     cost_by_work: dict[str, float] = dataclasses.field(default_factory=dict)  # ... split by what they were for
     search_options: dict = dataclasses.field(default_factory=dict)
+    device: str = "cpu"  # where torch computed the search's FFNs (its ONNX Runtime pieces: see the log)
 
     def to_dict(self) -> dict:
         return {"original_steps": self.original_steps, "original_ppl": round(self.original_ppl, 3),
-                "method": self.method, "tokens": self.tokens, "seconds": self.seconds,
+                "method": self.method, "tokens": self.tokens, "seconds": self.seconds, "device": self.device,
                 "search_full_forward_equivalents": round(self.full_forward_equivalents, 1),
                 "search_cost_by_work": {k: round(v, 1) for k, v in self.cost_by_work.items()},
                 "search_options": self.search_options,
@@ -94,13 +96,15 @@ def _rests(plan: DepthPlan, parallel_window: int) -> list[int]:
 def estimate_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.ndarray,
                       steps: Sequence[int], method: str = "auto", threads: int | None = None,
                       stream: bool | None = None,
-                      search_options: search.SearchOptions = search.DEFAULT_SEARCH) -> dict:
+                      search_options: search.SearchOptions = search.DEFAULT_SEARCH,
+                      device: str | Device = "auto") -> dict:
     """What a frontier run will cost, before it runs: the bound of :func:`search_cost_bound` and the
     seconds it stands for at the rate of one timed forward of the selection tokens (nothing is
     written)."""
     steps = sorted(set(int(s) for s in steps))
     path = model_file(model_path)
-    runner = BlockRunner(path, streamed=choose_streamed(path, stream), threads=threads)
+    runner = BlockRunner(path, streamed=choose_streamed(path, stream), threads=threads,
+                         device=resolve_device(device))
     check_steps(runner.block_map.num_layers, steps)
     runner.final_stream(select[:1])  # sessions built, caches warm: the timed pass is the forward alone
     clock = time.perf_counter()
@@ -137,7 +141,8 @@ def describe_estimate(method: str, estimate: dict) -> str:
 def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.ndarray, evaluation: np.ndarray,
                  steps: Sequence[int], method: str = "auto", baselines: Sequence[str] = BASELINES,
                  threads: int | None = None, stream: bool | None = None,
-                 search_options: search.SearchOptions = search.DEFAULT_SEARCH) -> FrontierResult:
+                 search_options: search.SearchOptions = search.DEFAULT_SEARCH,
+                 device: str | Device = "auto") -> FrontierResult:
     """Search ``method``'s frontier at ``steps`` saved and score it with ``baselines``.
 
     ``fit``: windows the refits fit on; ``select``: windows of *another* text that score candidates;
@@ -149,7 +154,8 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
         raise InvalidArgumentError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(search.METHODS[1:])}")
     steps = sorted(set(int(s) for s in steps))
     path = model_file(model_path)
-    runner = BlockRunner(path, streamed=choose_streamed(path, stream), threads=threads)
+    runner = BlockRunner(path, streamed=choose_streamed(path, stream), threads=threads,
+                         device=resolve_device(device))
     check_steps(runner.block_map.num_layers, steps)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -202,7 +208,7 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
     logger.info(f"frontier: search {method}: {forwards:.1f} full-forward equivalents (" +
                 ", ".join(f"{work} {value:.1f}" for work, value in sorted(by_work.items(), key=lambda kv: -kv[1])) + ")")
     return FrontierResult(method, evaluator.plan0.original_steps, original_ppl, points, others, tokens, seconds,
-                          forwards, by_work, search_options.to_dict())
+                          forwards, by_work, search_options.to_dict(), runner.device.name)
 
 
 def check_steps(num_layers: int, steps: Sequence[int]) -> None:

@@ -45,6 +45,7 @@ from ffnfusion.passes.streaming import read_rows
 from ffnfusion.runtime import ridge
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed, forward_equivalents
 from ffnfusion.runtime.calibration import CalibrationSource
+from ffnfusion.runtime.device import Device, resolve_device
 from ffnfusion.runtime.ffn_reference import (
     check_refittable,
     down_bias,
@@ -127,7 +128,7 @@ class RepairPass(RewritePass):
     def __init__(self, original: str | pathlib.Path, groups: Sequence[Sequence[int]],
                  sources: Sequence[CalibrationSource], *, method: str = "refit",
                  lambdas: Sequence[float] = ridge.REPAIR_LAMBDAS, target: str = "gpu",
-                 threads: int | None = None, stream: bool | None = None):
+                 threads: int | None = None, stream: bool | None = None, device: str | Device = "auto"):
         super().__init__()
         if method not in METHODS:
             raise InvalidArgumentError(f"repair method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -143,12 +144,15 @@ class RepairPass(RewritePass):
         self.target = target  # the fused layout, as FFNFusionPass was given it
         self.threads = threads
         self.stream = stream  # run block by block (None: when the original would not fit in memory)
+        self.device = device  # where the models' pieces run (resolved when the pass runs)
 
     def rewrite(self, model: ir.Model) -> ir.passes.PassResult:
         clock = time.perf_counter()
         original_blocks = find_blocks(load_model(self.original))
         streamed = choose_streamed(self.original, self.stream)
-        reference = _Reference(BlockRunner(self.original, streamed=streamed, threads=self.threads), self.sources)
+        device = resolve_device(self.device)
+        reference = _Reference(BlockRunner(self.original, streamed=streamed, threads=self.threads,
+                                            device=device), self.sources)
         runners = [reference.runner]
         repaired: dict[int, np.ndarray] = {}  # first layer of a group -> its refitted W_down
         groups = []
@@ -160,7 +164,8 @@ class RepairPass(RewritePass):
             members = [original_blocks.ffn(layer) for layer in group]
             for member in members:
                 check_refittable(member)
-            runner = BlockRunner(partial, streamed=streamed, threads=self.threads, base_dir=self.original.parent)
+            runner = BlockRunner(partial, streamed=streamed, threads=self.threads, base_dir=self.original.parent,
+                                 device=device)
             runners.append(runner)
             result, weight = self._repair_group(runner, group, members, reference)
             groups.append(result)
