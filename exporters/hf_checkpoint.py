@@ -29,7 +29,8 @@ from ffnfusion.core.model_io import COMPANION_FILES, METADATA_FILE, load_model, 
 from ffnfusion.exporters import nemotron_nas
 from ffnfusion.passes import norm_matchers, op_matchers
 from ffnfusion.passes.attention_branch import match_attention
-from ffnfusion.passes.blocks import BlockMap, DecoderLayer, find_blocks
+from ffnfusion.passes.block_map import BlockMap, DecoderLayer
+from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.embedding import embedding_table, find_embedding_gather, find_embedding_output
 
 logger = logging.getLogger(__name__)

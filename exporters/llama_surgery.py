@@ -116,7 +116,7 @@ def attention_layers(model: HFModel) -> list[int]:
 def layer_metadata(model: HFModel) -> dict[str, str]:
     """ONNX metadata naming the layers that leave no residual branch of their own (no-op/no-op) or
     keep attention without an FFN, so block recognition keeps the checkpoint's layer numbers."""
-    from ffnfusion.passes.blocks import ATTENTION_ONLY_METADATA, EMPTY_LAYERS_METADATA
+    from ffnfusion.passes.block_map import ATTENTION_ONLY_METADATA, EMPTY_LAYERS_METADATA
     from ffnfusion.passes.layer_ranges import format_ranges
 
     layers = decoder_layers(model)

@@ -1,6 +1,8 @@
 """Graph passes: block recognition, fusion plans and the FFN fusion rewrite."""
 
-from ffnfusion.passes.blocks import BlockMap, BlockRecognitionError, DecoderLayer, FFNBlock, find_blocks
+from ffnfusion.core.errors import BlockRecognitionError
+from ffnfusion.passes.block_map import BlockMap, DecoderLayer, FFNBlock
+from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.ffn_fusion import FFNFusionPass, fuse_ffn_groups
 from ffnfusion.passes.plan import FusionPlan, InvalidPlanError
 

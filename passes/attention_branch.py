@@ -22,7 +22,7 @@ import dataclasses
 import onnx_ir as ir
 
 from ffnfusion.passes import norm_matchers, op_matchers
-from ffnfusion.passes.blocks import AttentionBlock
+from ffnfusion.passes.block_map import AttentionBlock
 
 FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention"}
 # Ops that start a norm (decomposed RMSNorm's ReduceMean, or a norm op): found downstream of q or k,

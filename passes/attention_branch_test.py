@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ffnfusion.passes.attention_branch import match_attention
-from ffnfusion.passes.blocks import AttentionBlock
+from ffnfusion.passes.block_map import AttentionBlock
 
 HIDDEN = 4
 RNG = np.random.default_rng(0)

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ffnfusion.passes.attention_branch import FUSED_ATTENTION_OPS
-from ffnfusion.passes.blocks import AttentionBlock
+from ffnfusion.passes.block_map import AttentionBlock
 from ffnfusion.passes.ffn_emission import Emitter
 
 # Ops that act on each head alone when their other inputs do not vary by head (Softmax: over the keys).

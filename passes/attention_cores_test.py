@@ -9,7 +9,7 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from ffnfusion.passes.attention_cores import match_core, merge_cores, mergeable
-from ffnfusion.passes.blocks import AttentionBlock
+from ffnfusion.passes.block_map import AttentionBlock
 
 BATCH, TOKENS, SIZE = 2, 5, 4
 HEADS = (3, 2)  # the two members' query heads

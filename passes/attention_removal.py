@@ -15,7 +15,8 @@ from collections.abc import Iterable
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from ffnfusion.passes.blocks import AttentionBlock, BlockMap, find_blocks
+from ffnfusion.passes.block_map import AttentionBlock, BlockMap
+from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.canonical import RewritePass
 from ffnfusion.passes.plan import InvalidPlanError
 

@@ -47,13 +47,8 @@ from ffnfusion.core.errors import InvalidArgumentError, InvalidPlanError
 from ffnfusion.passes import nbits
 from ffnfusion.passes.attention_branch import AttentionWeights, match_attention
 from ffnfusion.passes.attention_cores import AttentionCore, match_core, merge_cores, mergeable
-from ffnfusion.passes.blocks import (
-    PARALLEL_WINDOWS_METADATA,
-    BlockMap,
-    DecoderLayer,
-    find_blocks,
-    layer_groups_in_metadata,
-)
+from ffnfusion.passes.block_map import PARALLEL_WINDOWS_METADATA, BlockMap, DecoderLayer, layer_groups_in_metadata
+from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.canonical import RewritePass
 from ffnfusion.passes.ffn_emission import Emitter, pre_norm_gain, register, unit_norm
 from ffnfusion.passes.layer_ranges import format_ranges, parse_groups

@@ -25,8 +25,9 @@ import onnx_ir as ir
 
 from ffnfusion.core.errors import InvalidPlanError
 from ffnfusion.passes.attention_removal import AttentionRemovalPass
+from ffnfusion.passes.block_map import BlockMap, FFNBlock
 from ffnfusion.passes.block_parallel import BlockParallelPass
-from ffnfusion.passes.blocks import BlockMap, FFNBlock, find_blocks
+from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.canonical import RewritePass
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.ffn_removal import FFNRemovalPass

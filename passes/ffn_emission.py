@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ffnfusion.passes import nbits
-from ffnfusion.passes.blocks import FFNBlock
+from ffnfusion.passes.block_map import FFNBlock
 from ffnfusion.passes.norm_matchers import Norm
 from ffnfusion.passes.op_matchers import attribute
 from ffnfusion.passes.plan import InvalidPlanError

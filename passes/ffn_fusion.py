@@ -31,7 +31,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ffnfusion.core.errors import InvalidArgumentError
-from ffnfusion.passes.blocks import FUSED_GROUPS_METADATA, FFNBlock, find_blocks, fused_spans_of
+from ffnfusion.passes.block_map import FUSED_GROUPS_METADATA, FFNBlock, fused_spans_of
+from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.canonical import RewritePass
 from ffnfusion.passes.ffn_emission import (
     Emitter,

@@ -8,7 +8,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ffnfusion.core.errors import InvalidPlanError
-from ffnfusion.passes.blocks import ATTENTION_ONLY_METADATA, EMPTY_LAYERS_METADATA, find_blocks, layers_in_metadata
+from ffnfusion.passes.block_map import ATTENTION_ONLY_METADATA, EMPTY_LAYERS_METADATA, layers_in_metadata
+from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.canonical import RewritePass
 from ffnfusion.passes.layer_ranges import format_ranges
 

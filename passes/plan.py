@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from ffnfusion.core.errors import InvalidArgumentError, InvalidPlanError, UnknownLayerError
 from ffnfusion.core.files import write_json_atomically
-from ffnfusion.passes.blocks import BlockMap, FFNBlock
+from ffnfusion.passes.block_map import BlockMap, FFNBlock
 from ffnfusion.passes.layer_ranges import format_ranges, parse_groups
 
 

@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from ffnfusion.passes import ffn_emission as emission
 from ffnfusion.passes import nbits
-from ffnfusion.passes.blocks import FFNBlock
+from ffnfusion.passes.block_map import FFNBlock
 from ffnfusion.passes.plan import InvalidPlanError
 from ffnfusion.passes.streaming import StackedRows
 

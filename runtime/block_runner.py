@@ -42,7 +42,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ffnfusion.core.model_io import initializer_bytes, load_model, model_file
-from ffnfusion.passes.blocks import FFNBlock, find_blocks
+from ffnfusion.passes.block_map import FFNBlock
+from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.canonical import canonicalize
 from ffnfusion.passes.dtype_widening import Float32WideningPass
 from ffnfusion.passes.embedding import embedding_table, find_embedding_gather, find_embedding_output

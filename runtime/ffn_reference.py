@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ffnfusion.core.errors import InvalidPlanError
-from ffnfusion.passes.blocks import FFNBlock
+from ffnfusion.passes.block_map import FFNBlock
 from ffnfusion.passes.elementwise import ACTIVATIONS
 from ffnfusion.passes.norm_matchers import Norm
 from ffnfusion.passes.streaming import read_columns, read_rows

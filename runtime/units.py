@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from ffnfusion.core.errors import BlockRecognitionError, UnknownLayerError
-from ffnfusion.passes.blocks import FFN_REMOVED, NO_FFN_BRANCH, BlockMap, DecoderLayer
+from ffnfusion.passes.block_map import FFN_REMOVED, NO_FFN_BRANCH, BlockMap, DecoderLayer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,8 @@ import pytest
 from conftest import TINY_CONFIG, TINY_DROPPED
 from onnx import TensorProto, helper
 
-from ffnfusion.passes.blocks import BlockRecognitionError, find_blocks
+from ffnfusion.core.errors import BlockRecognitionError
+from ffnfusion.passes.blocks import find_blocks
 
 EXPECTED_NORM = {"dynamo-opset20": "rms_decomposed", "dynamo-opset23": "RMSNormalization",
                  "torchscript-opset18": "rms_decomposed"}

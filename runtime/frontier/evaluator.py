@@ -31,7 +31,7 @@ import logging
 import numpy as np
 
 from ffnfusion.core.errors import InvalidArgumentError
-from ffnfusion.passes.blocks import BlockMap, FFNBlock
+from ffnfusion.passes.block_map import BlockMap, FFNBlock
 from ffnfusion.passes.depth_plan import DepthPlan, Move
 from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.runtime.block_runner import BlockRunner

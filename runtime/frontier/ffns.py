@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ffnfusion.passes.blocks import FFNBlock
+from ffnfusion.passes.block_map import FFNBlock
 from ffnfusion.passes.norm_matchers import Norm
 from ffnfusion.passes.streaming import read_columns, read_rows
 from ffnfusion.runtime.ffn_reference import down_bias

@@ -37,7 +37,8 @@ import onnx_ir as ir
 
 from ffnfusion.core.errors import InvalidArgumentError, RepairError
 from ffnfusion.core.model_io import load_model, model_file
-from ffnfusion.passes.blocks import FFNBlock, find_blocks
+from ffnfusion.passes.block_map import FFNBlock
+from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.canonical import RewritePass, rewriting
 from ffnfusion.passes.ffn_fusion import FFNFusionPass
 from ffnfusion.passes.layer_ranges import format_ranges
