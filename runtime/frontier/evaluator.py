@@ -44,7 +44,7 @@ from ffnfusion.runtime.numerics import CachedReference, windowed_perplexity
 logger = logging.getLogger(__name__)
 
 HEAD_ROWS = 1024  # rows of logits at a time
-REFIT_CACHE_BYTES = 512 << 20  # refits kept for reuse, at most (one Δ of an 8B model: 235 MB)
+REFIT_CACHE_BYTES = 256 << 20  # refits kept for reuse, at most (one Δ of an 8B model: 235 MB)
 
 
 @dataclasses.dataclass
