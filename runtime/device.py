@@ -1,12 +1,13 @@
 """Where a model-running command computes: ``--device auto|cpu|cuda``.
 
 One device per run. ONNX Runtime runs the model's pieces (attention branches, whole layers, the head)
-with the device's execution provider, and torch computes what ffnfusion evaluates itself from the
-weights (the depth search's FFNs, fused groups and refitted down projections) on it. ``auto`` takes
-CUDA when torch sees a CUDA device, else the CPU, and says which. ONNX Runtime follows onto CUDA only
-where its build has the CUDA provider (``onnxruntime-gpu``); otherwise its pieces stay on the CPU,
-said once. The same code runs on either device: ``--device cpu`` is the GPU path with the device
-changed.
+with the device's execution provider; on CUDA, torch computes what ffnfusion evaluates itself from the
+weights (the depth search's FFNs, fused groups and refitted down projections), which on the CPU stay
+in numpy (faster there beside ONNX Runtime's threads: :mod:`ffnfusion.runtime.frontier.ffns`).
+``auto`` takes CUDA when torch sees a CUDA device, else the CPU, and says which. ONNX Runtime follows
+onto CUDA only where its build has the CUDA provider (``onnxruntime-gpu``); otherwise its pieces stay
+on the CPU, said once. :data:`CPU_TORCH` runs the GPU path's torch code on the CPU, so that a machine
+without a GPU tests it end to end.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Device:
     name: str  # "cpu" | "cuda": where torch computes
     provider: str  # ONNX Runtime's: a key of :data:`ffnfusion.runtime.onnxruntime.PROVIDERS`
     description: str
+    torch_ffns: bool = False  # the depth search's FFNs in torch (CUDA) or numpy (the CPU: see frontier.ffns)
 
     @property
     def torch(self):
@@ -62,6 +64,10 @@ def _resolve(requested: str) -> Device:
 
     name = torch.cuda.get_device_name()
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        return Device("cuda", "cuda", f"cuda ({name}), ONNX Runtime's pieces on its CUDA provider")
+        return Device("cuda", "cuda", f"cuda ({name}), ONNX Runtime's pieces on its CUDA provider", True)
     return Device("cuda", "cpu", f"cuda ({name}); ONNX Runtime's pieces on the CPU (this onnxruntime build "
-                                 "has no CUDA provider)")
+                                 "has no CUDA provider)", True)
+
+
+# The GPU path's code on the CPU: what ``benchmarks.frontier_gpu --smoke`` compares with the CPU's own.
+CPU_TORCH = Device("cpu", "cpu", "cpu, FFNs in torch (the GPU path's code)", True)

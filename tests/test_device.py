@@ -14,8 +14,10 @@ from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.model_io import load_model
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.runtime import ffn_reference
-from ffnfusion.runtime.device import CPU, resolve_device
-from ffnfusion.runtime.frontier.ffns import DeviceFFNs
+from ffnfusion.runtime.block_runner import BlockRunner
+from ffnfusion.runtime.device import CPU, CPU_TORCH, resolve_device
+from ffnfusion.runtime.frontier.evaluator import DepthEvaluator
+from ffnfusion.runtime.frontier.ffns import DeviceFFNs, NumpyFFNs
 
 
 def test_auto_takes_cuda_only_when_torch_sees_it(monkeypatch):
@@ -58,6 +60,17 @@ def test_torch_ffns_equal_the_numpy_reference(tiny_dynamo20):
     got = ffns.update((2, 4), x, delta).reshape(rows.shape)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
     assert np.allclose(ffns.activation(3, rows), ffn_reference.ffn_activation(blocks[3], rows), atol=1e-5)
+    numpy_ffns = NumpyFFNs(blocks, keep=False)
+    assert np.allclose(numpy_ffns.update((2, 4), x, delta).reshape(rows.shape), got, atol=1e-5)
+
+
+def test_the_search_takes_torch_ffns_on_cuda_and_numpy_ones_on_the_cpu(tiny_full):
+    ids = np.random.default_rng(1).integers(0, 128, (2, 4, 16))
+    on_cpu = DepthEvaluator(BlockRunner(tiny_full, streamed=False), ids[0], ids[1])
+    assert isinstance(on_cpu.ffns, NumpyFFNs)
+    torch_path = DepthEvaluator(BlockRunner(tiny_full, streamed=False, device=CPU_TORCH), ids[0], ids[1])
+    assert isinstance(torch_path.ffns, DeviceFFNs) and torch_path.ffns.device.type == "cpu"
+    assert torch_path.state.select.at[-1] == pytest.approx(on_cpu.state.select.at[-1], abs=1e-4)
 
 
 def test_model_running_commands_take_device(capsys, tiny_dynamo20, tmp_path):

@@ -9,11 +9,12 @@ Each model is an exported folder (``ffnfusion export smollm2 -o out/base``, ``ff
 qwen2.5-coder-0.5b -o out/qwen``). The frontier runs with its defaults (4,096 fitting tokens of
 Python's docs, 512 selection tokens of license texts, perplexity on IDLE's release notes), no
 baselines, once with ``--device cpu`` and once with ``--device cuda``: the same code, the device
-changed (:mod:`ffnfusion.runtime.device`). ``--synthetic PRESET`` searches a random-weight model of
+changed (:mod:`ffnfusion.runtime.device`; on the CPU the search's FFNs are numpy's, on CUDA torch's). ``--synthetic PRESET`` searches a random-weight model of
 that shape (``ffnfusion synth``'s presets, attention in every layer) on random token ids instead: the
 times are real, the path means nothing (a machine that reaches no model hub can still run it).
-``--smoke`` is ``--synthetic tiny`` at 2 and 4 steps, and runs the second pass on the CPU too when no
-GPU is present, which checks the script and that two runs of the search agree; it says so.
+``--smoke`` is ``--synthetic tiny`` at 2 and 4 steps, and where there is no GPU runs the second pass
+with the GPU path's torch code on the CPU: the script, and the torch FFNs against numpy's through a
+whole search; it says so.
 """
 
 from __future__ import annotations
@@ -50,14 +51,15 @@ def main(argv=None) -> int:
     import torch
 
     from ffnfusion.cli.progress import configure_logging
-    from ffnfusion.runtime.device import CPU, resolve_device
+    from ffnfusion.runtime.device import CPU, CPU_TORCH, resolve_device
 
     configure_logging()
     if torch.cuda.is_available():
         other = resolve_device("cuda")
     elif args.smoke:
-        other = CPU
-        print("frontier_gpu: no CUDA device here: the second run is on the CPU as well (a smoke check)", flush=True)
+        other = CPU_TORCH
+        print("frontier_gpu: no CUDA device here: the second run is the GPU path's torch code on the CPU "
+              "(a smoke check)", flush=True)
     else:
         print("frontier_gpu: error: torch sees no CUDA device (use --smoke for the CPU check)", file=sys.stderr)
         return 2

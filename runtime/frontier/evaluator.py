@@ -3,8 +3,8 @@
 The search needs thousands of "what if" forwards. They are cheap here because
 
 * the model runs sublayer by sublayer: attention branches as ONNX Runtime pieces cut from the model
-  (:meth:`BlockRunner.attention`), FFNs in torch from their weights on the runner's device
-  (:mod:`.ffns`), so removing, fusing (the members' updates at one input, exact) or refitting a down
+  (:meth:`BlockRunner.attention`), FFNs from their weights (:mod:`.ffns`: torch on a GPU, numpy on
+  the CPU), so removing, fusing (the members' updates at one input, exact) or refitting a down
   projection needs no new graph;
 * the streams of the current plan at every sublayer position are kept, for the fitting and the
   selection tokens: a candidate runs from the first position it changes, never from the embedding;
@@ -37,7 +37,7 @@ from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.runtime.block_runner import BlockRunner
 from ffnfusion.runtime.ffn_reference import post_norm_members
 from ffnfusion.runtime.frontier import refits
-from ffnfusion.runtime.frontier.ffns import DeviceFFNs
+from ffnfusion.runtime.frontier.ffns import DeviceFFNs, NumpyFFNs
 from ffnfusion.runtime.frontier.moves import change_position, cut_position, first_difference, remap_deltas
 from ffnfusion.runtime.numerics import CachedReference, windowed_perplexity
 
@@ -128,7 +128,9 @@ class DepthEvaluator:
                                             if layer.ffn is not None}
         self.unit_of = {unit.layer: unit.index for unit in runner.units}
         self.hidden = next(iter(self.blocks.values())).hidden
-        self.ffns = DeviceFFNs(self.blocks, runner.device.torch, keep=not runner.streamed)
+        device = runner.device
+        self.ffns = DeviceFFNs(self.blocks, device.torch, keep=not runner.streamed) if device.torch_ffns \
+            else NumpyFFNs(self.blocks, keep=not runner.streamed)
         self.token_positions = 0  # tokens × sublayer positions run: the search's cost
         self.cost_by_work: collections.Counter[str] = collections.Counter()  # ... split by what it was for
         self._work = "capture"

@@ -1,10 +1,15 @@
-"""The depth search's FFNs, computed in torch on the run's device from the stored weights.
+"""The depth search's FFNs, computed from the stored weights: :class:`DeviceFFNs` in torch on the
+run's device, :class:`NumpyFFNs` in numpy on the host. Both give the same answers (tested to 1e-5,
+and the same search path end to end in ``benchmarks.frontier_gpu --smoke``); which one a run uses is
+its device's (:attr:`~ffnfusion.runtime.device.Device.torch_ffns`): torch on CUDA, numpy on the CPU,
+where torch's threads beside ONNX Runtime's and numpy's cost 10-20% per FFN here (measured in one
+process; alone, each is as fast).
 
 ``update`` is a span's residual update at one input, ``Σ_j down_j(act_j(n_j(x)))`` (each member
 through its post-RMSNorm where it has one): one FFN, or the members of a fused group side by side —
 exactly the fused FFN. ``activation`` is what a down projection reads, for the refits' least squares.
 Streams and results stay numpy on the host (ONNX Runtime's pieces read and write them); weights are
-kept on the device unless the model is streamed (larger than RAM: read per use).
+kept (on the device) unless the model is streamed (larger than RAM: read per use).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch.nn.functional as F
 from ffnfusion.passes.block_map import FFNBlock
 from ffnfusion.passes.norm_matchers import Norm
 from ffnfusion.passes.streaming import read_columns, read_rows
-from ffnfusion.runtime.ffn_reference import down_bias
+from ffnfusion.runtime.ffn_reference import activation, apply_norm, down_bias, normed
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -115,3 +120,56 @@ class DeviceFFNs:
 
 def _numpy(value) -> np.ndarray:
     return value.const_value.numpy().astype(np.float32)
+
+
+class NumpyFFNs:
+    """:class:`DeviceFFNs` in numpy on the host (the CPU's default)."""
+
+    def __init__(self, blocks: dict[int, FFNBlock], keep: bool):
+        self.blocks = blocks
+        self.keep = keep
+        self._weights: dict[int, tuple] = {}
+
+    def update(self, span: tuple[int, int], stream: np.ndarray, delta: np.ndarray | None) -> np.ndarray:
+        x = stream.reshape(-1, stream.shape[-1])
+        total = np.zeros_like(x)
+        offset = 0
+        for layer in range(span[0], span[1] + 1):
+            weights = self._of(layer)
+            down, bias = weights[4:]
+            if delta is not None:
+                down = down + delta[offset:offset + len(down)]
+                offset += len(down)
+            output = self._activation(layer, weights, x) @ down + bias
+            post_norm = self.blocks[layer].post_norm
+            total += output if post_norm is None else apply_norm(post_norm, output)
+        return total.reshape(stream.shape)
+
+    def activation(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return self._activation(layer, self._of(layer), x)
+
+    def _activation(self, layer: int, weights: tuple, x: np.ndarray) -> np.ndarray:
+        block = self.blocks[layer]
+        gate, up, gate_bias, up_bias = weights[:4]
+        n = normed(block, x)
+        value = n @ up + up_bias
+        if gate is None:
+            return activation(block.activation, value)
+        return activation(block.activation, n @ gate + gate_bias) * value
+
+    def down(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._of(layer)[4:]
+
+    def _of(self, layer: int) -> tuple:
+        if layer in self._weights:
+            return self._weights[layer]
+        block = self.blocks[layer]
+        zeros = np.zeros(block.width, np.float32)
+        weights = (None if block.gate is None else read_columns(block.gate, 0, block.width),
+                   read_columns(block.up, 0, block.width),
+                   zeros if block.gate_bias is None else _numpy(block.gate_bias),
+                   zeros if block.up_bias is None else _numpy(block.up_bias),
+                   read_rows(block.down, 0, block.width).astype(np.float32), down_bias(block))
+        if self.keep:
+            self._weights[layer] = weights
+        return weights
