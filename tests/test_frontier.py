@@ -188,6 +188,22 @@ def test_a_race_with_every_move_a_contender_is_the_unscreened_search(evaluator):
     evaluator.reset()
 
 
+def test_a_held_out_perplexity_runs_from_the_originals_last_kept_stream(evaluator, tiny_full, windows, monkeypatch):
+    from ffnfusion.runtime.frontier import evaluator as evaluator_module
+
+    plan = evaluator.plan0.apply(Move("attention", (5,))).apply(Move("ffn", (6,)))
+    evaluator.perplexity(evaluator.plan0, {}, windows["eval"])  # the original's streams kept
+    before = evaluator.token_positions
+    kept = evaluator.perplexity(plan, {}, windows["eval"])
+    assert evaluator.token_positions - before == (evaluator.positions - 10) * windows["eval"].size
+    monkeypatch.setattr(evaluator_module, "HELD_OUT_CACHE_BYTES", 0)  # only the embedding kept: from 0
+    uncached = DepthEvaluator(BlockRunner(tiny_full, streamed=False), windows["fit"], windows["select"])
+    assert sorted(uncached._held_out_streams(windows["eval"])) == [0, uncached.positions]
+    before = uncached.token_positions
+    assert uncached.perplexity(plan, {}, windows["eval"]) == pytest.approx(kept, rel=1e-6)
+    assert uncached.token_positions - before == uncached.positions * windows["eval"].size
+
+
 def test_an_accepted_candidate_keeps_the_streams_its_score_ran(evaluator, windows):
     evaluator.reset()
     candidate = evaluator.candidate(Move("attention", (5,)), refit=True, keep_streams=True)
@@ -338,6 +354,21 @@ def test_baselines_save_what_they_say(evaluator):
     assert [p.steps_saved for p in parallel] == [6, 8, 8]
     assert [len(p.plan.windows) for p in parallel] == [1, 2, 2] and parallel[0].plan.windows[0][1] - parallel[0].plan.windows[0][0] == 3
     assert all("m_max" in m and m["move"] == "parallel" for p in parallel for m in p.moves)
+    evaluator.reset()
+
+
+def test_the_fusion_baseline_screens_its_runs_and_decides_on_full_scores(evaluator):
+    evaluator.reset()
+    start = evaluator.token_positions
+    exhaustive = search.fusion_runs(evaluator, [2, 3], screen_tokens=0)
+    every_run = evaluator.token_positions - start
+    raced = search.fusion_runs(evaluator, [2, 3], screen_tokens=8, contenders=1000)  # every run a contender
+    assert [p.moves for p in raced] == [p.moves for p in exhaustive]
+    assert [p.kl for p in raced] == pytest.approx([p.kl for p in exhaustive], abs=1e-7)
+    start = evaluator.token_positions
+    two = search.fusion_runs(evaluator, [2, 3], screen_tokens=8, contenders=2)
+    assert evaluator.token_positions - start < every_run
+    assert all(p.kl == pytest.approx(evaluator.score_plan(p.plan, p.deltas), abs=1e-6) for p in two)
     evaluator.reset()
 
 

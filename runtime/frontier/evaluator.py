@@ -45,6 +45,19 @@ logger = logging.getLogger(__name__)
 
 HEAD_ROWS = 1024  # rows of logits at a time
 REFIT_CACHE_BYTES = 256 << 20  # refits kept for reuse, at most (one Δ of an 8B model: 235 MB)
+HELD_OUT_CACHE_BYTES = 256 << 20  # the original's held-out streams kept for perplexities, at most
+
+
+class KeptPositions(dict):
+    """A capture (see :meth:`DepthEvaluator.run`) that keeps only the given positions' streams."""
+
+    def __init__(self, positions):
+        super().__init__()
+        self.positions = frozenset(positions)
+
+    def __setitem__(self, position: int, stream: np.ndarray) -> None:
+        if position in self.positions:
+            super().__setitem__(position, stream)
 
 
 @dataclasses.dataclass
@@ -145,6 +158,7 @@ class DepthEvaluator:
         # nothing before the move's cut changes, the only positions a refit reads
         self._refits: dict[Move, tuple[Refit | None, int, np.ndarray | None, int]] = {}
         self.val_rows = len(fit) // 4 * fit.shape[1]  # the last quarter of the fitting windows chooses λ
+        self._held_out: tuple[np.ndarray, dict[int, np.ndarray]] | None = None  # see perplexity()
 
     # --- forwards ------------------------------------------------------------------------------------
 
@@ -153,7 +167,7 @@ class DepthEvaluator:
         return 2 * self.num_layers
 
     def run(self, plan: DepthPlan, deltas: dict, stream: np.ndarray, windows: np.ndarray, start: int,
-            stop: int | None = None, capture: list | None = None) -> np.ndarray:
+            stop: int | None = None, capture: list | dict | None = None) -> np.ndarray:
         """Positions ``start..stop-1`` under ``plan`` applied to ``stream`` (the input of ``start``)."""
         stop = self.positions if stop is None else stop
         self.token_positions += (stop - start) * windows.size
@@ -232,17 +246,37 @@ class DepthEvaluator:
             return self.state.kl
         return self.kl(self.state.select.at[-1][:, :screen], screen)
 
-    def score_plan(self, plan: DepthPlan, deltas: dict) -> float:
-        """KL(original ‖ plan) on the selection tokens, run from the plan's first change."""
+    def score_plan(self, plan: DepthPlan, deltas: dict, screen: int = 0) -> float:
+        """KL(original ‖ plan) on the selection tokens (the first ``screen`` of each window when
+        given), run from the plan's first change."""
         start = first_difference(self.plan0, plan, deltas)
         select = self._initial.select
-        return self.kl(self.run(plan, deltas, select.at[start], select.windows, start))
+        rows = slice(None, screen or None)
+        return self.kl(self.run(plan, deltas, select.at[start][:, rows], select.windows[:, rows], start), screen)
 
     def perplexity(self, plan: DepthPlan, deltas: dict, windows: np.ndarray) -> float:
-        """exp(mean next-token NLL) of ``plan`` on ``windows`` (e.g. a held-out text)."""
-        final = self.run(plan, deltas, self.runner.embed(windows).astype(np.float32), windows, 0)
+        """exp(mean next-token NLL) of ``plan`` on ``windows`` (e.g. a held-out text). The original
+        model's streams on the windows last asked for are kept at evenly spaced positions (at most
+        ``HELD_OUT_CACHE_BYTES``; none streamed): a plan runs from the last kept position at or before
+        its first change, which is the same computation."""
+        kept = self._held_out_streams(windows)
+        start = first_difference(self.plan0, plan, deltas)
+        position = max(p for p in kept if p <= start)
+        final = kept[self.positions] if position == self.positions else \
+            self.run(plan, deltas, kept[position], windows, position)
         with self.runner.head() as head:  # opened once: streamed, each opening rebuilds it
             return windowed_perplexity(final, windows, head)
+
+    def _held_out_streams(self, windows: np.ndarray) -> dict[int, np.ndarray]:
+        if self._held_out is not None and np.array_equal(self._held_out[0], windows):
+            return self._held_out[1]
+        per_position = windows.size * self.hidden * 4
+        budget = 0 if self.runner.streamed else HELD_OUT_CACHE_BYTES
+        stride = -(-self.positions // max(1, min(self.positions, budget // per_position)))
+        kept = KeptPositions([*range(0, self.positions, stride), self.positions])
+        self.run(self.plan0, {}, self.runner.embed(windows).astype(np.float32), windows, 0, capture=kept)
+        self._held_out = (windows.copy(), kept)
+        return kept
 
     def reset(self) -> None:
         """Back to the original model."""

@@ -12,7 +12,7 @@ best are then scored again with their refit, which is kept only where it lowers 
 step, no refit. The single-method baselines remove whole blocks, attention or FFN sublayers in order
 of an importance ranking (``1 − cos(x_in, x_out)`` on the fitting tokens, ShortGPT's for blocks), and
 ``fusion`` is ffnfusion's original recipe: attention removed in a run of layers and their FFNs fused
-(plus the refit), the run chosen by KL. ``block-parallel`` is the paper's full-block parallelisation:
+(plus the refit), the run chosen by KL (screened, then the best few scored in full). ``block-parallel`` is the paper's full-block parallelisation:
 windows of 4 whole blocks run side by side, chosen on the full-block dependency matrix (lowest
 ``M_max``, ties by ``M_sum``), a smaller window for what a budget has left.
 """
@@ -39,6 +39,8 @@ MIN_FRESH = 4  # lazy greedy: moves scored afresh per step at least
 NEAR = 1  # ... and every move within this many layers of the last change
 PROGRESS_INTERVAL_S = 60.0  # within a step, a line at most this often (an 8B model's first step: an hour)
 REFITTED = 4  # auto: the best plain candidates of a step that are tried again with their refit
+FUSION_SCREEN_TOKENS = 128  # the fusion baseline: every run scored on this many tokens of each selection window,
+FUSION_CONTENDERS = 4  # ... the best this many on all tokens, which decide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,26 +211,32 @@ def ranked_removal(evaluator: DepthEvaluator, budgets: Sequence[int], kind: str,
 
 
 def fusion_runs(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool = True,
-                progress: Progress | None = None) -> list[FrontierPoint]:
+                progress: Progress | None = None, screen_tokens: int = FUSION_SCREEN_TOKENS,
+                contenders: int = FUSION_CONTENDERS) -> list[FrontierPoint]:
     """Attention removed in layers ``a+1..a+k`` and FFNs ``a..a+k`` fused (2k steps; one more attention
-    removed, layer ``a+k+1``, for an odd budget), ``a`` chosen by KL; then the fused group's refit."""
+    removed, layer ``a+k+1``, for an odd budget), ``a`` chosen by KL; then the fused group's refit.
+    Every run is scored on the first ``screen_tokens`` of each selection window, the ``contenders``
+    best of them on all tokens, which decide (``screen_tokens=0``: every run on all tokens)."""
+    window = evaluator.state.select.windows.shape[1]
+    screen = screen_tokens if 0 < screen_tokens < window else 0
     points = []
     for budget in sorted(set(budgets)):
         k = budget // 2
-        best = None
+        runs = []
         for first in range(0, evaluator.num_layers - k - budget % 2):
             moves = [Move("attention", (layer,)) for layer in range(first + 1, first + k + 1 + budget % 2)]
             moves.append(Move("fuse", tuple(range(first, first + k + 1))))
             plan = evaluator.plan0
             for move in moves:
                 plan = plan.apply(move)
-            kl = evaluator.score_plan(plan, {})
-            if best is None or kl < best[0]:
-                best = (kl, moves)
-        if best is None:
+            runs.append((evaluator.score_plan(plan, {}, screen), first, moves, plan))
+        if not runs:
             raise InvalidArgumentError(f"fusion baseline: no run of {k + 1} FFNs fits {evaluator.num_layers} layers "
                                        f"for a budget of {budget} steps")
-        kl, moves = best
+        if screen:
+            runs = [(evaluator.score_plan(plan, {}), first, moves, plan)
+                    for _, first, moves, plan in sorted(runs, key=lambda run: run[0])[:contenders]]
+        kl, _, moves, _ = min(runs, key=lambda run: (run[0], run[1]))
         evaluator.reset()
         for move in moves[:-1]:
             evaluator.accept(evaluator.candidate(move, refit=False))
