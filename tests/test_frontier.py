@@ -204,6 +204,32 @@ def test_a_held_out_perplexity_runs_from_the_originals_last_kept_stream(evaluato
     assert uncached.token_positions - before == uncached.positions * windows["eval"].size
 
 
+def test_first_guesses_err_low_and_cut_the_first_steps_full_scores(evaluator):
+    """The first step's guesses (screened scores scaled by the smallest full/screened ratio seen) are at
+    most the full score of every move scored in full, equal for one; the first step scores fewer moves
+    in full and costs less, and its point's KL is a full score."""
+    evaluator.reset()
+    moves = evaluator.state.plan.legal_moves()
+    guesses = search.FirstGuesses.of(evaluator, moves, 8)
+    assert guesses.guess(moves[0]) == -np.inf  # no ratio before a full score
+    full = {move: evaluator.candidate(move, refit=False).score(0.0) for move in moves[:6]}
+    for move, score in full.items():
+        guesses.observe(move, score)
+    assert all(guesses.guess(move) <= score * (1 + 1e-9) for move, score in full.items())
+    assert any(guesses.guess(move) == pytest.approx(score) for move, score in full.items())
+    costs, points = {}, {}
+    for tokens in (0, 8):
+        start = dict(evaluator.cost_by_work)
+        points[tokens] = search.greedy(evaluator, [1], refit=False, lazy=True, method="auto",
+                                       options=search.SearchOptions(guess_tokens=tokens))[0]
+        costs[tokens] = {work: count - start.get(work, 0) for work, count in evaluator.cost_by_work.items()}
+    assert costs[8]["score"] < costs[0]["score"] / 2 and costs[8]["score (screen)"] > 0
+    assert sum(costs[8].values()) < sum(costs[0].values())
+    point = points[8]
+    assert point.kl == pytest.approx(evaluator.score_plan(point.plan, point.deltas), abs=1e-6)
+    evaluator.reset()
+
+
 def test_an_accepted_candidate_keeps_the_streams_its_score_ran(evaluator, windows):
     evaluator.reset()
     candidate = evaluator.candidate(Move("attention", (5,)), refit=True, keep_streams=True)
@@ -439,6 +465,8 @@ def test_frontier_cli_searches_parallel_windows_and_the_block_parallel_baseline(
     assert main(["frontier", str(tiny_full), "-o", str(tmp_path / "bad"), "--screen-tokens", "8",
                  "--contenders", "0"]) == 2
     assert "--contenders must be at least 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["frontier", str(tiny_full), "-o", str(tmp_path / "bad"), "--guess-tokens", "-1"]) == 2
+    assert "--guess-tokens must be at least 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_frontier_cli_heals_every_written_point(tiny_full, tmp_path, capsys):

@@ -70,6 +70,10 @@ def _frontier_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contenders", type=int, default=DEFAULT_SEARCH.contenders, metavar="M",
                         help=f"with --screen-tokens: screened moves scored in full per step (default "
                              f"{DEFAULT_SEARCH.contenders})")
+    parser.add_argument("--guess-tokens", type=int, default=DEFAULT_SEARCH.guess_tokens, metavar="N",
+                        help="auto: the first step (no earlier scores to guess from) scores every move on the first N "
+                             "tokens of each selection window and scores in full, lazily, only those that may "
+                             f"win (0: every move in full; default {DEFAULT_SEARCH.guess_tokens})")
     parser.add_argument("--parallel-window", type=int, default=DEFAULT_SEARCH.parallel_window, metavar="K",
                         help="auto: also search 'parallel' moves, windows of 2..K whole blocks (attention kept) run "
                              "side by side, each saving 2k-2 steps (ffnfusion parallelize); 0: none (default "
@@ -109,6 +113,8 @@ def run_frontier_command(args) -> None:
                                    "--parallel-window / --method block-parallel")
     if args.screen_tokens < 0:
         raise InvalidArgumentError(f"--screen-tokens must be at least 0, not {args.screen_tokens}")
+    if args.guess_tokens < 0:
+        raise InvalidArgumentError(f"--guess-tokens must be at least 0, not {args.guess_tokens}")
     if args.contenders < 1:
         raise InvalidArgumentError(f"--contenders must be at least 1, not {args.contenders}")
     path = model_file(args.model)
@@ -117,7 +123,7 @@ def run_frontier_command(args) -> None:
     check_searchable(block_map)
     baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
     options = dataclasses.replace(DEFAULT_SEARCH, screen_tokens=args.screen_tokens, contenders=args.contenders,
-                                  parallel_window=args.parallel_window)
+                                  guess_tokens=args.guess_tokens, parallel_window=args.parallel_window)
     fit, select = _calibration(args, path.parent)
     if args.dry_run:
         from ffnfusion.runtime.frontier.frontier import describe_estimate, estimate_frontier

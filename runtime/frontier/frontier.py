@@ -118,7 +118,8 @@ def _estimate(plan: DepthPlan, steps: Sequence[int], method: str, select: np.nda
     bound = search_cost_bound(plan, steps, fit_tokens, select.size, refit=method == "auto",
                               parallel_window=options.parallel_window)
     window = select.shape[1]
-    screened = min(options.screen_tokens, window) / window if method == "auto" and options.screen_tokens else 1.0
+    first_tokens = options.screen_tokens or options.guess_tokens  # the first step's moves all run on these
+    screened = min(first_tokens, window) / window if method == "auto" and first_tokens else 1.0
     first = min(bound, screened * first_step_cost(plan, options.parallel_window))
     typical = bound if method == "greedy-plain" else first + TYPICAL_SHARE_AFTER_FIRST_STEP * (bound - first)
     return {"search_full_forward_equivalents_at_most": round(bound, 1),

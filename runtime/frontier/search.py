@@ -4,9 +4,12 @@
 attention-free FFNs), keeping at each step the smallest increase of KL(original ‖ candidate) per step saved on the
 selection tokens. *Lazy*: a move's score from an earlier step is a good guess of its score now, so
 moves are scored best-guess first and the step stops once no stale guess beats the best fresh score
-(at least ``MIN_FRESH`` fresh; moves next to the last change are always fresh). The ``REFITTED``
-best are then scored again with their refit, which is kept only where it lowers the selection KL
-(tokens held out from its fit).
+(at least ``MIN_FRESH`` fresh; moves next to the last change are always fresh). The first step has no
+earlier scores: every legal move is scored on the first ``guess_tokens`` of each selection window and
+those scores, scaled to full ones by the smallest ratio of full to screened score among the moves
+scored in full so far (so that a guess errs low, and a move is scored rather than passed over), are
+its guesses. The ``REFITTED`` best are then scored again with their refit, which is kept only where it
+lowers the selection KL (tokens held out from its fit).
 
 ``greedy-plain``: the prototype this project was measured against — every move scored afresh each
 step, no refit. The single-method baselines remove whole blocks, attention or FFN sublayers in order
@@ -50,7 +53,9 @@ class SearchOptions:
     tokens, which decide the step. ``refitted``: the best plain candidates (on all tokens) tried again
     with their refit. ``lazy_fit``: bring the fitting streams up to date only where a refit reads
     them. ``reuse``: accept a candidate without running it again, and reuse a refit while nothing
-    before its cut has changed (both exact). ``parallel_window``: also search windows of 2..that many whole blocks run side by side (0:
+    before its cut has changed (both exact). ``guess_tokens``: the first step's lazy queue is ordered
+    and cut by scores on the first that many tokens of each selection window (0: every legal move
+    scored in full). ``parallel_window``: also search windows of 2..that many whole blocks run side by side (0:
     no such move)."""
 
     screen_tokens: int = 0
@@ -58,6 +63,7 @@ class SearchOptions:
     refitted: int = REFITTED
     lazy_fit: bool = True
     reuse: bool = True
+    guess_tokens: int = 0
     parallel_window: int = 0  # the largest window of whole blocks a "parallel" move runs side by side (0: none)
 
     def to_dict(self) -> dict:
@@ -103,6 +109,7 @@ def greedy(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool, la
     evaluator.reset()
     window = evaluator.state.select.windows.shape[1]
     screen = options.screen_tokens if 0 < options.screen_tokens < window else 0
+    guess = options.guess_tokens if 0 < options.guess_tokens < window and not screen else 0
     budgets = sorted(set(budgets))
     stale: dict[Move, float] = {}
     path: list[dict] = []
@@ -116,15 +123,17 @@ def greedy(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool, la
         if not moves:
             break
         # Plain scores first (lazily: stale guesses in order), on the screen tokens when screening.
+        guesses = FirstGuesses.of(evaluator, moves, guess) if lazy and guess and not stale else FirstGuesses()
         scored: list = []
         best_score, fresh = math.inf, 0
         current = evaluator.current_kl(screen)
         told = time.perf_counter()
-        for move in sorted(moves, key=lambda m: stale.get(m, -math.inf)):
-            if lazy and fresh >= MIN_FRESH and stale.get(move, -math.inf) >= best_score:
+        for move in sorted(moves, key=lambda m: stale.get(m, guesses.screened.get(m, -math.inf))):
+            if lazy and fresh >= MIN_FRESH and stale.get(move, guesses.guess(move)) >= best_score:
                 break
             candidate = evaluator.candidate(move, refit=False, screen=screen, keep_streams=True)
             stale[move] = score = candidate.score(current)
+            guesses.observe(move, score)
             if score < best_score:  # only the leader can be taken as it is: only its streams are kept
                 for _, other in scored:
                     other.streams = None
@@ -139,6 +148,7 @@ def greedy(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool, la
                 progress(f"{method}: step {len(path) + 1}: scored {fresh} of at most {len(moves)} moves, best so "
                          f"far {leader.move} (KL {leader.kl:.4f}), {told - clock:.0f} s")
         scored.sort(key=lambda pair: pair[0])
+        stale.update({move: guesses.guess(move) for move in guesses.screened if move not in stale})
         if screen:  # the race: the best few screened moves scored in full; the step is decided on those
             full = [evaluator.candidate(c.move, refit=False, keep_streams=True) for _, c in scored[:options.contenders]]
             contenders = sorted(((c.score(state.kl), c) for c in full), key=lambda pair: pair[0])
@@ -169,6 +179,30 @@ def greedy(evaluator: DepthEvaluator, budgets: Sequence[int], *, refit: bool, la
             points.append(FrontierPoint(method, done, list(path), kl, evaluator.state.plan,
                                         dict(evaluator.state.deltas)))
     return points
+
+
+@dataclasses.dataclass
+class FirstGuesses:
+    """The first step's guesses: every legal move's score on the first tokens of each selection window,
+    scaled to a full score by the smallest full/screened ratio seen so far (a guess errs low)."""
+
+    screened: dict[Move, float] = dataclasses.field(default_factory=dict)
+    ratio: float | None = None
+
+    @classmethod
+    def of(cls, evaluator: DepthEvaluator, moves: Sequence[Move], tokens: int) -> FirstGuesses:
+        current = evaluator.current_kl(tokens)
+        return cls({move: evaluator.candidate(move, refit=False, screen=tokens).score(current) for move in moves})
+
+    def observe(self, move: Move, score: float) -> None:
+        screened = self.screened.get(move, 0.0)
+        if screened > 0 and score > 0:
+            self.ratio = score / screened if self.ratio is None else min(self.ratio, score / screened)
+
+    def guess(self, move: Move) -> float:
+        if move not in self.screened or self.ratio is None:
+            return -math.inf
+        return self.screened[move] * self.ratio
 
 
 def _distance(a: Move, b: Move) -> int:
