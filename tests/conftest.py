@@ -101,6 +101,15 @@ def tiny_full(tmp_path_factory, tiny_llama):
 
 
 @pytest.fixture(scope="session")
+def windows():
+    """Random token windows of the tiny Llama's vocabulary for the depth search: its refits fit on
+    ``fit``, its moves are scored on ``select``, perplexities are held out on ``eval``."""
+    rng = np.random.default_rng(0)
+    vocab = TINY_CONFIG["vocab_size"]
+    return {name: rng.integers(0, vocab, (count, 32)) for name, count in (("fit", 8), ("select", 4), ("eval", 4))}
+
+
+@pytest.fixture(scope="session")
 def tiny_dynamo20(tmp_path_factory, tiny_llama):
     return _export(tmp_path_factory, tiny_llama, "dynamo20", opset=20)
 

@@ -15,9 +15,10 @@ lowers the selection KL (tokens held out from its fit).
 step, no refit. The single-method baselines remove whole blocks, attention or FFN sublayers in order
 of an importance ranking (``1 − cos(x_in, x_out)`` on the fitting tokens, ShortGPT's for blocks), and
 ``fusion`` is ffnfusion's original recipe: attention removed in a run of layers and their FFNs fused
-(plus the refit), the run chosen by KL (screened, then the best few scored in full). ``block-parallel`` is the paper's full-block parallelisation:
-windows of 4 whole blocks run side by side, chosen on the full-block dependency matrix (lowest
-``M_max``, ties by ``M_sum``), a smaller window for what a budget has left.
+(plus the refit), the run chosen by KL (screened, then the best few scored in full).
+``block-parallel`` is the paper's full-block parallelisation: windows of 4 whole blocks run side by
+side, chosen on the full-block dependency matrix (lowest ``M_max``, ties by ``M_sum``), a smaller
+window for what a budget has left.
 """
 
 from __future__ import annotations
