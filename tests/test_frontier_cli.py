@@ -116,3 +116,21 @@ def test_frontier_cli_rejects_bad_budgets(tiny_full, tmp_path, capsys):
         assert main(["frontier", str(tiny_full), "-o", str(tmp_path / "out"), "--heal", *windows]) == 2
         assert "--heal cannot train block-parallel windows" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_frontier_cli_counts_budgets_from_attention_in_every_layer(tiny_dynamo20, windows, tmp_path, capsys):
+    # The tiny Llama exported with attention removed in 2-6 already saves 5 of its 16 steps: a budget
+    # at or below that would find no point, so it is refused before any work, and one above it is searched.
+    ids = _id_files(windows, tmp_path)
+    out = tmp_path / "frontier"
+    argv = ["frontier", str(tiny_dynamo20), "-o", str(out), "--calib-ids", str(ids["fit"]), str(ids["select"]),
+            "--eval-ids", str(ids["eval"]), "--tokens", "256", "--select-tokens", "128", "--eval-tokens", "128",
+            "--window", "32", "--baselines", "none", "--no-latency"]
+    assert main([*argv, "--steps", "2,5"]) == 2
+    err = capsys.readouterr().err
+    assert "already removed in 2-6, 5 steps saved: ask for budgets between 6 and 15, not 2,5" in err, err
+    assert not out.exists()
+    assert main([*argv, "--steps", "7"]) == 0
+    (point,) = json.loads((out / "frontier.json").read_text())["points"]
+    assert point["steps"] == 7 and point["sequential_steps"] == 9
+    assert "11 sequential steps (16 with attention in every layer)" in capsys.readouterr().err

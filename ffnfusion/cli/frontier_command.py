@@ -119,8 +119,8 @@ def run_frontier_command(args) -> None:
         raise InvalidArgumentError(f"--contenders must be at least 1, not {args.contenders}")
     path = model_file(args.model)
     block_map = find_blocks(load_model(path))
-    check_steps(block_map.num_layers, args.steps)
     check_searchable(block_map)
+    check_steps(block_map, args.steps)
     baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
     options = dataclasses.replace(DEFAULT_SEARCH, screen_tokens=args.screen_tokens, contenders=args.contenders,
                                   guess_tokens=args.guess_tokens, parallel_window=args.parallel_window)

@@ -21,7 +21,9 @@ import numpy as np
 
 from ffnfusion.core.errors import InvalidArgumentError
 from ffnfusion.core.model_io import model_file
+from ffnfusion.passes.block_map import BlockMap
 from ffnfusion.passes.depth_plan import DepthPlan
+from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.runtime.block_runner import BlockRunner, choose_streamed
 from ffnfusion.runtime.device import Device, resolve_device
 from ffnfusion.runtime.frontier import search
@@ -105,7 +107,7 @@ def estimate_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select:
     path = model_file(model_path)
     runner = BlockRunner(path, streamed=choose_streamed(path, stream), threads=threads,
                          device=resolve_device(device))
-    check_steps(runner.block_map.num_layers, steps)
+    check_steps(runner.block_map, steps)
     runner.final_stream(select[:1])  # sessions built, caches warm: the timed pass is the forward alone
     clock = time.perf_counter()
     runner.final_stream(select)
@@ -157,13 +159,16 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
     path = model_file(model_path)
     runner = BlockRunner(path, streamed=choose_streamed(path, stream), threads=threads,
                          device=resolve_device(device))
-    check_steps(runner.block_map.num_layers, steps)
+    check_steps(runner.block_map, steps)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     evaluator = DepthEvaluator(runner, fit, select, lazy_fit=search_options.lazy_fit,
                                reuse=search_options.reuse)
     seconds["capture"] = round(time.perf_counter() - clock, 1)
-    logger.info(f"frontier: {path}, {evaluator.plan0.original_steps} sequential steps; fit {fit.size} tokens, "
+    plan0 = evaluator.plan0
+    counted = f"{plan0.steps} sequential steps" + (f" ({plan0.original_steps} with attention in every layer)"
+                                                   if plan0.saved else "")
+    logger.info(f"frontier: {path}, {counted}; fit {fit.size} tokens, "
                 f"selection {select.size}, held-out perplexity {evaluation.size} ({seconds['capture']} s to capture)")
     # The capture is one forward of the fitting and selection tokens: the rate of the estimate.
     forward_seconds = seconds["capture"] * select.size / max(1, fit.size + select.size)
@@ -212,10 +217,24 @@ def run_frontier(model_path: str | os.PathLike, *, fit: np.ndarray, select: np.n
                           forwards, by_work, search_options.to_dict(), runner.device.name)
 
 
-def check_steps(num_layers: int, steps: Sequence[int]) -> None:
-    if min(steps) < 1 or max(steps) >= 2 * num_layers:
+def check_steps(block_map: BlockMap, steps: Sequence[int]) -> None:
+    """Budgets count steps saved against the same model with attention and an FFN in every layer
+    (``2L`` sequential steps), so a model whose attention is already removed somewhere starts with
+    those saved: refuse, before any work, a budget it is already past (the search would find no
+    point there)."""
+    num_layers = block_map.num_layers
+    already = sum(not layer.attention for layer in block_map.layers)
+    if min(steps) > already and max(steps) < 2 * num_layers:
+        return
+    got = ",".join(map(str, steps))
+    if not already:
         raise InvalidArgumentError(f"--steps must be between 1 and {2 * num_layers - 1} for {num_layers} layers, "
-                                   f"got {','.join(map(str, steps))}")
+                                   f"got {got}")
+    dropped = format_ranges([layer.index for layer in block_map.layers if not layer.attention])
+    raise InvalidArgumentError(f"--steps counts the steps saved against this model with attention in every layer "
+                               f"({2 * num_layers} sequential steps); its attention is already removed in {dropped}, "
+                               f"{already} steps saved: ask for budgets between {already + 1} and {2 * num_layers - 1}, "
+                               f"not {got}")
 
 
 def write_point_model(model_path: str | os.PathLike, point: FrontierPoint, out_dir: pathlib.Path, *,
