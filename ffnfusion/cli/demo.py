@@ -25,6 +25,7 @@ from ffnfusion.passes.layer_ranges import format_ranges
 from ffnfusion.passes.plan import FusionPlan
 from ffnfusion.runtime import calibration
 from ffnfusion.runtime.analysis import analyze_model, least_important_attention
+from ffnfusion.runtime.heap import release_freed_memory
 from ffnfusion.runtime.model_rewrite import RepairOptions, fuse_model_file, remove_attention_file
 from ffnfusion.runtime.onnxruntime import create_session, run_logits
 from ffnfusion.runtime.verify import compare_many
@@ -91,32 +92,39 @@ def _removal_baseline(report, steps: int, dropped_path: pathlib.Path, out: pathl
     return removed
 
 
+def _stage(header: str) -> None:
+    """A stage's header, after handing what the stage before freed back to the OS: one process runs
+    them all, and glibc would otherwise carry each stage's peak into the next (``runtime.heap``)."""
+    release_freed_memory()
+    log(header)
+
+
 def run(options: DemoOptions) -> dict:
     work = pathlib.Path(options.workdir)
     paths = {name: work / name / MODEL_FILE for name in ("base", "dropped", "fused", "repaired", "naive", "removed")}
     source = resolve_source(options.source)
 
     total = 8 if options.frontier_steps else 7
-    log(f"[1/{total}] load {source.describe()}")
+    _stage(f"[1/{total}] load {source.describe()}")
     model, tokenizer = load_causal_lm(source)
     calib, held_out, held_out_name = _texts(options, tokenizer)
 
     from ffnfusion.exporters.onnx_export import ExportOptions, export_model  # torch: only for the demo itself
 
-    log(f"[2/{total}] export (dynamo, opset 20)")
+    _stage(f"[2/{total}] export (dynamo, opset 20)")
     if _reusable_export(paths["base"].parent, options.source):
         log(f"export: reusing {paths['base']} (delete it to export again)")
     else:
         export_model(copy.deepcopy(model), paths["base"].parent, ExportOptions(), tokenizer=tokenizer,
                      source=options.source)
 
-    log(f"[3/{total}] drop the {options.drop_count} least important attention layers")
+    _stage(f"[3/{total}] drop the {options.drop_count} least important attention layers")
     dropped = least_important_attention(str(paths["base"]), calib[: max(1, 4096 // options.window)],
                                         options.drop_count, progress=ProgressBar("analyze"))
     remove_attention_file(str(paths["base"]), str(paths["dropped"]), dropped)
     print(describe_blocks(str(paths["dropped"]), as_json=False), flush=True)
 
-    log(f"[4/{total}] analyze dependencies and plan")
+    _stage(f"[4/{total}] analyze dependencies and plan")
     report, plan = analyze_model(str(paths["dropped"]), calib, dependency_tokens=options.dependency_tokens,
                                  threshold=options.threshold, progress=ProgressBar("analyze"))
     write_analysis(report, plan, work / "report", str(paths["dropped"]))
@@ -127,14 +135,14 @@ def run(options: DemoOptions) -> dict:
     if not plan.groups:
         log("demo: no group passes the planner's threshold (see report/report.md); only baselines follow")
 
-    log(f"[5/{total}] fuse the auto plan {plan.describe() or '(empty)'} (plain and repaired) and, for comparison, whole runs")
+    _stage(f"[5/{total}] fuse the auto plan {plan.describe() or '(empty)'} (plain and repaired) and, for comparison, whole runs")
     names, fused, repaired, removed = _rewrite_variants(paths, report, plan, naive, options.repair_tokens)
 
     checked_plan, checked_path = (plan, paths["fused"]) if plan.groups else (naive, paths["naive"])
-    log(f"[6/{total}] exactness: fused ONNX ({checked_plan.describe()}) vs torch parallel form")
+    _stage(f"[6/{total}] exactness: fused ONNX ({checked_plan.describe()}) vs torch parallel form")
     exact = _exactness(model, dropped, checked_plan, checked_path, held_out[:2])
 
-    log(f"[7/{total}] verify against the original on {held_out.size} tokens of {held_out_name}")
+    _stage(f"[7/{total}] verify against the original on {held_out.size} tokens of {held_out_name}")
     results = dict(zip(names, compare_many(str(paths["base"]), [str(paths[n]) for n in names], held_out,
                                            progress=ProgressBar("verify", "models"))))
 
@@ -221,7 +229,7 @@ def _frontier(options: DemoOptions, model, tokenizer, base: pathlib.Path, out: p
     from ffnfusion.exporters import llama_surgery
     from ffnfusion.runtime.frontier.frontier import BASELINES, run_frontier
 
-    log(f"[8/8] depth-reduction frontier at {', '.join(map(str, options.frontier_steps))} steps saved: fit on "
+    _stage(f"[8/8] depth-reduction frontier at {', '.join(map(str, options.frontier_steps))} steps saved: fit on "
         f"Python docs, choose on license texts, perplexity on {held_out_name}")
     fit = calibration.token_windows(tokenizer, calibration.python_docs_text(), options.window,
                                     options.frontier_fit_tokens // options.window)
