@@ -141,6 +141,11 @@ class DecoderLayer:
     def span(self) -> range:
         return range(self.index, (self.index if self.last is None else self.last) + 1)
 
+    @property
+    def of_unknown_kind(self) -> bool:
+        """A branch is there that ffnfusion did not recognise (not merely no FFN, or one removed)."""
+        return self.ffn is None and self.unknown not in (None, NO_FFN_BRANCH, FFN_REMOVED)
+
     def to_dict(self) -> dict:
         entry: dict = {"layer": self.index, "attention": self.attention,
                  "ffn": self.ffn.to_dict() if self.ffn else None}
@@ -193,7 +198,7 @@ class BlockMap:
         if layer.window is not None:
             raise InvalidPlanError(f"layer {index} runs in the block-parallel window {layer.index}-{layer.last}: "
                                    "its FFN is not a block of its own")
-        if layer.ffn is None and layer.unknown not in (None, NO_FFN_BRANCH, FFN_REMOVED):
+        if layer.of_unknown_kind:
             raise UnknownLayerError(f"layer {index} is of a kind ffnfusion does not know ({layer.unknown})")
         if layer.ffn is None:
             raise InvalidPlanError(f"layer {index} has no recognised FFN ({layer.unknown or 'none found'})")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from ffnfusion.core.errors import BlockRecognitionError, UnknownLayerError
-from ffnfusion.passes.block_map import FFN_REMOVED, NO_FFN_BRANCH, BlockMap, DecoderLayer
+from ffnfusion.passes.block_map import BlockMap, DecoderLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ def _unit(index: int, layer: DecoderLayer) -> Unit:
         assert window.input.name is not None and window.output.name is not None
         return Unit(index, layer.index, layer.span[-1], "window", window.input.name, window.output.name, None, None)
     attention, ffn = layer.attention_block, layer.ffn
-    if ffn is None and layer.unknown not in (None, NO_FFN_BRANCH, FFN_REMOVED):
+    if layer.of_unknown_kind:
         # a branch the runner cannot cut around: running the model without it would be wrong
         raise UnknownLayerError(f"layer {layer.index} is of a kind ffnfusion does not know ({layer.unknown})")
     if ffn is None and attention is None:

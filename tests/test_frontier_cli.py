@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from ffnfusion.cli import main
-from ffnfusion.core.model_io import load_model
+from ffnfusion.core.model_io import load_model, save_model
 from ffnfusion.passes.blocks import find_blocks
 from ffnfusion.passes.depth_plan import DepthPlan, DepthReductionPass
+from ffnfusion.passes.ffn_removal import FFNRemovalPass
 
 
 def _id_files(windows, tmp_path) -> dict:
@@ -134,3 +135,15 @@ def test_frontier_cli_counts_budgets_from_attention_in_every_layer(tiny_dynamo20
     (point,) = json.loads((out / "frontier.json").read_text())["points"]
     assert point["steps"] == 7 and point["sequential_steps"] == 9
     assert "11 sequential steps (16 with attention in every layer)" in capsys.readouterr().err
+
+
+def test_frontier_cli_refuses_a_model_whose_ffn_is_gone_or_unknown(tiny_full, tmp_path, capsys):
+    # A removed FFN is not a layer of unknown kind: the refusal says where a depth search starts.
+    model = load_model(tiny_full)
+    FFNRemovalPass([4])(model)
+    removed = save_model(model, tmp_path / "removed" / "model.onnx", input_path=tiny_full)
+    out = tmp_path / "frontier"
+    assert main(["frontier", str(removed), "-o", str(out), "--steps", "2"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "layer 4 has no recognised FFN (FFN removed)" in err and "a depth search starts from the exported" in err, err
+    assert not out.exists()

@@ -230,7 +230,7 @@ def _frontier(options: DemoOptions, model, tokenizer, base: pathlib.Path, out: p
     from ffnfusion.runtime.frontier.frontier import BASELINES, run_frontier
 
     _stage(f"[8/8] depth-reduction frontier at {', '.join(map(str, options.frontier_steps))} steps saved: fit on "
-        f"Python docs, choose on license texts, perplexity on {held_out_name}")
+           f"Python docs, choose on license texts, perplexity on {held_out_name}")
     fit = calibration.token_windows(tokenizer, calibration.python_docs_text(), options.window,
                                     options.frontier_fit_tokens // options.window)
     select = calibration.token_windows(tokenizer, calibration.license_text(), options.window,

@@ -112,8 +112,9 @@ def check_searchable(block_map: BlockMap) -> None:
     """The depth search runs FFNs from their weights, refits ``W_down`` and assumes sequential layers:
     refuse, before any text is read, a model where those do not hold."""
     for layer in block_map.layers:
-        if layer.ffn is None and layer.window is None:
-            block_map.ffn(layer.index)  # refuses a layer of a kind ffnfusion does not know as such
+        if layer.of_unknown_kind and layer.window is None:
+            block_map.ffn(layer.index)  # refuses it as such (UnknownLayerError), before any budget is read
+    DepthPlan.of(block_map)  # every layer with its own FFN, nothing fused
     unsupported = [layer.index for layer in block_map.layers if layer.ffn and layer.ffn.post_norm
                    and (layer.ffn.post_norm.centered or post_norm_members(layer.ffn) > 1)]
     if unsupported:  # the search fuses post-normed FFNs itself, and refits them as RMSNorms
