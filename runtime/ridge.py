@@ -35,15 +35,25 @@ def _shift(lam: float, trace: float, features: int) -> float:
 
 def solve_primal(gram: np.ndarray, cross: np.ndarray, lam: float) -> np.ndarray:
     """``(AᵀA + λ'I)⁻¹AᵀR`` from ``gram = AᵀA`` and ``cross = AᵀR``, float64."""
-    gram = gram.astype(np.float64)
+    gram = gram.astype(np.float64)  # a copy, shifted in place
     shift = _shift(lam, float(np.trace(gram)), len(gram))
-    return np.linalg.solve(gram + shift * np.eye(len(gram)), cross.astype(np.float64))
+    return np.linalg.solve(_shifted(gram, shift, scratch=True), cross.astype(np.float64))
 
 
-def solve_kernel(kernel: np.ndarray, residual: np.ndarray, lam: float, features: int) -> np.ndarray:
+def solve_kernel(kernel: np.ndarray, residual: np.ndarray, lam: float, features: int, *,
+                 scratch: bool = False) -> np.ndarray:
     """``α = (AAᵀ + λ'I)⁻¹R`` from ``kernel = AAᵀ`` over the fitting rows (``Δ = Aᵀα``); ``features``
-    is A's column count. ``lam = inf`` gives α = 0 (Δ = 0)."""
+    is A's column count. ``lam = inf`` gives α = 0 (Δ = 0). ``scratch``: ``kernel`` (float64) is a
+    copy the caller drops after the solve, shifted in place rather than copied again."""
     if math.isinf(lam):
         return np.zeros(residual.shape, np.float64)
     shift = _shift(lam, float(np.trace(kernel)), features)
-    return np.linalg.solve(kernel + shift * np.eye(len(kernel)), residual.astype(np.float64))
+    return np.linalg.solve(_shifted(kernel, shift, scratch), residual.astype(np.float64))
+
+
+def _shifted(matrix: np.ndarray, shift: float, scratch: bool) -> np.ndarray:
+    """``matrix + shift·I`` in float64 with the same bits, without an identity and a sum beside it:
+    the N×N systems are the repair's largest arrays (8,192 tokens: 0.5 GiB each)."""
+    system = matrix if scratch and matrix.dtype == np.float64 else matrix.astype(np.float64)
+    system.flat[::len(system) + 1] += shift
+    return system

@@ -29,6 +29,25 @@ def test_kernel_form_equals_the_primal_form(tokens, features):
     np.testing.assert_allclose(kernel_form, primal, rtol=1e-5, atol=1e-6)
 
 
+def test_the_shifted_system_is_built_in_place_with_the_same_bits():
+    rng = np.random.default_rng(5)
+    a, residual = rng.standard_normal((40, 9)), rng.standard_normal((40, 3))
+    kernel = a @ a.T
+    shift = 0.1 * np.trace(kernel) / 9
+    written_out = np.linalg.solve(kernel + shift * np.eye(40), residual)
+    kept = kernel.copy()
+    assert np.array_equal(ridge.solve_kernel(kernel, residual, 0.1, 9), written_out)
+    assert np.array_equal(kernel, kept)  # not scratch: the caller's kernel serves the next λ
+    scratch = kernel.copy()
+    assert np.array_equal(ridge.solve_kernel(scratch, residual, 0.1, 9, scratch=True), written_out)
+    assert not np.array_equal(scratch, kept)  # shifted where it lay: no second N×N array
+    gram = (a.T @ a).astype(np.float32)
+    primal_shift = 0.1 * np.trace(gram.astype(np.float64)) / 9
+    assert np.array_equal(ridge.solve_primal(gram, a.T @ residual, 0.1),
+                          np.linalg.solve(gram.astype(np.float64) + primal_shift * np.eye(9), a.T @ residual))
+    assert gram.dtype == np.float32
+
+
 def test_infinite_lambda_is_no_update_and_zero_features_are_refused():
     assert not ridge.solve_kernel(np.eye(3), np.ones((3, 2)), math.inf, 4).any()
     with pytest.raises(RepairError, match="features non-zero"):

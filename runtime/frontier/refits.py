@@ -55,7 +55,7 @@ def _down_refit_kernel(a: np.ndarray, residual: np.ndarray, val_rows: int):
             best = (lam, error)
     if best is None or best[1] >= 1.0:
         return None
-    alpha = ridge.solve_kernel((a @ a.T).astype(np.float64), residual, best[0], features)
+    alpha = ridge.solve_kernel((a @ a.T).astype(np.float64), residual, best[0], features, scratch=True)
     return (a.T @ alpha.astype(np.float32)).astype(np.float32), best[0], best[1]
 
 

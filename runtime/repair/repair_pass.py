@@ -322,8 +322,9 @@ class _Refit:
         key = (fit_rows.tobytes(), lam)
         if self._last is None or self._last[0] != key:
             columns = [self.column[r] for r in fit_rows]
-            k_fit = self.kernel[np.ix_(fit_rows, columns)]
-            self._last = key, (columns, ridge.solve_kernel(k_fit, self.residual[fit_rows], lam, self.fused.width))
+            k_fit = self.kernel[np.ix_(fit_rows, columns)]  # a copy (fancy indexing), solved in place
+            alpha = ridge.solve_kernel(k_fit, self.residual[fit_rows], lam, self.fused.width, scratch=True)
+            self._last = key, (columns, alpha)
         return self._last[1]
 
     def update(self, fit_rows, eval_rows, lam) -> np.ndarray:
