@@ -401,6 +401,21 @@ def test_streamed_evaluator_scores_like_the_in_ram_one(evaluator, tiny_full, win
         assert abs(a.kl - b.kl) <= 1e-5 * max(1.0, a.kl) and (a.refit is None) == (b.refit is None)
 
 
+def test_a_refit_chooses_its_lambda_on_a_held_out_window_or_is_not_made(tiny_full, windows, caplog):
+    # Two fitting windows: one of them chooses λ (a quarter of two is none: every λ looked perfect).
+    runner = BlockRunner(tiny_full, streamed=False)
+    two = DepthEvaluator(runner, windows["fit"][:2], windows["select"])
+    assert two.val_rows == windows["fit"].shape[1]
+    refitted = [c.refit for move in (Move("attention", (3,)), Move("ffn", (4,)), Move("block", (5,)))
+                if (c := two.candidate(move, refit=True)).refit is not None]
+    assert refitted and all(r.held_out_residual > 0 for r in refitted)
+    assert DepthEvaluator(runner, windows["fit"], windows["select"]).val_rows == 2 * windows["fit"].shape[1]
+    with caplog.at_level("WARNING"):
+        one = DepthEvaluator(runner, windows["fit"][:1], windows["select"])
+    assert one.val_rows == 0 and "one fitting window" in caplog.text
+    assert all(one.candidate(Move("attention", (j,)), refit=True).refit is None for j in (3, 4))
+
+
 def test_post_norm_refit_closes_a_reachable_gap_and_declines_noise(monkeypatch):
     """An FFN with a post-RMSNorm (``u = g ⊙ d / rms(d)``, ``d = A·W``) whose W_down drifted from one
     that reaches the target: the fixed-point refit (RMS held, re-solved) closes the gap on every

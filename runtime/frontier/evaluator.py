@@ -161,7 +161,12 @@ class DepthEvaluator:
         # move -> (refit, the FFN span's first layer, its total Δ, first position changed): valid while
         # nothing before the move's cut changes, the only positions a refit reads
         self._refits: dict[Move, tuple[Refit | None, int, np.ndarray | None, int]] = {}
-        self.val_rows = len(fit) // 4 * fit.shape[1]  # the last quarter of the fitting windows chooses λ
+        # The last quarter of the fitting windows chooses a refit's λ: at least one of two or three (with
+        # none held out every λ looked perfect and the smallest was taken unchecked); one window: no refits.
+        self.val_rows = (len(fit) // 4 or min(1, len(fit) - 1)) * fit.shape[1]
+        if not self.val_rows:
+            logger.warning("frontier: one fitting window, none to hold out for choosing a refit's lambda: no move is "
+                           "refitted (give --tokens at least two windows)")
         self._held_out: tuple[np.ndarray, dict[int, np.ndarray]] | None = None  # see perplexity()
 
     # --- forwards ------------------------------------------------------------------------------------
@@ -383,6 +388,8 @@ class DepthEvaluator:
     def _refit(self, move: Move, plan: DepthPlan, deltas: dict) -> tuple[Refit | None, dict, int]:
         """Refit the down projection of the last FFN before the cut toward the original stream after it."""
         cut = cut_position(move)
+        if not self.val_rows:
+            return None, deltas, cut
         span: tuple[int, int] | None
         windows = self.state.fit.windows
         if move.kind == "parallel":  # the window's last block: its FFN reads x + a(x), not a stream position
