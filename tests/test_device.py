@@ -93,3 +93,23 @@ def test_model_running_commands_take_device(capsys, tiny_dynamo20, tmp_path):
     assert "--device is used by --repair" in capsys.readouterr().err and not (tmp_path / "never.onnx").exists()
     assert main(["verify", str(tiny_dynamo20), str(fused), "--text-ids", str(ids), "--device", "cuda"]) == 2
     assert capsys.readouterr().err.strip().endswith("torch sees no CUDA device here; use --device cpu (or auto)")
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_delta_taken_in_place_by_weights_read_for_one_use_gives_the_same_bits(tiny_dynamo20, kind):
+    # Streamed (keep=False), W_down is read for each use and takes Δ in place; kept, it must not.
+    blocks = {layer.index: layer.ffn for layer in find_blocks(load_model(tiny_dynamo20)).layers if layer.ffn}
+    make = (lambda keep: NumpyFFNs(blocks, keep=keep)) if kind == "numpy" else \
+        (lambda keep: DeviceFFNs(blocks, CPU.torch, keep=keep))
+    kept, read_per_use = make(True), make(False)
+    x = np.random.default_rng(5).standard_normal((2, 9, blocks[2].hidden)).astype(np.float32)
+    delta = np.random.default_rng(6).standard_normal((sum(blocks[j].width for j in (2, 3)),
+                                                      blocks[2].hidden)).astype(np.float32) * 0.01
+    delta_before = delta.copy()
+    plain = kept.update((2, 3), x, None)
+    with_delta = kept.update((2, 3), x, delta)
+    assert np.array_equal(read_per_use.update((2, 3), x, delta), with_delta)
+    assert np.array_equal(kept.update((2, 3), x, None), plain)  # the kept W_down did not take Δ
+    assert np.array_equal(read_per_use.update((2, 3), x, None), plain)
+    assert np.array_equal(delta, delta_before)
+    assert not np.array_equal(with_delta, plain)

@@ -57,15 +57,20 @@ class DeviceFFNs:
             total = torch.zeros_like(x)
             offset = 0
             for layer in range(span[0], span[1] + 1):
-                weights = self._of(layer)
-                down = weights.down
-                if delta is not None:
-                    down = down + self._tensor(delta[offset:offset + len(down)])
-                    offset += len(down)
-                output = self._activation(layer, x) @ down + weights.down_bias
-                post_norm = self.blocks[layer].post_norm
-                total += output if post_norm is None else self._norm(post_norm, output)
+                width = self.blocks[layer].width
+                total += self._member_update(layer, x, None if delta is None else delta[offset:offset + width])
+                offset += width
             return total.cpu().numpy().reshape(stream.shape)
+
+    def _member_update(self, layer: int, x: torch.Tensor, delta: np.ndarray | None) -> torch.Tensor:
+        # As NumpyFFNs': one member's weights alive at a time, Δ added in place to a W_down read for this use.
+        weights = self._of(layer)
+        down = weights.down
+        if delta is not None:
+            down = down + self._tensor(delta) if self.keep else down.add_(self._tensor(delta))
+        output = self._activation(layer, x) @ down + weights.down_bias
+        post_norm = self.blocks[layer].post_norm
+        return output if post_norm is None else self._norm(post_norm, output)
 
     def activation(self, layer: int, x: np.ndarray) -> np.ndarray:
         """``act(n(x)·G + b_g) ⊙ (n(x)·U + b_u)`` of FFN ``layer`` (what its down projection reads)."""
@@ -135,15 +140,21 @@ class NumpyFFNs:
         total = np.zeros_like(x)
         offset = 0
         for layer in range(span[0], span[1] + 1):
-            weights = self._of(layer)
-            down, bias = weights[4:]
-            if delta is not None:
-                down = down + delta[offset:offset + len(down)]
-                offset += len(down)
-            output = self._activation(layer, weights, x) @ down + bias
-            post_norm = self.blocks[layer].post_norm
-            total += output if post_norm is None else apply_norm(post_norm, output)
+            width = self.blocks[layer].width
+            total += self._member_update(layer, x, None if delta is None else delta[offset:offset + width])
+            offset += width
         return total.reshape(stream.shape)
+
+    def _member_update(self, layer: int, x: np.ndarray, delta: np.ndarray | None) -> np.ndarray:
+        # One member's weights alive at a time (streamed, an 8B FFN's are 0.7 GB in float32), and
+        # read for this use alone they take Δ in place, not into a second copy of W_down.
+        weights = self._of(layer)
+        down, bias = weights[4:]
+        if delta is not None:
+            down = down + delta if self.keep else np.add(down, delta, out=down)
+        output = self._activation(layer, weights, x) @ down + bias
+        post_norm = self.blocks[layer].post_norm
+        return output if post_norm is None else apply_norm(post_norm, output)
 
     def activation(self, layer: int, x: np.ndarray) -> np.ndarray:
         return self._activation(layer, self._of(layer), x)
