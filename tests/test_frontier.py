@@ -66,6 +66,19 @@ def test_parallel_windows_take_whole_blocks_and_save_2k_minus_2():
     assert DepthPlan.from_dict(windowed.to_dict()) == windowed and str(Move("parallel", (1, 2, 3))) == "parallel 1-3"
 
 
+def test_the_cost_bound_counts_the_moves_left_from_the_steps_already_saved(evaluator):
+    # A model with attention already removed starts with those steps saved: budget 3 from 1 is 2 moves.
+    from ffnfusion.runtime.frontier.frontier import search_cost_bound
+
+    def bound(plan, budget):
+        return search_cost_bound(plan, [budget], fit_tokens=256, select_tokens=128)
+
+    assert bound(evaluator.plan0, 4) == pytest.approx(2 * bound(evaluator.plan0, 2))
+    dropped = evaluator.plan0.apply(Move("attention", (3,)))
+    assert dropped.saved == 1
+    assert bound(dropped, 3) == pytest.approx(2 * bound(dropped, 2))  # 2 moves against 1 (it said 3:2)
+
+
 def test_inspect_reports_sequential_steps(tiny_full, tiny_dynamo20, capsys):
     for model, steps in ((tiny_full, 16), (tiny_dynamo20, 16 - 5)):
         assert main(["inspect", str(model), "--json"]) == 0

@@ -39,7 +39,8 @@ BASELINES = ("block-removal", "attention-removal", "ffn-removal", "fusion", "blo
 # measured: SmolLM2 at 8/14/20 steps, 4,096 + 512 tokens, cost 207.0 full-forward equivalents of a
 # 1,820 bound, 46.0 of them the first step's scores; the rest took 9.1% of the bound's rest. (Before
 # accepted moves and refits were reused, 219.1 and 9.8%; predicted at 10%, measured: Qwen2.5-Coder-0.5B
-# at 8/14/20, 197 and 213.7; the streamed llama-8b preset at 2 steps, 56.9 and 50.7.)
+# at 8/14/20, 197 and 213.7; the streamed llama-8b preset at 2 steps, 56.9 and 50.7; with reuse, the preset
+# attention-free in 12-27 at 18 steps, two moves: 49.6 and 46.2.)
 TYPICAL_SHARE_AFTER_FIRST_STEP = 0.09
 
 
@@ -71,17 +72,18 @@ class FrontierResult:
 def search_cost_bound(plan: DepthPlan, steps: Sequence[int], fit_tokens: int, select_tokens: int,
                       refit: bool = True, parallel_window: int = 0) -> float:
     """At most the greedy search's work, in full forwards of the selection tokens (the unit of
-    ``search_full_forward_equivalents``): one step saved per move, every legal move of the start
-    scored at every step (later plans have fewer: a move takes its own away; the lazy queue scores
-    fewer still), the ``REFITTED`` best refitted and the chosen one advanced on the fitting and
-    selection tokens from the furthest-back change."""
+    ``search_full_forward_equivalents``): one step saved per move from the steps ``plan`` already
+    saves (attention removed before the search), every legal move of the start scored at every step
+    (later plans have fewer: a move takes its own away; the lazy queue scores fewer still), the
+    ``REFITTED`` best refitted and the chosen one advanced on the fitting and selection tokens from
+    the furthest-back change."""
     positions = 2 * plan.num_layers
     rests = _rests(plan, parallel_window)
     if not rests:
         return 0.0
     both = fit_tokens + select_tokens
     per_step = sum(rests) * select_tokens + ((search.REFITTED if refit else 0) + 1) * max(rests) * both
-    return max(steps) * per_step / (positions * select_tokens)
+    return (max(steps) - plan.saved) * per_step / (positions * select_tokens)
 
 
 def first_step_cost(plan: DepthPlan, parallel_window: int = 0) -> float:
